@@ -1,0 +1,1 @@
+"""TD3 on RLlib's new API stack, and the training, tuning and reporting entry points."""

@@ -1,0 +1,183 @@
+"""Experiment configuration: YAML in `configs/`, validated once, at load, into typed objects.
+
+Every key is declared here with its type and its allowed range. An unknown key, a wrong type or
+an out-of-range value raises `ConfigError` naming the file, the dotted key and what was
+expected, before Ray starts. Single keys can be overridden from the command line with
+`--set section.key=value` (the value is parsed as YAML, so `1e-3`, `true`, `[64, 64]` work).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid. The message names the key."""
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `3e-4` is a string; YAML 1.2 (and every user) says float."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never silently fall back to a default), and
+    # "1" is not an int: YAML already gives the right types.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+LayerWidth = Annotated[int, Field(gt=0)]
+
+
+class ExperimentSection(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = Field(default=0, ge=0)
+    stop_env_steps: int = Field(gt=0, description="train until this many env steps were sampled")
+    output_dir: str = Field(default="runs", min_length=1)
+    checkpoint_every_iters: int = Field(default=50, gt=0)
+
+
+class EnvSection(_Section):
+    id: str = Field(min_length=1, description="a registered gymnasium env id")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_episode_steps: int | None = Field(default=None, gt=0)
+
+
+class AlgoSection(_Section):
+    """TD3 hyperparameters. Defaults are those of the TD3 author's reference code."""
+
+    gamma: float = Field(default=0.99, gt=0.0, lt=1.0)
+    tau: float = Field(default=0.005, gt=0.0, le=1.0)
+    actor_lr: float = Field(default=3e-4, gt=0.0)
+    critic_lr: float = Field(default=3e-4, gt=0.0)
+    train_batch_size: int = Field(default=256, gt=0)
+    policy_delay: int = Field(default=2, ge=1)
+    # Noise scales are in units of the action half-range: the module acts in [-1, 1].
+    policy_noise: float = Field(default=0.2, ge=0.0)
+    noise_clip: float = Field(default=0.5, ge=0.0)
+    exploration_noise: float = Field(default=0.1, ge=0.0)
+    buffer_size: int = Field(default=1_000_000, gt=0)
+    learning_starts: int = Field(default=25_000, ge=0)
+    updates_per_env_step: float = Field(default=1.0, gt=0.0)
+
+
+class ModelSection(_Section):
+    actor_hidden: list[LayerWidth] = Field(default_factory=lambda: [256, 256], min_length=1)
+    critic_hidden: list[LayerWidth] = Field(default_factory=lambda: [256, 256], min_length=1)
+    activation: Literal["relu", "tanh", "elu", "silu"] = "relu"
+
+
+class ResourcesSection(_Section):
+    num_env_runners: int = Field(default=0, ge=0)
+    num_envs_per_env_runner: int = Field(default=1, ge=1)
+    # Env steps each runner (and vector slot) collects per training iteration. The learner then
+    # does `updates_per_env_step` updates per collected step in one call: RLlib's cost is per
+    # iteration, so this is where throughput comes from (benchmarks/README.md).
+    rollout_fragment_length: int = Field(default=64, ge=1)
+    num_learners: int = Field(default=0, ge=0)
+    num_gpus_per_learner: float = Field(default=0.0, ge=0.0)
+    # Torch intra-op threads in the learner process. More threads than cores starves the
+    # env runners (measured: 2.2 s vs 0.09 s per step on 2 cores).
+    learner_torch_threads: int = Field(default=1, ge=1)
+
+
+class EvaluationSection(_Section):
+    interval_iters: int = Field(default=20, ge=0, description="0 turns periodic evaluation off")
+    episodes: int = Field(default=10, gt=0)
+
+
+class ExperimentConfig(_Section):
+    experiment: ExperimentSection
+    env: EnvSection
+    algo: AlgoSection = Field(default_factory=AlgoSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if self.algo.train_batch_size > self.algo.buffer_size:
+            raise ValueError("algo.train_batch_size must not exceed algo.buffer_size")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling; see rl/config.py)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. algo.gamma=0.95")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {override!r}: {dotted!r} is not a dotted key")
+    try:
+        value = _load_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML ({e})") from None
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_config(data: Any, source: str = "<config>", overrides: list[str] = ()) -> ExperimentConfig:
+    """Validates a plain dict (e.g. parsed YAML) plus `--set` overrides into an ExperimentConfig."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = _load_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, source=str(path), overrides=overrides)

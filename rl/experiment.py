@@ -1,0 +1,58 @@
+"""From a validated `ExperimentConfig` to an RLlib `TD3Config`: the one place the two meet."""
+
+from __future__ import annotations
+
+from rl.config import ExperimentConfig
+from rl.td3 import TD3Config
+
+
+def env_config(exp: ExperimentConfig) -> dict:
+    """kwargs for `gymnasium.make(exp.env.id, **kwargs)`."""
+    kwargs = dict(exp.env.kwargs)
+    if exp.env.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = exp.env.max_episode_steps
+    return kwargs
+
+
+def build_td3_config(exp: ExperimentConfig) -> TD3Config:
+    algo, res, model = exp.algo, exp.resources, exp.model
+    config = (
+        TD3Config()
+        .environment(env=exp.env.id, env_config=env_config(exp))
+        .env_runners(
+            num_env_runners=res.num_env_runners,
+            num_envs_per_env_runner=res.num_envs_per_env_runner,
+            rollout_fragment_length=res.rollout_fragment_length,
+        )
+        .learners(num_learners=res.num_learners, num_gpus_per_learner=res.num_gpus_per_learner)
+        .training(
+            gamma=algo.gamma,
+            tau=algo.tau,
+            actor_lr=algo.actor_lr,
+            critic_lr=algo.critic_lr,
+            train_batch_size_per_learner=algo.train_batch_size,
+            policy_delay=algo.policy_delay,
+            policy_noise=algo.policy_noise,
+            noise_clip=algo.noise_clip,
+            exploration_noise=algo.exploration_noise,
+            replay_buffer_capacity=algo.buffer_size,
+            num_steps_sampled_before_learning_starts=algo.learning_starts,
+            updates_per_env_step=algo.updates_per_env_step,
+        )
+        .rl_module(
+            model_config={
+                "actor_hidden": list(model.actor_hidden),
+                "critic_hidden": list(model.critic_hidden),
+                "activation": model.activation,
+            }
+        )
+        .evaluation(
+            # Periodic evaluation off (0) still leaves `algo.evaluate()` for the final one.
+            evaluation_interval=exp.evaluation.interval_iters or None,
+            evaluation_duration=exp.evaluation.episodes,
+            evaluation_duration_unit="episodes",
+            evaluation_num_env_runners=0,
+        )
+        .debugging(seed=exp.experiment.seed)
+    )
+    return config

@@ -1,0 +1,63 @@
+"""Stable metric names: what an RLlib result dict means, flattened for logs, files and dashboards.
+
+RLlib's nested result keys change between releases; ours do not. Everything downstream
+(metrics.jsonl, the console, W&B, health rules, reports) reads these names only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.rllib.core import DEFAULT_MODULE_ID
+
+from rl.td3 import td3_learner as L
+from rl.td3.td3 import REPLAY_BUFFER_SIZE
+
+# stable name -> path in the RLlib result dict
+RESULT_PATHS: dict[str, tuple[str, ...]] = {
+    "episode/return_mean": ("env_runners", "episode_return_mean"),
+    "episode/len_mean": ("env_runners", "episode_len_mean"),
+    "episode/count": ("env_runners", "num_episodes"),
+    "eval/return_mean": ("evaluation", "env_runners", "episode_return_mean"),
+    "eval/len_mean": ("evaluation", "env_runners", "episode_len_mean"),
+    "losses/critic": ("learners", DEFAULT_MODULE_ID, L.CRITIC_LOSS),
+    "losses/actor": ("learners", DEFAULT_MODULE_ID, L.ACTOR_LOSS),
+    "q/q1_mean": ("learners", DEFAULT_MODULE_ID, L.Q1_MEAN),
+    "q/q2_mean": ("learners", DEFAULT_MODULE_ID, L.Q2_MEAN),
+    "q/q1_max": ("learners", DEFAULT_MODULE_ID, L.Q1_MAX),
+    "q/q2_max": ("learners", DEFAULT_MODULE_ID, L.Q2_MAX),
+    "q/target_mean": ("learners", DEFAULT_MODULE_ID, L.Q_TARGET_MEAN),
+    "q/td_error_mean": ("learners", DEFAULT_MODULE_ID, L.TD_ERROR_MEAN),
+    "learner/num_critic_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_CRITIC_UPDATES),
+    "learner/num_actor_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_ACTOR_UPDATES),
+    "env/steps_sampled": ("env_runners", "num_env_steps_sampled_lifetime"),
+    "replay/size": (REPLAY_BUFFER_SIZE,),
+}
+
+
+def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    node: Any = result
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    try:
+        return float(node)
+    except (TypeError, ValueError):
+        return None
+
+
+def summarize(result: dict[str, Any]) -> dict[str, float]:
+    """The stable metrics present in one `algo.train()` result.
+
+    RLlib reports episode stats as NaN in an iteration where no episode ended; those are left
+    out. A NaN anywhere else (a loss, a Q value) is real and is kept.
+    """
+    out = {}
+    for name, path in RESULT_PATHS.items():
+        value = _lookup(result, path)
+        if value is None or (math.isnan(value) and name.startswith(("episode/", "eval/"))):
+            continue
+        out[name] = value
+    return out

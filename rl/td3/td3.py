@@ -1,0 +1,179 @@
+"""TD3 (Fujimoto, van Hoof, Meger, ICML 2018) as an RLlib algorithm on the new API stack.
+
+Shaped like RLlib's own off-policy algorithms (DQN, SAC, TQC): a config, an algorithm whose
+`training_step` samples, stores, replays and updates, a learner and an RL module. One thing
+differs: the replay path. Each iteration, the env runners collect `rollout_fragment_length` steps
+each; the new transitions go into a flat `TransitionReplayBuffer`; then ONE learner call runs
+`updates_per_env_step` minibatch updates per new env step. RLlib's overhead is per call, not per
+gradient step, so this keeps TD3's one-update-per-step ratio at a useful speed.
+"""
+
+from __future__ import annotations
+
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    REPLAY_BUFFER_ADD_DATA_TIMER,
+    REPLAY_BUFFER_SAMPLE_TIMER,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from rl.td3.replay_buffer import TransitionReplayBuffer
+
+REPLAY_BUFFER_SIZE = "replay_buffer_size"
+
+
+class TD3Config(AlgorithmConfig):
+    """TD3 settings; defaults are the TD3 author's reference code (github.com/sfujim/TD3)."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or TD3)
+        self.gamma = 0.99
+        self.tau = 0.005
+        self.actor_lr = 3e-4
+        self.critic_lr = 3e-4
+        self.train_batch_size_per_learner = 256
+        self.policy_delay = 2
+        self.policy_noise = 0.2
+        self.noise_clip = 0.5
+        self.exploration_noise = 0.1
+        self.replay_buffer_capacity = 1_000_000
+        self.num_steps_sampled_before_learning_starts = 25_000
+        self.updates_per_env_step = 1.0
+        self.rollout_fragment_length = 64
+        self.grad_clip = None
+        # The module acts in [-1, 1]; RLlib rescales to the env's bounds (no clipping needed).
+        self.normalize_actions = True
+        self.clip_actions = False
+        self.evaluation_config = {"explore": False}
+        self._model_config = {"actor_hidden": [256, 256], "critic_hidden": [256, 256],
+                              "activation": "relu"}
+
+    def training(
+        self,
+        *,
+        tau: float = NotProvided,
+        actor_lr: float = NotProvided,
+        critic_lr: float = NotProvided,
+        policy_delay: int = NotProvided,
+        policy_noise: float = NotProvided,
+        noise_clip: float = NotProvided,
+        exploration_noise: float = NotProvided,
+        replay_buffer_capacity: int = NotProvided,
+        num_steps_sampled_before_learning_starts: int = NotProvided,
+        updates_per_env_step: float = NotProvided,
+        **kwargs,
+    ) -> "TD3Config":
+        super().training(**kwargs)
+        for name, value in locals().items():
+            if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        checks = {
+            "gamma": 0.0 < self.gamma < 1.0,
+            "tau": 0.0 < self.tau <= 1.0,
+            "actor_lr": self.actor_lr > 0.0,
+            "critic_lr": self.critic_lr > 0.0,
+            "policy_delay": self.policy_delay >= 1,
+            "policy_noise": self.policy_noise >= 0.0,
+            "noise_clip": self.noise_clip >= 0.0,
+            "exploration_noise": self.exploration_noise >= 0.0,
+            "replay_buffer_capacity": self.replay_buffer_capacity >= self.total_train_batch_size,
+            "updates_per_env_step": self.updates_per_env_step > 0.0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "TD3Config: out of range: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            )
+        if not self.enable_rl_module_and_learner or not self.enable_env_runner_and_connector_v2:
+            raise ValueError("TD3 runs on RLlib's new API stack only")
+        if self.framework_str != "torch":
+            raise ValueError(f"TD3 supports framework='torch' only, got {self.framework_str!r}")
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from rl.td3.td3_rl_module import TD3TorchRLModule
+
+        return RLModuleSpec(module_class=TD3TorchRLModule)
+
+    def get_default_learner_class(self):
+        from rl.td3.td3_learner import TD3TorchLearner
+
+        return TD3TorchLearner
+
+    @property
+    def _model_config_auto_includes(self) -> dict:
+        # The module explores itself (it knows the global step `t`), so it needs these.
+        return super()._model_config_auto_includes | {
+            "exploration_noise": self.exploration_noise,
+            "learning_starts": self.num_steps_sampled_before_learning_starts,
+        }
+
+
+class TD3(Algorithm):
+    @classmethod
+    def get_default_config(cls) -> TD3Config:
+        return TD3Config()
+
+    def setup(self, config: TD3Config) -> None:
+        super().setup(config)
+        self.replay_buffer = TransitionReplayBuffer(config.replay_buffer_capacity, seed=config.seed)
+        self._update_credit = 0.0  # fractional updates owed to sampled steps
+
+    def training_step(self) -> None:
+        config = self.config
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, env_runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group,
+                concat=True,
+                sample_timeout_s=config.sample_timeout_s,
+                _uses_new_env_runners=True,
+                _return_metrics=True,
+            )
+        self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
+            new_steps = self.replay_buffer.add_episodes(episodes)
+        self.metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
+
+        # One update per env step sampled after `learning_starts` (the reference code's loop).
+        lifetime_steps = self.metrics.peek(
+            (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
+        )
+        steps_past_start = lifetime_steps - config.num_steps_sampled_before_learning_starts
+        self._update_credit += max(0, min(new_steps, steps_past_start)) * config.updates_per_env_step
+        num_updates = int(self._update_credit)
+        if num_updates == 0:
+            return
+        self._update_credit -= num_updates
+
+        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
+            columns = self.replay_buffer.sample(num_updates * config.total_train_batch_size)
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=MultiAgentBatch(
+                    {DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=new_steps
+                ),
+                minibatch_size=config.train_batch_size_per_learner,
+                num_epochs=1,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime_steps},
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(
+                from_worker_or_learner_group=self.learner_group, inference_only=True
+            )

@@ -1,0 +1,172 @@
+"""TD3's learner: the whole update of Fujimoto et al. (2018), Algorithm 1, in `compute_loss_for_module`.
+
+One call of `Learner.update` runs many minibatch updates (see `TD3.training_step`); the delayed
+actor step and the Polyak target update are decided per minibatch update, here, not once per call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
+
+from rl.td3.td3_rl_module import Q1, Q2
+
+CRITIC, ACTOR = "critic", "actor"
+
+# Metric names, stable: logged per module under `learners/<module_id>/<name>`.
+CRITIC_LOSS = "critic_loss"
+ACTOR_LOSS = "actor_loss"
+Q1_MEAN, Q2_MEAN, Q1_MAX, Q2_MAX = "q1_mean", "q2_mean", "q1_max", "q2_max"
+Q_TARGET_MEAN = "q_target_mean"
+TD_ERROR_MEAN = "td_error_mean"
+NUM_CRITIC_UPDATES = "num_critic_updates"
+NUM_ACTOR_UPDATES = "num_actor_updates"
+
+
+def smoothed_target_action(
+    target_action: torch.Tensor, policy_noise: float, noise_clip: float
+) -> torch.Tensor:
+    """Target policy smoothing: add clipped Gaussian noise, then clip to the bounds [-1, 1]."""
+    noise = (torch.randn_like(target_action) * policy_noise).clamp(-noise_clip, noise_clip)
+    return (target_action + noise).clamp(-1.0, 1.0)
+
+
+def clipped_double_q_target(
+    rewards: torch.Tensor,
+    terminateds: torch.Tensor,
+    q1_next: torch.Tensor,
+    q2_next: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
+    """y = r + gamma * (1 - terminated) * min(Q1', Q2').
+
+    Only termination cuts the bootstrap: a step truncated by a time limit is not terminal.
+    """
+    return rewards + gamma * (1.0 - terminateds) * torch.min(q1_next, q2_next)
+
+
+class TD3TorchLearner(TorchLearner):
+    def build(self) -> None:
+        super().build()
+        self.module.foreach_module(lambda mid, module: module.make_target_networks())
+        # Critic updates done so far, per module: decides the delayed actor/target steps.
+        self._num_critic_updates: dict[ModuleID, int] = defaultdict(int)
+        self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
+        module = self.module[module_id].unwrapped()
+        for name, nets, lr in (
+            (CRITIC, [module.critic1, module.critic2], config.critic_lr),
+            (ACTOR, [module.actor], config.actor_lr),
+        ):
+            params = [p for net in nets for p in self.get_parameters(net)]
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name=name,
+                optimizer=torch.optim.Adam(params),
+                params=params,
+                lr_or_lr_schedule=lr,
+            )
+
+    def is_policy_step(self, module_id: ModuleID) -> bool:
+        """True on every `policy_delay`-th critic update: the actor and the targets step too."""
+        delay = self.config.get_config_for_module(module_id).policy_delay
+        return self._num_critic_updates[module_id] % delay == 0
+
+    def compute_loss_for_module(
+        self, *, module_id: ModuleID, config, batch: dict[str, Any], fwd_out: dict[str, TensorType]
+    ) -> TensorType:
+        module = self.module[module_id].unwrapped()
+        self._num_critic_updates[module_id] += 1  # this update's number, 1-based
+        obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
+        rewards, terminateds = batch[Columns.REWARDS], batch[Columns.TERMINATEDS].float()
+
+        # Critics: regress both Q's onto the clipped double-Q target of the smoothed target action.
+        with torch.no_grad():
+            next_action = smoothed_target_action(
+                module.target_actor(next_obs), config.policy_noise, config.noise_clip
+            )
+            q_target = clipped_double_q_target(
+                rewards,
+                terminateds,
+                module.target_critic1(next_obs, next_action),
+                module.target_critic2(next_obs, next_action),
+                config.gamma,
+            )
+        q1, q2 = fwd_out[Q1], fwd_out[Q2]
+        critic_loss = F.mse_loss(q1, q_target) + F.mse_loss(q2, q_target)
+
+        # Actor, delayed: ascend Q1 of its own action. Its gradient reaches the critic's
+        # parameters too, but `compute_gradients` only keeps the actor's.
+        actor_loss = None
+        if self.is_policy_step(module_id):
+            actor_loss = -module.critic1(obs, module.actor(obs)).mean()
+            self.metrics.log_value((module_id, ACTOR_LOSS), actor_loss.detach(), reduce="mean")
+            self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), 1, reduce="lifetime_sum")
+
+        self._log_critic_metrics(module_id, critic_loss, q1, q2, q_target)
+        self._losses[module_id] = (critic_loss, actor_loss)
+        return critic_loss if actor_loss is None else critic_loss + actor_loss
+
+    def compute_gradients(self, loss_per_module: dict[ModuleID, TensorType], **kwargs) -> ParamDict:
+        for optimizer in self._optimizer_parameters:
+            optimizer.zero_grad(set_to_none=True)
+        for module_id, (critic_loss, actor_loss) in self._losses.items():
+            # Each loss only reaches its own network's parameters.
+            critic_loss.backward(inputs=self._optimizer_params(module_id, CRITIC))
+            if actor_loss is not None:
+                actor_loss.backward(inputs=self._optimizer_params(module_id, ACTOR))
+        self._losses = {}
+        return {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
+
+    def apply_gradients(self, gradients_dict: ParamDict) -> None:
+        # Gradients are applied as they are: a non-finite gradient is not silently zeroed
+        # (RLlib's default); it shows in the losses and weights, where the health checks look.
+        for pid, grad in gradients_dict.items():
+            self._params[pid].grad = grad
+        for module_id in self.module.keys():
+            self.get_optimizer(module_id, CRITIC).step()
+            if self.is_policy_step(module_id):
+                self.get_optimizer(module_id, ACTOR).step()
+                self._polyak_update_targets(module_id)
+
+    @torch.no_grad()
+    def _polyak_update_targets(self, module_id: ModuleID) -> None:
+        tau = self.config.get_config_for_module(module_id).tau
+        for main, target in self.module[module_id].unwrapped().get_target_network_pairs():
+            for p_target, p in zip(target.parameters(), main.parameters()):
+                p_target.lerp_(p, tau)  # p_target <- (1 - tau) * p_target + tau * p
+
+    def _optimizer_params(self, module_id: ModuleID, name: str) -> list[torch.Tensor]:
+        optimizer = self.get_optimizer(module_id, name)
+        return [self._params[ref] for ref in self._optimizer_parameters[optimizer]]
+
+    def _log_critic_metrics(self, module_id, critic_loss, q1, q2, q_target) -> None:
+        with torch.no_grad():
+            values = {
+                CRITIC_LOSS: critic_loss,
+                Q1_MEAN: q1.mean(),
+                Q2_MEAN: q2.mean(),
+                Q_TARGET_MEAN: q_target.mean(),
+                TD_ERROR_MEAN: (q1 - q_target).abs().mean(),
+            }
+            for name, value in values.items():
+                self.metrics.log_value((module_id, name), value.detach(), reduce="mean")
+            self.metrics.log_value((module_id, Q1_MAX), q1.max(), reduce="max")
+            self.metrics.log_value((module_id, Q2_MAX), q2.max(), reduce="max")
+        self.metrics.log_value((module_id, NUM_CRITIC_UPDATES), 1, reduce="lifetime_sum")
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state[NUM_CRITIC_UPDATES] = dict(self._num_critic_updates)
+        return state
+
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        self._num_critic_updates.update(state.get(NUM_CRITIC_UPDATES, {}))

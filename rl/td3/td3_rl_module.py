@@ -1,0 +1,99 @@
+"""TD3's RL module: a deterministic tanh actor, twin Q critics and their target copies.
+
+The module acts in the normalized action space [-1, 1]^n; RLlib's module-to-env connector
+(`normalize_actions=True`) rescales to the env's bounds. All noise scales are therefore in units
+of the action half-range, as in the TD3 reference code (which multiplies them by max_action).
+
+Env runners build this module with `inference_only=True`: they get the actor alone, so weight
+syncs after each iteration carry only the actor's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+
+from models import Actor, QNetwork
+
+Q1, Q2 = "q1", "q2"
+
+
+def exploration_action(action: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """The deterministic action plus N(0, noise_std) noise, clipped to the bounds [-1, 1]."""
+    return (action + noise_std * torch.randn_like(action)).clamp(-1.0, 1.0)
+
+
+def uniform_action(like: torch.Tensor) -> torch.Tensor:
+    """Uniform random actions in [-1, 1], the TD3 warm-up policy."""
+    return torch.rand_like(like) * 2.0 - 1.0
+
+
+class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
+    """model_config keys: actor_hidden, critic_hidden, activation, exploration_noise,
+    learning_starts (the last two come from TD3Config automatically)."""
+
+    def setup(self) -> None:
+        space = self.action_space
+        if not (
+            isinstance(space, gym.spaces.Box)
+            and len(space.shape) == 1
+            and np.all(np.isfinite(space.low))
+            and np.all(np.isfinite(space.high))
+        ):
+            raise ValueError(
+                f"TD3 needs a 1-D Box action space with finite bounds, got {space}"
+            )
+        if not isinstance(self.observation_space, gym.spaces.Box):
+            raise ValueError(
+                f"TD3's MLP module needs a Box observation space, got {self.observation_space}"
+            )
+        cfg = self.model_config
+        obs_dim = int(np.prod(self.observation_space.shape))
+        act_dim = space.shape[0]
+        self.actor = Actor(obs_dim, act_dim, cfg["actor_hidden"], cfg["activation"])
+        if not self.inference_only:
+            self.critic1 = QNetwork(obs_dim, act_dim, cfg["critic_hidden"], cfg["activation"])
+            self.critic2 = QNetwork(obs_dim, act_dim, cfg["critic_hidden"], cfg["activation"])
+
+    # --- Acting -------------------------------------------------------------------------------
+
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return {Columns.ACTIONS: self.actor(batch[Columns.OBS])}
+
+    def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
+        action = self.actor(batch[Columns.OBS])
+        if t < self.model_config["learning_starts"]:
+            return {Columns.ACTIONS: uniform_action(action)}
+        return {
+            Columns.ACTIONS: exploration_action(action, self.model_config["exploration_noise"])
+        }
+
+    # --- Learning -----------------------------------------------------------------------------
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
+        return {Q1: self.critic1(obs, actions), Q2: self.critic2(obs, actions)}
+
+    # Target copies are made by the learner (env runners never need them). Not RLlib's
+    # `TargetNetworkAPI`: its `forward_target` would hide the target math from the learner.
+    def make_target_networks(self) -> None:
+        self.target_actor = make_target_network(self.actor)
+        self.target_critic1 = make_target_network(self.critic1)
+        self.target_critic2 = make_target_network(self.critic2)
+
+    def get_target_network_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        return [
+            (self.actor, self.target_actor),
+            (self.critic1, self.target_critic1),
+            (self.critic2, self.target_critic2),
+        ]
+
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["critic1", "critic2", "target_actor", "target_critic1", "target_critic2"]

@@ -1,0 +1,155 @@
+"""Train TD3 from an experiment config.
+
+    python -m rl.train --config configs/pendulum_td3.yaml [--set algo.gamma=0.95 ...]
+
+Starts Ray (or joins the cluster in RAY_ADDRESS, as under `ray job submit`), trains until
+`experiment.stop_env_steps`, and writes a run directory:
+
+    <output_dir>/<name>-<timestamp>/
+        config.yaml      the fully resolved config (defaults included)
+        metrics.jsonl    one line per iteration, stable metric names (rl/metrics.py)
+        checkpoints/     RLlib checkpoints, the newest `keep_checkpoints`, plus `final`
+        summary.json     final evaluation return, steps, updates, wall time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from rl.config import ConfigError, ExperimentConfig, load_config
+from rl.metrics import summarize
+from rl.progress import TrainingProgress
+
+KEEP_CHECKPOINTS = 3
+
+
+def make_run_dir(exp: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(exp.experiment.output_dir) / f"{exp.experiment.name}-{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    return run_dir
+
+
+def _save_checkpoint(algo, checkpoints: Path, name: str) -> Path:
+    path = algo.save_to_path(str((checkpoints / name).resolve()))
+    periodic = sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
+    for old in periodic[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+    return Path(path)
+
+
+def _init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # join the cluster this driver was submitted to
+    else:
+        ray.init(include_dashboard=False)
+
+
+def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: bool = True) -> dict:
+    """Runs one experiment to the end; returns the summary also written to summary.json."""
+    import torch
+
+    from rl.experiment import build_td3_config
+
+    run_dir = run_dir or make_run_dir(exp)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    torch.set_num_threads(exp.resources.learner_torch_threads)
+    _init_ray()
+
+    algo = build_td3_config(exp).build_algo()
+    progress = TrainingProgress(exp.experiment.stop_env_steps) if show_progress else None
+    start = time.monotonic()
+    env_steps, updates, iteration = 0.0, 0.0, 0
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as metrics_file:
+            while env_steps < exp.experiment.stop_env_steps:
+                result = algo.train()
+                iteration += 1
+                metrics = summarize(result)
+                env_steps = metrics.get("env/steps_sampled", env_steps)
+                updates = metrics.get("learner/num_critic_updates", updates)
+                elapsed = time.monotonic() - start
+                metrics.update(
+                    {
+                        "iteration": iteration,
+                        "time_s": elapsed,
+                        "perf/env_steps_per_s": env_steps / elapsed,
+                        "perf/updates_per_s": updates / elapsed,
+                    }
+                )
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                if progress:
+                    progress.update(env_steps, metrics)
+                if iteration % exp.experiment.checkpoint_every_iters == 0:
+                    _save_checkpoint(algo, run_dir / "checkpoints", f"iter_{iteration:06d}")
+        train_time = time.monotonic() - start
+        final_eval = summarize({"evaluation": algo.evaluate()})
+        final_checkpoint = _save_checkpoint(algo, run_dir / "checkpoints", "final")
+    finally:
+        if progress:
+            progress.close()
+        algo.stop()
+
+    summary = {
+        "run_dir": str(run_dir.resolve()),
+        "env_steps": env_steps,
+        "learner_updates": updates,
+        "iterations": iteration,
+        "train_time_s": train_time,
+        "env_steps_per_s": env_steps / train_time,
+        "updates_per_s": updates / train_time,
+        "final_eval_return_mean": final_eval.get("eval/return_mean"),
+        "final_eval_len_mean": final_eval.get("eval/len_mean"),
+        "final_checkpoint": str(final_checkpoint),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rl.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/pendulum_td3.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set algo.gamma=0.95 (repeatable)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    try:
+        exp = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    summary = train(exp, show_progress=not args.no_progress)
+    print(
+        f"\nDone: {summary['env_steps']:,.0f} env steps, {summary['learner_updates']:,.0f} updates "
+        f"in {summary['train_time_s']:.0f} s; final evaluation return "
+        f"{summary['final_eval_return_mean']:.1f}\n"
+        f"Results: {summary['run_dir']}\n"
+        f"  metrics.jsonl (per iteration), summary.json, checkpoints/final"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
