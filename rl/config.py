@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,17 @@ class EnvSection(_Section):
     id: str = Field(min_length=1, description="a registered gymnasium env id")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     max_episode_steps: int | None = Field(default=None, gt=0)
+
+    @field_validator("id")
+    @classmethod
+    def _registered(cls, env_id: str) -> str:
+        import gymnasium
+
+        try:
+            gymnasium.spec(env_id)
+        except gymnasium.error.Error as e:
+            raise ValueError(f"not a registered gymnasium env ({e})") from None
+        return env_id
 
 
 class AlgoSection(_Section):

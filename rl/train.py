@@ -84,6 +84,10 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
                 result = algo.train()
                 iteration += 1
                 metrics = summarize(result)
+                interval = exp.evaluation.interval_iters
+                if not (interval and iteration % interval == 0):
+                    # RLlib repeats the last evaluation in later results: keep only fresh ones.
+                    metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
                 env_steps = metrics.get("env/steps_sampled", env_steps)
                 updates = metrics.get("learner/num_critic_updates", updates)
                 elapsed = time.monotonic() - start

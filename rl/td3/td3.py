@@ -56,8 +56,6 @@ class TD3Config(AlgorithmConfig):
         self.normalize_actions = True
         self.clip_actions = False
         self.evaluation_config = {"explore": False}
-        self._model_config = {"actor_hidden": [256, 256], "critic_hidden": [256, 256],
-                              "activation": "relu"}
 
     def training(
         self,
@@ -116,8 +114,12 @@ class TD3Config(AlgorithmConfig):
 
     @property
     def _model_config_auto_includes(self) -> dict:
-        # The module explores itself (it knows the global step `t`), so it needs these.
+        # Network defaults (the reference code's 256-256 ReLU), which a user's `model_config`
+        # overrides key by key; and the exploration settings, since the module explores itself.
         return super()._model_config_auto_includes | {
+            "actor_hidden": [256, 256],
+            "critic_hidden": [256, 256],
+            "activation": "relu",
             "exploration_noise": self.exploration_noise,
             "learning_starts": self.num_steps_sampled_before_learning_starts,
         }

@@ -64,9 +64,12 @@ class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
 
     # --- Acting -------------------------------------------------------------------------------
 
+    # Acting never needs a graph (RLlib's own defaults also run these under no_grad).
+    @torch.no_grad()
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return {Columns.ACTIONS: self.actor(batch[Columns.OBS])}
 
+    @torch.no_grad()
     def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
         action = self.actor(batch[Columns.OBS])
         if t < self.model_config["learning_starts"]:

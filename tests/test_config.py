@@ -1,0 +1,97 @@
+"""Experiment configs: every shipped YAML loads; bad input stops early, naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rl.config import ConfigError, load_config, parse_config
+from rl.experiment import build_td3_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"experiment": {"name": "t", "stop_env_steps": 100}, "env": {"id": "Pendulum-v1"}}
+
+
+def _parse(*overrides: str):
+    return parse_config(yaml.safe_load(yaml.safe_dump(MINIMAL)), "test.yaml", list(overrides))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_an_rllib_config(path):
+    exp = load_config(path)
+    build_td3_config(exp).validate()
+
+
+def test_defaults_are_the_td3_reference_hyperparameters():
+    algo = _parse().algo
+    assert (algo.gamma, algo.tau, algo.actor_lr, algo.critic_lr) == (0.99, 0.005, 3e-4, 3e-4)
+    assert (algo.train_batch_size, algo.policy_delay) == (256, 2)
+    assert (algo.policy_noise, algo.noise_clip, algo.exploration_noise) == (0.2, 0.5, 0.1)
+    assert (algo.buffer_size, algo.updates_per_env_step) == (1_000_000, 1.0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.gamma=1.0", "algo.gamma: Input should be less than 1"),
+        ("algo.gamma=0", "algo.gamma: Input should be greater than 0"),
+        ("algo.tau=1.5", "algo.tau: Input should be less than or equal to 1"),
+        ("algo.tau=0", "algo.tau: Input should be greater than 0"),
+        ("algo.actor_lr=-3e-4", "algo.actor_lr: Input should be greater than 0"),
+        ("algo.critic_lr=-1", "algo.critic_lr: Input should be greater than 0"),
+        ("algo.policy_delay=0", "algo.policy_delay: Input should be greater than or equal to 1"),
+        ("algo.policy_delay=2.5", "algo.policy_delay: Input should be a valid integer"),
+        ("algo.train_batch_size=big", "algo.train_batch_size: Input should be a valid integer"),
+        ("algo.gamma=high", "algo.gamma: Input should be a valid number"),
+        ("algo.gama=0.9", "algo.gama: unknown key"),
+        ("algorithm.gamma=0.9", "algorithm: unknown key"),
+        ("model.actor_hidden=[64, 0]", "model.actor_hidden.1: Input should be greater than 0"),
+        ("model.activation=swish", "model.activation: Input should be 'relu', 'tanh', 'elu' or 'silu'"),
+        ("env.id=Pendulum-v9", "env.id: Value error, not a registered gymnasium env"),
+        ("algo.buffer_size=100", "algo.train_batch_size must not exceed algo.buffer_size"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_was_expected(override, message):
+    with pytest.raises(ConfigError) as err:
+        _parse(override)
+    assert "test.yaml" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_missing_required_key_is_named():
+    data = {"experiment": {"name": "t"}, "env": {"id": "Pendulum-v1"}}
+    with pytest.raises(ConfigError, match="experiment.stop_env_steps: required key is missing"):
+        parse_config(data, "test.yaml")
+
+
+def test_overrides_set_single_keys_with_yaml_values():
+    exp = _parse("algo.gamma=0.95", "algo.critic_lr=1e-3", "model.actor_hidden=[64, 64]")
+    assert exp.algo.gamma == 0.95 and exp.algo.critic_lr == 1e-3
+    assert exp.model.actor_hidden == [64, 64]
+
+
+def test_yaml_exponent_floats_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "algo:\n  actor_lr: 1e-3\n")
+    assert load_config(path).algo.actor_lr == 1e-3
+
+
+def test_malformed_override_and_missing_file_are_clear():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        _parse("algo.gamma")
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config("nope.yaml")
+
+
+def test_cli_rejects_a_bad_config_before_starting_ray(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "algo": {"tau": 2.0}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl.train", "--config", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "algo.tau: Input should be less than or equal to 1 (got 2.0)" in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr  # nothing was started

@@ -1,0 +1,95 @@
+"""The replay path: episodes sampled by a real RLlib env runner become correct transitions."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from ray.rllib.core.columns import Columns
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+from rl.td3 import TD3Config
+from rl.td3.replay_buffer import TransitionReplayBuffer
+
+
+class StepCounterEnv(gym.Env):
+    """Observation = steps taken in this episode. Terminates at `terminate_at` steps when set;
+    a TimeLimit wrapper truncates otherwise. The final observation tells the two apart."""
+
+    observation_space = gym.spaces.Box(0, 1000, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def __init__(self, terminate_at: int | None = None):
+        self.terminate_at = terminate_at
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        terminated = self.terminate_at is not None and self.t >= self.terminate_at
+        return np.array([self.t], np.float32), float(self.t), terminated, False, {}
+
+
+gym.register("StepCounter-v0", entry_point=StepCounterEnv, max_episode_steps=5)
+
+
+def _sample_into_buffer(env_config: dict, num_steps: int) -> dict:
+    config = (
+        TD3Config()
+        .environment("StepCounter-v0", env_config=env_config)
+        .env_runners(num_env_runners=0, rollout_fragment_length=num_steps)
+        .training(num_steps_sampled_before_learning_starts=0)
+        .rl_module(model_config={"actor_hidden": [8], "critic_hidden": [8]})
+    )
+    runner = SingleAgentEnvRunner(config=config)
+    buffer = TransitionReplayBuffer(capacity=100)
+    added = buffer.add_episodes(runner.sample(num_timesteps=num_steps))
+    assert added == num_steps == len(buffer)
+    return {k: v[:num_steps] for k, v in buffer._columns.items()}
+
+
+def test_truncated_steps_are_not_terminal_and_keep_their_real_final_observation():
+    columns = _sample_into_buffer({}, num_steps=12)  # episodes of 5, truncated by TimeLimit
+    obs, next_obs = columns[Columns.OBS][:, 0], columns[Columns.NEXT_OBS][:, 0]
+    np.testing.assert_array_equal(obs, [0, 1, 2, 3, 4] * 2 + [0, 1])
+    # Step 5 ends the episode by truncation: its next observation is 5, not the reset's 0.
+    np.testing.assert_array_equal(next_obs, [1, 2, 3, 4, 5] * 2 + [1, 2])
+    assert not columns[Columns.TERMINATEDS].any()
+    np.testing.assert_array_equal(columns[Columns.REWARDS], next_obs)
+
+
+def test_terminal_steps_are_marked_terminal():
+    columns = _sample_into_buffer({"terminate_at": 3}, num_steps=7)
+    np.testing.assert_array_equal(columns[Columns.OBS][:, 0], [0, 1, 2, 0, 1, 2, 0])
+    np.testing.assert_array_equal(columns[Columns.TERMINATEDS], [0, 0, 1, 0, 0, 1, 0])
+
+
+def test_ring_keeps_the_newest_transitions():
+    buffer = TransitionReplayBuffer(capacity=4, seed=0)
+    for start in (0, 3):
+        n = 3
+        buffer.add(
+            obs=np.arange(start, start + n, dtype=np.float32)[:, None],
+            actions=np.zeros((n, 1)),
+            rewards=np.arange(start, start + n),
+            next_obs=np.arange(start + 1, start + n + 1, dtype=np.float32)[:, None],
+            terminateds=np.zeros(n),
+        )
+    assert len(buffer) == 4
+    assert sorted(buffer._columns[Columns.REWARDS].tolist()) == [2, 3, 4, 5]
+    assert set(buffer.sample(200)[Columns.REWARDS].tolist()) == {2, 3, 4, 5}
+
+
+def test_dict_observations_keep_their_dtypes():
+    buffer = TransitionReplayBuffer(capacity=10, seed=0)
+    obs = {"image": np.ones((2, 4, 8, 8), np.uint8), "state": np.zeros((2, 5), np.float32)}
+    buffer.add(obs, np.zeros((2, 2)), np.zeros(2), obs, np.zeros(2))
+    batch = buffer.sample(3)
+    assert batch[Columns.OBS]["image"].dtype == np.uint8
+    assert batch[Columns.NEXT_OBS]["image"].shape == (3, 4, 8, 8)
+    assert batch[Columns.OBS]["state"].dtype == np.float32
+
+
+def test_sampling_an_empty_buffer_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        TransitionReplayBuffer(capacity=10).sample(1)
