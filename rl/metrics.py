@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.utils import metrics as M
 
 from rl.td3 import td3_learner as L
 from rl.td3.td3 import REPLAY_BUFFER_SIZE
@@ -31,8 +32,15 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "q/td_error_mean": ("learners", DEFAULT_MODULE_ID, L.TD_ERROR_MEAN),
     "learner/num_critic_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_CRITIC_UPDATES),
     "learner/num_actor_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_ACTOR_UPDATES),
-    "env/steps_sampled": ("env_runners", "num_env_steps_sampled_lifetime"),
+    "env/steps_sampled": (M.ENV_RUNNER_RESULTS, M.NUM_ENV_STEPS_SAMPLED_LIFETIME),
     "replay/size": (REPLAY_BUFFER_SIZE,),
+    # Seconds per iteration spent in each phase of `TD3.training_step` (RLlib's timers).
+    "perf/sample_s": (M.TIMERS, M.ENV_RUNNER_SAMPLING_TIMER),
+    "perf/replay_add_s": (M.TIMERS, M.REPLAY_BUFFER_ADD_DATA_TIMER),
+    "perf/replay_sample_s": (M.TIMERS, M.REPLAY_BUFFER_SAMPLE_TIMER),
+    "perf/learn_s": (M.TIMERS, M.LEARNER_UPDATE_TIMER),
+    "perf/weight_sync_s": (M.TIMERS, M.SYNCH_WORKER_WEIGHTS_TIMER),
+    "perf/iteration_s": (M.TIMERS, M.TRAINING_ITERATION_TIMER),
 }
 
 

@@ -1,0 +1,1 @@
+"""RLlib callbacks: training-health metrics, alert rules, Weights & Biases (issue 6, not built yet)."""
