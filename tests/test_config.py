@@ -95,3 +95,11 @@ def test_cli_rejects_a_bad_config_before_starting_ray(tmp_path):
     assert proc.returncode == 2
     assert "algo.tau: Input should be less than or equal to 1 (got 2.0)" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr  # nothing was started
+
+
+def test_td3config_built_in_python_is_validated_too():
+    from rl.td3 import TD3Config
+
+    config = TD3Config().environment("Pendulum-v1").training(tau=0.0, policy_delay=0)
+    with pytest.raises(ValueError, match=r"out of range: tau=0.0, policy_delay=0"):
+        config.validate()

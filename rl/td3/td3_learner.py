@@ -66,10 +66,11 @@ class TD3TorchLearner(TorchLearner):
             (ACTOR, [module.actor], config.actor_lr),
         ):
             params = [p for net in nets for p in self.get_parameters(net)]
+            # Fused Adam: same math, one kernel for all tensors (Adam was 10% of an update on CPU).
             self.register_optimizer(
                 module_id=module_id,
                 optimizer_name=name,
-                optimizer=torch.optim.Adam(params),
+                optimizer=torch.optim.Adam(params, fused=True),
                 params=params,
                 lr_or_lr_schedule=lr,
             )
