@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 # (stable metric name, short label, format) shown on the progress line
 SHOWN = (
@@ -28,10 +28,8 @@ class TrainingProgress:
         self._bar = None
         if self.console.is_terminal:
             self._bar = Progress(
-                TextColumn("[bold]TD3"),
-                BarColumn(),
-                TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
-                TimeElapsedColumn(),
+                BarColumn(bar_width=16),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
                 TimeRemainingColumn(),
                 TextColumn("{task.description}"),
                 console=self.console,
