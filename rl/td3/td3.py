@@ -73,7 +73,7 @@ class TD3Config(AlgorithmConfig):
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)
-        for name, value in locals().items():
+        for name, value in locals().items():  # every TD3 keyword that was given
             if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
                 setattr(self, name, value)
         return self
