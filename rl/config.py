@@ -57,6 +57,7 @@ class ExperimentSection(_Section):
     stop_env_steps: int = Field(gt=0, description="train until this many env steps were sampled")
     output_dir: str = Field(default="runs", min_length=1)
     checkpoint_every_iters: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=3, ge=1, description="newest periodic ones kept")
 
 
 class EnvSection(_Section):

@@ -8,7 +8,7 @@ Starts Ray (or joins the cluster in RAY_ADDRESS, as under `ray job submit`), tra
     <output_dir>/<name>-<timestamp>/
         config.yaml      the fully resolved config (defaults included)
         metrics.jsonl    one line per iteration, stable metric names (rl/metrics.py)
-        checkpoints/     RLlib checkpoints, the newest `keep_checkpoints`, plus `final`
+        checkpoints/     RLlib checkpoints: the newest `experiment.keep_checkpoints`, and `final`
         summary.json     final evaluation return, steps, updates, wall time
 """
 
@@ -29,9 +29,6 @@ from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
 
-KEEP_CHECKPOINTS = 3
-
-
 def make_run_dir(exp: ExperimentConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(exp.experiment.output_dir) / f"{exp.experiment.name}-{stamp}"
@@ -43,10 +40,10 @@ def make_run_dir(exp: ExperimentConfig) -> Path:
     return run_dir
 
 
-def _save_checkpoint(algo, checkpoints: Path, name: str) -> Path:
+def _save_checkpoint(algo, checkpoints: Path, name: str, keep: int) -> Path:
     path = algo.save_to_path(str((checkpoints / name).resolve()))
     periodic = sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
-    for old in periodic[:-KEEP_CHECKPOINTS]:
+    for old in periodic[:-keep]:
         shutil.rmtree(old)
     return Path(path)
 
@@ -76,6 +73,7 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
 
     algo = build_td3_config(exp).build_algo()
     progress = TrainingProgress(exp.experiment.stop_env_steps) if show_progress else None
+    keep = exp.experiment.keep_checkpoints
     start = time.monotonic()
     env_steps, updates, iteration = 0.0, 0.0, 0
     try:
@@ -104,10 +102,12 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
                 if progress:
                     progress.update(env_steps, metrics)
                 if iteration % exp.experiment.checkpoint_every_iters == 0:
-                    _save_checkpoint(algo, run_dir / "checkpoints", f"iter_{iteration:06d}")
+                    _save_checkpoint(
+                        algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep
+                    )
         train_time = time.monotonic() - start
         final_eval = summarize({"evaluation": algo.evaluate()})
-        final_checkpoint = _save_checkpoint(algo, run_dir / "checkpoints", "final")
+        final_checkpoint = _save_checkpoint(algo, run_dir / "checkpoints", "final", keep)
     finally:
         if progress:
             progress.close()

@@ -1,0 +1,37 @@
+"""A short real run: its checkpoints restore into a TD3 with the same weights."""
+
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+
+from rl.config import load_config
+from rl.td3 import TD3
+from rl.train import train
+
+
+def test_periodic_checkpoints_are_pruned_and_final_restores_the_trained_actor(ray_local, tmp_path):
+    exp = load_config(
+        "configs/pendulum_td3.yaml",
+        [
+            "experiment.stop_env_steps=1500", "algo.learning_starts=500",
+            "experiment.checkpoint_every_iters=5", "experiment.keep_checkpoints=2",
+            "evaluation.interval_iters=0", "evaluation.episodes=1",
+        ],
+    )
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    # 24 iterations of 64 steps, a checkpoint every 5: iterations 5..20, the newest 2 kept.
+    assert summary["iterations"] == 24
+    assert checkpoints == ["final", "iter_000015", "iter_000020"]
+
+    algo = TD3.from_checkpoint(summary["final_checkpoint"])
+    try:
+        learner = algo.learner_group._learner
+        # The learner's delayed-update counter continues where training stopped.
+        assert learner._num_critic_updates[DEFAULT_MODULE_ID] == summary["learner_updates"] > 0
+        learner_module = learner.module[DEFAULT_MODULE_ID]
+        runner_module = algo.env_runner.module
+        for p_learner, p_runner in zip(learner_module.actor.parameters(), runner_module.actor.parameters()):
+            torch.testing.assert_close(p_learner, p_runner)
+        assert hasattr(learner_module, "target_critic1")
+    finally:
+        algo.stop()
