@@ -50,6 +50,9 @@ class _Section(BaseModel):
 
 LayerWidth = Annotated[int, Field(gt=0)]
 
+# Gradient groups of the TD3 module (rl/td3/td3_rl_module.py) and their default limits.
+DEFAULT_GRAD_CLIP = {"actor.encoder": 1.0, "actor.head": 1.0, "critic.encoder": 10.0, "critic.head": 10.0}
+
 
 class ExperimentSection(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -93,6 +96,21 @@ class AlgoSection(_Section):
     buffer_size: int = Field(default=1_000_000, gt=0)
     learning_starts: int = Field(default=25_000, ge=0)
     updates_per_env_step: float = Field(default=1.0, gt=0.0)
+    # Max L2 norm of each parameter group's gradient; null = no clipping, stated explicitly.
+    grad_clip: dict[str, Annotated[float, Field(gt=0.0)] | None] = Field(
+        default_factory=lambda: dict(DEFAULT_GRAD_CLIP)
+    )
+
+    @field_validator("grad_clip")
+    @classmethod
+    def _every_group_explicit(cls, limits: dict) -> dict:
+        unknown = sorted(set(limits) - set(DEFAULT_GRAD_CLIP))
+        missing = sorted(set(DEFAULT_GRAD_CLIP) - set(limits))
+        if unknown:
+            raise ValueError(f"unknown gradient group(s) {unknown}; groups: {list(DEFAULT_GRAD_CLIP)}")
+        if missing:
+            raise ValueError(f"no limit for {missing}: give a number, or null for no clipping")
+        return limits
 
 
 class ModelSection(_Section):

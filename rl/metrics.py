@@ -56,6 +56,12 @@ def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
         return None
 
 
+def _grad_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """grad/<group>/<stat> as logged by the learner, passed through under the same name."""
+    learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
+    return {k: float(v) for k, v in learner.items() if isinstance(k, str) and k.startswith("grad/")}
+
+
 def summarize(result: dict[str, Any]) -> dict[str, float]:
     """The stable metrics present in one `algo.train()` result.
 
@@ -68,4 +74,5 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
         if value is None or (math.isnan(value) and name.startswith(("episode/", "eval/"))):
             continue
         out[name] = value
+    out.update(_grad_metrics(result))
     return out

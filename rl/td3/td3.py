@@ -28,6 +28,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
+from rl.config import DEFAULT_GRAD_CLIP
 from rl.td3.replay_buffer import TransitionReplayBuffer
 
 REPLAY_BUFFER_SIZE = "replay_buffer_size"
@@ -51,6 +52,9 @@ class TD3Config(AlgorithmConfig):
         self.num_steps_sampled_before_learning_starts = 25_000
         self.updates_per_env_step = 1.0
         self.rollout_fragment_length = 64
+        # Module-wise L2 clipping limits (None: no clipping, stated explicitly); RLlib's own
+        # one-limit-for-all `grad_clip` stays off.
+        self.grad_clip_by_group = dict(DEFAULT_GRAD_CLIP)
         self.grad_clip = None
         # The module acts in [-1, 1]; RLlib rescales to the env's bounds (no clipping needed).
         self.normalize_actions = True
@@ -70,6 +74,7 @@ class TD3Config(AlgorithmConfig):
         replay_buffer_capacity: int = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
         updates_per_env_step: float = NotProvided,
+        grad_clip_by_group: dict = NotProvided,
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)
@@ -91,6 +96,9 @@ class TD3Config(AlgorithmConfig):
             "exploration_noise": self.exploration_noise >= 0.0,
             "replay_buffer_capacity": self.replay_buffer_capacity >= self.total_train_batch_size,
             "updates_per_env_step": self.updates_per_env_step > 0.0,
+            "grad_clip_by_group": all(
+                limit is None or limit > 0 for limit in self.grad_clip_by_group.values()
+            ),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

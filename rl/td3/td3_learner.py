@@ -29,6 +29,11 @@ NUM_CRITIC_UPDATES = "num_critic_updates"
 NUM_ACTOR_UPDATES = "num_actor_updates"
 
 
+def grad_metric(group: str, stat: str) -> str:
+    """e.g. grad/critic.encoder/post_clip_norm; stat: pre_clip_norm, post_clip_norm, clip_fraction."""
+    return f"grad/{group}/{stat}"
+
+
 def smoothed_target_action(
     target_action: torch.Tensor, policy_noise: float, noise_clip: float
 ) -> torch.Tensor:
@@ -55,6 +60,10 @@ class TD3TorchLearner(TorchLearner):
     def build(self) -> None:
         super().build()
         self.module.foreach_module(lambda mid, module: module.make_target_networks())
+        # Parameter refs of each gradient-clipping group, per module (checked to cover all).
+        self._gradient_groups = {
+            module_id: self._resolve_gradient_groups(module_id) for module_id in self.module.keys()
+        }
         # Critic updates done so far, per module: decides the delayed actor/target steps.
         self._num_critic_updates: dict[ModuleID, int] = defaultdict(int)
         self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -125,6 +134,63 @@ class TD3TorchLearner(TorchLearner):
                 actor_loss.backward(inputs=self._optimizer_params(module_id, ACTOR))
         self._losses = {}
         return {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
+
+    def _resolve_gradient_groups(self, module_id: ModuleID) -> dict[str, list]:
+        """Maps each clipping group to its parameter refs; every trainable parameter of the module
+        must be in exactly one group, and every group must have a limit (or an explicit None)."""
+        module = self.module[module_id].unwrapped()
+        limits = self.config.get_config_for_module(module_id).grad_clip_by_group
+        groups = module.gradient_groups()
+        if set(limits) != set(groups):
+            raise ValueError(
+                f"grad_clip_by_group must give a limit (or None for no clipping) for exactly the "
+                f"groups {sorted(groups)}; got {sorted(limits)}"
+            )
+        ref_of = {id(param): ref for ref, param in self._params.items()}
+        owner: dict[int, str] = {}
+        names = {id(p): name for name, p in module.named_parameters()}
+        for group, nets in groups.items():
+            for param in {id(p): p for net in nets for p in net.parameters()}.values():
+                if id(param) in owner:
+                    raise ValueError(
+                        f"parameter {names[id(param)]!r} is in two gradient groups: "
+                        f"{owner[id(param)]!r} and {group!r}"
+                    )
+                owner[id(param)] = group
+        ungrouped = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in owner]
+        if ungrouped:
+            raise ValueError(
+                f"parameters in no gradient group (their gradients would escape clipping): "
+                f"{ungrouped}; add them to {type(module).__name__}.gradient_groups()"
+            )
+        return {
+            group: [ref_of[pid] for pid, g in owner.items() if g == group] for group in groups
+        }
+
+    def postprocess_gradients_for_module(
+        self, *, module_id: ModuleID, config=None, module_gradients_dict: ParamDict
+    ) -> ParamDict:
+        """Module-wise clipping: each group's gradients, as one vector, to at most its L2 limit.
+
+        Runs after backward and before the optimizer step. Logs, per group, the norm before and
+        after clipping (measured again, not assumed) and whether clipping acted.
+        """
+        for group, refs in self._gradient_groups[module_id].items():
+            grads = [module_gradients_dict[ref] for ref in refs if ref in module_gradients_dict]
+            if not grads:  # e.g. the actor's groups on a critic-only update
+                continue
+            pre = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            limit = config.grad_clip_by_group[group]
+            if limit is not None:
+                scale = torch.clamp(limit / (pre + 1e-6), max=1.0)
+                for g in grads:
+                    g.mul_(scale)
+            post = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            clipped = (pre > limit).float() if limit is not None else torch.zeros(())
+            self.metrics.log_value((module_id, grad_metric(group, "pre_clip_norm")), pre, reduce="mean")
+            self.metrics.log_value((module_id, grad_metric(group, "post_clip_norm")), post, reduce="max")
+            self.metrics.log_value((module_id, grad_metric(group, "clip_fraction")), clipped, reduce="mean")
+        return module_gradients_dict
 
     def apply_gradients(self, gradients_dict: ParamDict) -> None:
         # Gradients are applied as they are: a non-finite gradient is not silently zeroed

@@ -98,5 +98,15 @@ class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
             (self.critic2, self.target_critic2),
         ]
 
+    def gradient_groups(self) -> dict[str, list[torch.nn.Module]]:
+        """The sub-networks making up each gradient-clipping group (rl/config.py DEFAULT_GRAD_CLIP).
+        The learner checks that every trainable parameter is in exactly one group."""
+        return {
+            "actor.encoder": [self.actor.encoder],
+            "actor.head": [self.actor.head],
+            "critic.encoder": [self.critic1.encoder, self.critic2.encoder],
+            "critic.head": [self.critic1.head, self.critic2.head],
+        }
+
     def get_non_inference_attributes(self) -> list[str]:
         return ["critic1", "critic2", "target_actor", "target_critic1", "target_critic2"]
