@@ -29,6 +29,7 @@ from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
 
+
 def make_run_dir(exp: ExperimentConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(exp.experiment.output_dir) / f"{exp.experiment.name}-{stamp}"

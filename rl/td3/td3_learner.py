@@ -34,6 +34,11 @@ def grad_metric(group: str, stat: str) -> str:
     return f"grad/{group}/{stat}"
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all the tensors taken together as one vector."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
 def smoothed_target_action(
     target_action: torch.Tensor, policy_noise: float, noise_clip: float
 ) -> torch.Tensor:
@@ -179,14 +184,15 @@ class TD3TorchLearner(TorchLearner):
             grads = [module_gradients_dict[ref] for ref in refs if ref in module_gradients_dict]
             if not grads:  # e.g. the actor's groups on a critic-only update
                 continue
-            pre = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            pre = global_norm(grads)
             limit = config.grad_clip_by_group[group]
-            if limit is not None:
+            if limit is None:  # no clipping: the gradients, and so their norm, are unchanged
+                post, clipped = pre, torch.zeros(())
+            else:
                 scale = torch.clamp(limit / (pre + 1e-6), max=1.0)
                 for g in grads:
                     g.mul_(scale)
-            post = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            clipped = (pre > limit).float() if limit is not None else torch.zeros(())
+                post, clipped = global_norm(grads), (pre > limit).float()
             self.metrics.log_value((module_id, grad_metric(group, "pre_clip_norm")), pre, reduce="mean")
             self.metrics.log_value((module_id, grad_metric(group, "post_clip_norm")), post, reduce="max")
             self.metrics.log_value((module_id, grad_metric(group, "clip_fraction")), clipped, reduce="mean")
