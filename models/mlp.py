@@ -1,14 +1,9 @@
-"""MLP actor and critic for flat vector observations (Pendulum, MuJoCo).
-
-Each network is an `encoder` (observation -> features) followed by a `head` (features -> output),
-so that gradient clipping and metrics can address the two parts separately.
-"""
+"""Multilayer perceptrons: the heads of every network, and the activations config may name."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
@@ -22,27 +17,3 @@ def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
-
-
-class Actor(nn.Module):
-    """Deterministic policy: observation -> action in [-1, 1]^act_dim (tanh output)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str):
-        super().__init__()
-        self.encoder = nn.Flatten()
-        self.head = mlp([obs_dim, *hidden, act_dim], activation)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.head(self.encoder(obs)))
-
-
-class QNetwork(nn.Module):
-    """State-action value: (observation, action) -> Q, shape (batch,)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str):
-        super().__init__()
-        self.encoder = nn.Flatten()
-        self.head = mlp([obs_dim + act_dim, *hidden, 1], activation)
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.encoder(obs), action], dim=-1)).squeeze(-1)

@@ -113,10 +113,34 @@ class AlgoSection(_Section):
         return limits
 
 
+class CnnSection(_Section):
+    """Image encoder (models/encoders.py), used when observations are a dict of image and state.
+    Defaults: the Nature-DQN convolutions for 84x84 frames, and SAC-AE's 50 features."""
+
+    channels: list[LayerWidth] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
+    kernel_sizes: list[LayerWidth] = Field(default_factory=lambda: [8, 4, 3], min_length=1)
+    strides: list[LayerWidth] = Field(default_factory=lambda: [4, 2, 1], min_length=1)
+    feature_dim: LayerWidth = 50
+
+    @model_validator(mode="after")
+    def _one_entry_per_layer(self) -> "CnnSection":
+        lengths = {len(self.channels), len(self.kernel_sizes), len(self.strides)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "channels, kernel_sizes and strides need one entry per conv layer; got lengths "
+                f"{len(self.channels)}, {len(self.kernel_sizes)}, {len(self.strides)}"
+            )
+        return self
+
+
 class ModelSection(_Section):
     actor_hidden: list[LayerWidth] = Field(default_factory=lambda: [256, 256], min_length=1)
     critic_hidden: list[LayerWidth] = Field(default_factory=lambda: [256, 256], min_length=1)
     activation: Literal["relu", "tanh", "elu", "silu"] = "relu"
+    cnn: CnnSection = Field(default_factory=CnnSection)
+    # The actor reads the critic's image encoder through a stop-gradient (DrQ-v2) instead of
+    # training its own: one CNN less to train, and the actor.encoder group is then empty.
+    share_encoder: bool = False
 
 
 class ResourcesSection(_Section):

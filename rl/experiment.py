@@ -41,11 +41,7 @@ def build_td3_config(exp: ExperimentConfig) -> TD3Config:
             grad_clip_by_group=dict(algo.grad_clip),
         )
         .rl_module(
-            model_config={
-                "actor_hidden": list(model.actor_hidden),
-                "critic_hidden": list(model.critic_hidden),
-                "activation": model.activation,
-            }
+            model_config=model.model_dump()
         )
         .evaluation(
             # Periodic evaluation off (0) still leaves `algo.evaluate()` for the final one.

@@ -5,40 +5,27 @@ import numpy as np
 import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.columns import Columns
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from rl.td3 import TD3Config
 from rl.td3.td3_learner import NUM_ACTOR_UPDATES, NUM_CRITIC_UPDATES
+from tests.helpers import as_batch, td3_learner, transition_columns, vector_space
 
-OBS_DIM, ACT_DIM, BATCH = 3, 1, 32
+BATCH = 32
 TAU = 0.1
+OBS_SPACE = vector_space(3)
 
 
 def _learner(policy_delay: int):
-    config = (
-        TD3Config()
-        .environment(
-            observation_space=gym.spaces.Box(-1, 1, (OBS_DIM,), np.float32),
-            action_space=gym.spaces.Box(-2, 2, (ACT_DIM,), np.float32),
-        )
-        .training(policy_delay=policy_delay, tau=TAU, train_batch_size_per_learner=BATCH)
-        .rl_module(model_config={"actor_hidden": [16], "critic_hidden": [16]})
-        .debugging(seed=0)
+    return td3_learner(
+        OBS_SPACE,
+        action_space=gym.spaces.Box(-2, 2, (1,), np.float32),
+        policy_delay=policy_delay,
+        tau=TAU,
+        train_batch_size_per_learner=BATCH,
     )
-    return config.build_learner()
 
 
-def _batch(num_rows: int) -> MultiAgentBatch:
-    rng = np.random.default_rng(0)
-    columns = {
-        Columns.OBS: rng.normal(size=(num_rows, OBS_DIM)).astype(np.float32),
-        Columns.ACTIONS: rng.uniform(-1, 1, (num_rows, ACT_DIM)).astype(np.float32),
-        Columns.REWARDS: rng.normal(size=num_rows).astype(np.float32),
-        Columns.NEXT_OBS: rng.normal(size=(num_rows, OBS_DIM)).astype(np.float32),
-        Columns.TERMINATEDS: np.zeros(num_rows, np.float32),
-    }
-    return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=num_rows)
+def _batch(num_rows: int):
+    return as_batch(transition_columns(OBS_SPACE, num_rows, act_dim=1))
 
 
 def _params(net: torch.nn.Module) -> list[torch.Tensor]:
@@ -54,7 +41,7 @@ def test_actor_and_targets_step_exactly_once_per_policy_delay_critic_updates(pol
     learner = _learner(policy_delay)
     module = learner.module[DEFAULT_MODULE_ID]
     nets = {name: getattr(module, name) for name in
-            ("actor", "critic1", "critic2", "target_actor", "target_critic1", "target_critic2")}
+            ("actor", "critic", "target_actor", "target_critic")}
 
     for update in range(1, 2 * policy_delay + 1):
         before = {name: _params(net) for name, net in nets.items()}
@@ -62,10 +49,9 @@ def test_actor_and_targets_step_exactly_once_per_policy_delay_critic_updates(pol
         after = {name: _params(net) for name, net in nets.items()}
         policy_step = update % policy_delay == 0
 
-        assert not _same(before["critic1"], after["critic1"]), "critics step on every update"
-        assert not _same(before["critic2"], after["critic2"])
+        assert not _same(before["critic"], after["critic"]), "the critic steps on every update"
         assert _same(before["actor"], after["actor"]) != policy_step
-        for main in ("actor", "critic1", "critic2"):
+        for main in ("actor", "critic"):
             target = "target_" + main
             if policy_step:  # Polyak: target <- (1 - tau) * target + tau * main (new main)
                 expected = [(1 - TAU) * t + TAU * m for t, m in zip(before[target], after[main])]
@@ -87,8 +73,7 @@ def test_targets_start_as_exact_copies():
     module = _learner(policy_delay=2).module[DEFAULT_MODULE_ID]
     for main, target in (
         (module.actor, module.target_actor),
-        (module.critic1, module.target_critic1),
-        (module.critic2, module.target_critic2),
+        (module.critic, module.target_critic),
     ):
         assert _same(_params(main), _params(target))
         assert not any(p.requires_grad for p in target.parameters())

@@ -7,7 +7,8 @@ import torch
 from ray.rllib.core.columns import Columns
 
 from rl.td3.td3_learner import clipped_double_q_target, smoothed_target_action
-from rl.td3.td3_rl_module import TD3TorchRLModule, exploration_action, uniform_action
+from rl.td3.td3_rl_module import exploration_action, uniform_action
+from tests.helpers import td3_module, vector_space
 
 GAMMA = 0.9
 
@@ -70,18 +71,13 @@ def test_uniform_warmup_actions_cover_the_whole_range():
     assert a.mean().item() == pytest.approx(0.0, abs=0.01)
 
 
-def _module(learning_starts: int, exploration_noise: float = 0.1) -> TD3TorchRLModule:
-    return TD3TorchRLModule(
-        observation_space=gym.spaces.Box(-1, 1, (3,), np.float32),
+def _module(learning_starts: int, exploration_noise: float = 0.1):
+    return td3_module(
+        vector_space(3),
         action_space=gym.spaces.Box(-2, 2, (1,), np.float32),
         inference_only=True,
-        model_config={
-            "actor_hidden": [16],
-            "critic_hidden": [16],
-            "activation": "relu",
-            "exploration_noise": exploration_noise,
-            "learning_starts": learning_starts,
-        },
+        exploration_noise=exploration_noise,
+        learning_starts=learning_starts,
     )
 
 
@@ -102,9 +98,4 @@ def test_module_explores_uniformly_before_learning_starts_then_with_gaussian_noi
 
 def test_module_rejects_unbounded_action_spaces():
     with pytest.raises(ValueError, match="finite bounds"):
-        TD3TorchRLModule(
-            observation_space=gym.spaces.Box(-1, 1, (3,), np.float32),
-            action_space=gym.spaces.Box(-np.inf, np.inf, (1,), np.float32),
-            model_config={"actor_hidden": [8], "critic_hidden": [8], "activation": "relu",
-                          "exploration_noise": 0.1, "learning_starts": 0},
-        )
+        td3_module(vector_space(3), action_space=gym.spaces.Box(-np.inf, np.inf, (1,), np.float32))

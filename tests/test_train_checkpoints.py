@@ -32,6 +32,6 @@ def test_periodic_checkpoints_are_pruned_and_final_restores_the_trained_actor(ra
         runner_module = algo.env_runner.module
         for p_learner, p_runner in zip(learner_module.actor.parameters(), runner_module.actor.parameters()):
             torch.testing.assert_close(p_learner, p_runner)
-        assert hasattr(learner_module, "target_critic1")
+        assert hasattr(learner_module, "target_critic")
     finally:
         algo.stop()

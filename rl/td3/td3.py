@@ -28,7 +28,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from rl.config import DEFAULT_GRAD_CLIP
+from rl.config import DEFAULT_GRAD_CLIP, ModelSection
 from rl.td3.replay_buffer import TransitionReplayBuffer
 
 REPLAY_BUFFER_SIZE = "replay_buffer_size"
@@ -122,15 +122,17 @@ class TD3Config(AlgorithmConfig):
 
     @property
     def _model_config_auto_includes(self) -> dict:
-        # Network defaults (the reference code's 256-256 ReLU), which a user's `model_config`
-        # overrides key by key; and the exploration settings, since the module explores itself.
-        return super()._model_config_auto_includes | {
-            "actor_hidden": [256, 256],
-            "critic_hidden": [256, 256],
-            "activation": "relu",
-            "exploration_noise": self.exploration_noise,
-            "learning_starts": self.num_steps_sampled_before_learning_starts,
-        }
+        # Network defaults (rl/config.py ModelSection: the reference code's 256-256 ReLU, the
+        # Nature-DQN CNN), which a user's `model_config` overrides key by key; and the
+        # exploration settings, since the module explores itself.
+        return (
+            super()._model_config_auto_includes
+            | ModelSection().model_dump()
+            | {
+                "exploration_noise": self.exploration_noise,
+                "learning_starts": self.num_steps_sampled_before_learning_starts,
+            }
+        )
 
 
 class TD3(Algorithm):

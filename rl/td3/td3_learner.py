@@ -15,7 +15,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
-from rl.td3.td3_rl_module import Q1, Q2
+from rl.td3.td3_rl_module import CRITIC_FEATURES, Q1, Q2
 
 CRITIC, ACTOR = "critic", "actor"
 
@@ -75,11 +75,9 @@ class TD3TorchLearner(TorchLearner):
 
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
         module = self.module[module_id].unwrapped()
-        for name, nets, lr in (
-            (CRITIC, [module.critic1, module.critic2], config.critic_lr),
-            (ACTOR, [module.actor], config.actor_lr),
-        ):
-            params = [p for net in nets for p in self.get_parameters(net)]
+        nets_of = module.optimizer_groups()
+        for name, lr in ((CRITIC, config.critic_lr), (ACTOR, config.actor_lr)):
+            params = [p for net in nets_of[name] for p in self.get_parameters(net)]
             # Fused Adam: same math, one kernel for all tensors (Adam was 10% of an update on CPU).
             self.register_optimizer(
                 module_id=module_id,
@@ -107,21 +105,18 @@ class TD3TorchLearner(TorchLearner):
             next_action = smoothed_target_action(
                 module.target_actor(next_obs), config.policy_noise, config.noise_clip
             )
-            q_target = clipped_double_q_target(
-                rewards,
-                terminateds,
-                module.target_critic1(next_obs, next_action),
-                module.target_critic2(next_obs, next_action),
-                config.gamma,
-            )
+            q1_next, q2_next = module.target_critic(next_obs, next_action)
+            q_target = clipped_double_q_target(rewards, terminateds, q1_next, q2_next, config.gamma)
         q1, q2 = fwd_out[Q1], fwd_out[Q2]
         critic_loss = F.mse_loss(q1, q_target) + F.mse_loss(q2, q_target)
 
-        # Actor, delayed: ascend Q1 of its own action. Its gradient reaches the critic's
-        # parameters too, but `compute_gradients` only keeps the actor's.
+        # Actor, delayed: ascend Q1 of its own action, on the critic's features of the same
+        # observations (detached: the encoder's features do not depend on the actor). Its
+        # gradient reaches Q1's head too, but `compute_gradients` only keeps the actor's.
         actor_loss = None
         if self.is_policy_step(module_id):
-            actor_loss = -module.critic1(obs, module.actor(obs)).mean()
+            features = fwd_out[CRITIC_FEATURES].detach()
+            actor_loss = -module.critic.q1(features, module.actor(obs)).mean()
             self.metrics.log_value((module_id, ACTOR_LOSS), actor_loss.detach(), reduce="mean")
             self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), 1, reduce="lifetime_sum")
 
@@ -177,8 +172,8 @@ class TD3TorchLearner(TorchLearner):
     ) -> ParamDict:
         """Module-wise clipping: each group's gradients, as one vector, to at most its L2 limit.
 
-        Runs after backward and before the optimizer step. Logs, per group, the norm before and
-        after clipping (measured again, not assumed) and whether clipping acted.
+        Runs after backward and before the optimizer step. Logs, per group, the largest norm
+        before and after clipping (measured again, not assumed) and how often clipping acted.
         """
         for group, refs in self._gradient_groups[module_id].items():
             grads = [module_gradients_dict[ref] for ref in refs if ref in module_gradients_dict]
@@ -193,7 +188,7 @@ class TD3TorchLearner(TorchLearner):
                 for g in grads:
                     g.mul_(scale)
                 post, clipped = global_norm(grads), (pre > limit).float()
-            self.metrics.log_value((module_id, grad_metric(group, "pre_clip_norm")), pre, reduce="mean")
+            self.metrics.log_value((module_id, grad_metric(group, "pre_clip_norm")), pre, reduce="max")
             self.metrics.log_value((module_id, grad_metric(group, "post_clip_norm")), post, reduce="max")
             self.metrics.log_value((module_id, grad_metric(group, "clip_fraction")), clipped, reduce="mean")
         return module_gradients_dict

@@ -20,9 +20,10 @@ from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
-from models import Actor, QNetwork
+from models import Actor, TwinQ, build_encoder
 
 Q1, Q2 = "q1", "q2"
+CRITIC_FEATURES = "critic_features"  # the critic encoder's output on the batch's observations
 
 
 def exploration_action(action: torch.Tensor, noise_std: float) -> torch.Tensor:
@@ -36,8 +37,14 @@ def uniform_action(like: torch.Tensor) -> torch.Tensor:
 
 
 class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
-    """model_config keys: actor_hidden, critic_hidden, activation, exploration_noise,
-    learning_starts (the last two come from TD3Config automatically)."""
+    """model_config keys: actor_hidden, critic_hidden, activation, cnn (channels, kernel_sizes,
+    strides, feature_dim; used for dict image+state observations), share_encoder, and
+    exploration_noise, learning_starts (these two come from TD3Config automatically).
+
+    Observations are a Box (MLP networks) or a Dict of `image` and `state` (CNN encoders, see
+    models/encoders.py). With `share_encoder`, the actor reads the critic's encoder through a
+    stop-gradient (DrQ-v2) instead of training its own.
+    """
 
     def setup(self) -> None:
         space = self.action_space
@@ -50,17 +57,23 @@ class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
             raise ValueError(
                 f"TD3 needs a 1-D Box action space with finite bounds, got {space}"
             )
-        if not isinstance(self.observation_space, gym.spaces.Box):
-            raise ValueError(
-                f"TD3's MLP module needs a Box observation space, got {self.observation_space}"
-            )
         cfg = self.model_config
-        obs_dim = int(np.prod(self.observation_space.shape))
         act_dim = space.shape[0]
-        self.actor = Actor(obs_dim, act_dim, cfg["actor_hidden"], cfg["activation"])
+        # Env runners (inference_only) hold the actor alone; with a shared encoder it gets its
+        # own copy, which weight syncs fill from the learner's `actor.encoder.*`, i.e. the
+        # critic's encoder.
+        share = cfg["share_encoder"] and not self.inference_only
         if not self.inference_only:
-            self.critic1 = QNetwork(obs_dim, act_dim, cfg["critic_hidden"], cfg["activation"])
-            self.critic2 = QNetwork(obs_dim, act_dim, cfg["critic_hidden"], cfg["activation"])
+            self.critic = TwinQ(
+                build_encoder(self.observation_space, cfg), act_dim, cfg["critic_hidden"], cfg["activation"]
+            )
+        self.actor = Actor(
+            self.critic.encoder if share else build_encoder(self.observation_space, cfg),
+            act_dim,
+            cfg["actor_hidden"],
+            cfg["activation"],
+            detach_encoder=share,
+        )
 
     # --- Acting -------------------------------------------------------------------------------
 
@@ -81,32 +94,39 @@ class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
     # --- Learning -----------------------------------------------------------------------------
 
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
-        return {Q1: self.critic1(obs, actions), Q2: self.critic2(obs, actions)}
+        features = self.critic.encoder(batch[Columns.OBS])
+        q1, q2 = self.critic.heads(features, batch[Columns.ACTIONS])
+        return {Q1: q1, Q2: q2, CRITIC_FEATURES: features}
 
     # Target copies are made by the learner (env runners never need them). Not RLlib's
     # `TargetNetworkAPI`: its `forward_target` would hide the target math from the learner.
     def make_target_networks(self) -> None:
         self.target_actor = make_target_network(self.actor)
-        self.target_critic1 = make_target_network(self.critic1)
-        self.target_critic2 = make_target_network(self.critic2)
+        self.target_critic = make_target_network(self.critic)
 
     def get_target_network_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [
-            (self.actor, self.target_actor),
-            (self.critic1, self.target_critic1),
-            (self.critic2, self.target_critic2),
-        ]
+        return [(self.actor, self.target_actor), (self.critic, self.target_critic)]
 
     def gradient_groups(self) -> dict[str, list[torch.nn.Module]]:
         """The sub-networks making up each gradient-clipping group (rl/config.py DEFAULT_GRAD_CLIP).
-        The learner checks that every trainable parameter is in exactly one group."""
+        The learner checks that every trainable parameter is in exactly one group. A shared
+        encoder is the critic's: the actor's encoder group is then empty."""
         return {
-            "actor.encoder": [self.actor.encoder],
+            "actor.encoder": [] if self.actor.detach_encoder else [self.actor.encoder],
             "actor.head": [self.actor.head],
-            "critic.encoder": [self.critic1.encoder, self.critic2.encoder],
-            "critic.head": [self.critic1.head, self.critic2.head],
+            "critic.encoder": [self.critic.encoder],
+            "critic.head": [self.critic.q1_head, self.critic.q2_head],
+        }
+
+    def optimizer_groups(self) -> dict[str, list[torch.nn.Module]]:
+        """The sub-networks each optimizer trains: the critic loss trains "critic", the actor
+        loss trains "actor". Derived from the gradient groups, so a shared encoder is trained
+        by the critic alone."""
+        groups = self.gradient_groups()
+        return {
+            "critic": groups["critic.encoder"] + groups["critic.head"],
+            "actor": groups["actor.encoder"] + groups["actor.head"],
         }
 
     def get_non_inference_attributes(self) -> list[str]:
-        return ["critic1", "critic2", "target_actor", "target_critic1", "target_critic2"]
+        return ["critic", "target_actor", "target_critic"]
