@@ -68,7 +68,8 @@ class ImageStateEncoder(nn.Module):
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         image, state = obs[IMAGE], obs[STATE]
         self._check(image, state)
-        features = self.projection(self.conv(image.float() / 255.0))  # pixels to [0, 1] here
+        pixels = image.float().mul_(1.0 / 255.0)  # to [0, 1] here; in place: one pass, one copy
+        features = self.projection(self.conv(pixels))
         return torch.cat([features, state.float()], dim=-1)
 
     def _check(self, image: torch.Tensor, state: torch.Tensor) -> None:

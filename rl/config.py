@@ -96,6 +96,8 @@ class AlgoSection(_Section):
     buffer_size: int = Field(default=1_000_000, gt=0)
     learning_starts: int = Field(default=25_000, ge=0)
     updates_per_env_step: float = Field(default=1.0, gt=0.0)
+    # Replayed data per learner call, at most (image batches are split into several calls).
+    learner_batch_max_mb: float = Field(default=256.0, gt=0.0)
     # Max L2 norm of each parameter group's gradient; null = no clipping, stated explicitly.
     grad_clip: dict[str, Annotated[float, Field(gt=0.0)] | None] = Field(
         default_factory=lambda: dict(DEFAULT_GRAD_CLIP)

@@ -38,6 +38,7 @@ def build_td3_config(exp: ExperimentConfig) -> TD3Config:
             replay_buffer_capacity=algo.buffer_size,
             num_steps_sampled_before_learning_starts=algo.learning_starts,
             updates_per_env_step=algo.updates_per_env_step,
+            learner_batch_max_mb=algo.learner_batch_max_mb,
             grad_clip_by_group=dict(algo.grad_clip),
         )
         .rl_module(

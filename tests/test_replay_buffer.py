@@ -93,3 +93,37 @@ def test_dict_observations_keep_their_dtypes():
 def test_sampling_an_empty_buffer_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         TransitionReplayBuffer(capacity=10).sample(1)
+
+
+def _image_transitions(n: int) -> dict:
+    from tests.helpers import image_state_space, transition_columns
+
+    columns = transition_columns(image_state_space(frames=4, size=84, state_dim=10), n)
+    return {
+        "obs": columns[Columns.OBS],
+        "actions": columns[Columns.ACTIONS],
+        "rewards": columns[Columns.REWARDS],
+        "next_obs": columns[Columns.NEXT_OBS],
+        "terminateds": columns[Columns.TERMINATEDS],
+    }
+
+
+def test_image_transitions_keep_uint8_and_their_size_is_known():
+    buffer = TransitionReplayBuffer(capacity=10, seed=0)
+    buffer.add(**_image_transitions(3))
+    # 2 x (4*84*84 uint8 + 10 float32) + 2 actions + reward + terminated, float32
+    assert buffer.bytes_per_transition == 2 * (4 * 84 * 84 + 40) + 4 * (2 + 1 + 1)
+    sample = buffer.sample(5)
+    assert sample[Columns.OBS]["image"].dtype == np.uint8
+    assert sample[Columns.NEXT_OBS]["image"].shape == (5, 4, 84, 84)
+
+
+def test_a_buffer_larger_than_memory_is_refused_before_it_fills_and_kills_the_run(monkeypatch):
+    monkeypatch.setattr("rl.td3.replay_buffer.memory_limit_bytes", lambda: 2**30)  # 1 GiB
+    buffer = TransitionReplayBuffer(capacity=100_000, seed=0)  # 100k x 56 KB = 5.3 GiB
+    with pytest.raises(
+        ValueError,
+        match=r"algo.buffer_size=100,000 transitions of 56,544 bytes need 5.3 GiB, but this "
+        r"machine \(or container\) has 1.0 GiB; at most about 15,191 fit in 80% of it",
+    ):
+        buffer.add(**_image_transitions(2))

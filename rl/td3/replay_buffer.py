@@ -10,12 +10,31 @@ array, keeping its dtype (uint8 images stay uint8).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import tree
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+
+# The replay buffer may take at most this share of the memory (the rest: Ray, torch, the envs).
+MAX_MEMORY_FRACTION = 0.8
+
+
+def memory_limit_bytes() -> int:
+    """Physical memory, or the container's (cgroup) limit when it is lower, as on Kubernetes."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limit = min(limit, int(value))
+    return limit
 
 
 class TransitionReplayBuffer:
@@ -30,6 +49,13 @@ class TransitionReplayBuffer:
 
     def __len__(self) -> int:
         return self._size
+
+    @property
+    def bytes_per_transition(self) -> int:
+        """Bytes one stored (and one sampled) transition takes; 0 before the first add."""
+        if self._columns is None:
+            return 0
+        return sum(column[0].nbytes for column in tree.flatten(self._columns))
 
     def add(
         self,
@@ -54,13 +80,30 @@ class TransitionReplayBuffer:
             batch = tree.map_structure(lambda x: x[-self.capacity :], batch)
             n = self.capacity
         if self._columns is None:
-            self._columns = tree.map_structure(
-                lambda x: np.empty((self.capacity, *x.shape[1:]), dtype=x.dtype), batch
-            )
+            self._allocate(batch)
         idx = (self._next + np.arange(n)) % self.capacity
         tree.map_structure(lambda column, x: column.__setitem__(idx, x), self._columns, batch)
         self._next = (self._next + n) % self.capacity
         self._size = min(self._size + n, self.capacity)
+
+    def _allocate(self, batch: dict[str, Any]) -> None:
+        """Allocates the ring for transitions shaped like `batch`, after checking it fits.
+
+        numpy reserves the memory lazily, so an oversized buffer would not fail here but kill the
+        run hours later, when the ring fills up: refuse it now, with the numbers."""
+        per_transition = sum(x[0].nbytes for x in tree.flatten(batch))
+        needed, limit = self.capacity * per_transition, memory_limit_bytes()
+        if needed > MAX_MEMORY_FRACTION * limit:
+            fits = int(MAX_MEMORY_FRACTION * limit // per_transition)
+            raise ValueError(
+                f"algo.buffer_size={self.capacity:,} transitions of {per_transition:,} bytes need "
+                f"{needed / 2**30:.1f} GiB, but this machine (or container) has "
+                f"{limit / 2**30:.1f} GiB; at most about {fits:,} fit in "
+                f"{MAX_MEMORY_FRACTION:.0%} of it"
+            )
+        self._columns = tree.map_structure(
+            lambda x: np.empty((self.capacity, *x.shape[1:]), dtype=x.dtype), batch
+        )
 
     def add_episodes(self, episodes: Iterable[SingleAgentEpisode]) -> int:
         """Flattens sampled episode chunks into transitions; returns how many were added.

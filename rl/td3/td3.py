@@ -3,12 +3,15 @@
 Shaped like RLlib's own off-policy algorithms (DQN, SAC, TQC): a config, an algorithm whose
 `training_step` samples, stores, replays and updates, a learner and an RL module. One thing
 differs: the replay path. Each iteration, the env runners collect `rollout_fragment_length` steps
-each; the new transitions go into a flat `TransitionReplayBuffer`; then ONE learner call runs
-`updates_per_env_step` minibatch updates per new env step. RLlib's overhead is per call, not per
-gradient step, so this keeps TD3's one-update-per-step ratio at a useful speed.
+each; the new transitions go into a flat `TransitionReplayBuffer`; then one learner call (a few
+for image batches, bounded by `learner_batch_max_mb`) runs `updates_per_env_step` minibatch
+updates per new env step. RLlib's overhead is per call, not per gradient step, so this keeps
+TD3's one-update-per-step ratio at a useful speed.
 """
 
 from __future__ import annotations
+
+import time
 
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
@@ -52,6 +55,9 @@ class TD3Config(AlgorithmConfig):
         self.num_steps_sampled_before_learning_starts = 25_000
         self.updates_per_env_step = 1.0
         self.rollout_fragment_length = 64
+        # Upper bound on the replayed transitions handed to one learner call: image batches
+        # (56 KB per 4x84x84 transition) would otherwise take GBs per iteration.
+        self.learner_batch_max_mb = 256.0
         # Module-wise L2 clipping limits (None: no clipping, stated explicitly); RLlib's own
         # one-limit-for-all `grad_clip` stays off.
         self.grad_clip_by_group = dict(DEFAULT_GRAD_CLIP)
@@ -74,6 +80,7 @@ class TD3Config(AlgorithmConfig):
         replay_buffer_capacity: int = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
         updates_per_env_step: float = NotProvided,
+        learner_batch_max_mb: float = NotProvided,
         grad_clip_by_group: dict = NotProvided,
         **kwargs,
     ) -> "TD3Config":
@@ -96,6 +103,7 @@ class TD3Config(AlgorithmConfig):
             "exploration_noise": self.exploration_noise >= 0.0,
             "replay_buffer_capacity": self.replay_buffer_capacity >= self.total_train_batch_size,
             "updates_per_env_step": self.updates_per_env_step > 0.0,
+            "learner_batch_max_mb": self.learner_batch_max_mb > 0.0,
             "grad_clip_by_group": all(
                 limit is None or limit > 0 for limit in self.grad_clip_by_group.values()
             ),
@@ -171,21 +179,39 @@ class TD3(Algorithm):
         if num_updates == 0:
             return
         self._update_credit -= num_updates
-
-        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
-            columns = self.replay_buffer.sample(num_updates * config.total_train_batch_size)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            learner_results = self.learner_group.update(
-                batch=MultiAgentBatch(
-                    {DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=new_steps
-                ),
-                minibatch_size=config.train_batch_size_per_learner,
-                num_epochs=1,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime_steps},
-            )
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        self._learn(num_updates, lifetime_steps)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True
             )
+
+    def _learn(self, num_updates: int, lifetime_steps: int) -> None:
+        """Runs `num_updates` minibatch updates on replayed transitions, in learner calls of at
+        most `learner_batch_max_mb` each (one call for vector observations, several for images),
+        each call's batch replayed just before it."""
+        config = self.config
+        rows_per_update = config.total_train_batch_size
+        call_bytes = rows_per_update * self.replay_buffer.bytes_per_transition
+        max_updates_per_call = max(1, int(config.learner_batch_max_mb * 2**20 // call_bytes))
+        sample_s = learn_s = 0.0
+        while num_updates > 0:
+            n = min(num_updates, max_updates_per_call)
+            num_updates -= n
+            start = time.perf_counter()
+            columns = self.replay_buffer.sample(n * rows_per_update)
+            sampled = time.perf_counter()
+            learner_results = self.learner_group.update(
+                batch=MultiAgentBatch(
+                    {DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n * rows_per_update
+                ),
+                minibatch_size=config.train_batch_size_per_learner,
+                num_epochs=1,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime_steps},
+            )
+            self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+            sample_s += sampled - start
+            learn_s += time.perf_counter() - sampled
+        # Same reduction as `log_time` (EMA over iterations), of this iteration's totals.
+        self.metrics.log_value((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER), sample_s)
+        self.metrics.log_value((TIMERS, LEARNER_UPDATE_TIMER), learn_s)

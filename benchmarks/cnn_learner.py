@@ -1,0 +1,245 @@
+"""CNN learner throughput: our TD3 learner against a plain torch loop doing the same update.
+
+    python -m benchmarks.cnn_learner                     # CPU, and CUDA when there is a GPU
+    python -m benchmarks.cnn_learner --devices cpu --calls 5
+
+Both sides train the same network (our TD3 module, the default Nature-DQN CNN, image+state
+observations of 4x84x84 uint8 frames and a 10-float state) with the same update: TD3's critic
+loss every update, the actor and Polyak targets every second update, module-wise clipping of the
+four gradient groups, fused Adam. Both start each call from the same numpy transitions (as the
+replay buffer hands them over): "ours" is `TD3TorchLearner.update` through RLlib's batch
+plumbing, metrics included; "plain" moves the arrays to torch itself and runs the math.
+
+The ratio plain/ours of the median updates per second is our learner's overhead (1.00x = none;
+above 1, ours is slower).
+Writes benchmarks/results/cnn_learner.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+from rl.config import DEFAULT_GRAD_CLIP
+from rl.td3 import TD3Config
+from rl.td3.td3_learner import clipped_double_q_target, smoothed_target_action
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OBS_SPACE = gym.spaces.Dict(
+    {
+        "image": gym.spaces.Box(0, 255, (4, 84, 84), np.uint8),
+        "state": gym.spaces.Box(-np.inf, np.inf, (10,), np.float32),
+    }
+)
+ACTION_SPACE = gym.spaces.Box(-1, 1, (2,), np.float32)
+POOL = 2048  # distinct random transitions each call's batch is drawn from
+
+
+def make_config(batch_size: int, device: str) -> TD3Config:
+    return (
+        TD3Config()
+        .environment(observation_space=OBS_SPACE, action_space=ACTION_SPACE)
+        .training(train_batch_size_per_learner=batch_size, grad_clip_by_group=dict(DEFAULT_GRAD_CLIP))
+        .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
+        .debugging(seed=0)
+    )
+
+
+def transition_pool(rng: np.random.Generator) -> dict:
+    def obs():
+        return {
+            "image": rng.integers(0, 256, (POOL, 4, 84, 84), dtype=np.uint8),
+            "state": rng.normal(size=(POOL, 10)).astype(np.float32),
+        }
+
+    return {
+        Columns.OBS: obs(),
+        Columns.ACTIONS: rng.uniform(-1, 1, (POOL, 2)).astype(np.float32),
+        Columns.REWARDS: rng.normal(size=POOL).astype(np.float32),
+        Columns.NEXT_OBS: obs(),
+        Columns.TERMINATEDS: (rng.random(POOL) < 0.01).astype(np.float32),
+    }
+
+
+def draw(pool: dict, n: int, rng: np.random.Generator) -> dict:
+    idx = rng.integers(0, POOL, n)
+    return {
+        k: ({kk: vv[idx] for kk, vv in v.items()} if isinstance(v, dict) else v[idx])
+        for k, v in pool.items()
+    }
+
+
+class PlainTD3:
+    """The same TD3 update as `TD3TorchLearner`, written as a bare torch loop (CleanRL style)."""
+
+    def __init__(self, config: TD3Config, device: torch.device):
+        self.config, self.device = config, device
+        module = config.get_rl_module_spec().build().to(device)
+        module.make_target_networks()
+        self.module, self.updates = module, 0
+        nets = module.optimizer_groups()
+        self.critic_params = [p for net in nets["critic"] for p in net.parameters()]
+        self.actor_params = [p for net in nets["actor"] for p in net.parameters()]
+        self.critic_opt = torch.optim.Adam(self.critic_params, lr=config.critic_lr, fused=True)
+        self.actor_opt = torch.optim.Adam(self.actor_params, lr=config.actor_lr, fused=True)
+        self.groups = {
+            g: [p for net in nets_ for p in net.parameters()] for g, nets_ in module.gradient_groups().items()
+        }
+
+    def to_torch(self, x):
+        if isinstance(x, dict):
+            return {k: self.to_torch(v) for k, v in x.items()}
+        return torch.from_numpy(x).to(self.device, non_blocking=True)
+
+    def update(self, columns: dict, batch_size: int) -> None:
+        data = self.to_torch(columns)
+        n = len(columns[Columns.REWARDS])
+        for start in range(0, n, batch_size):
+            mb = {
+                k: ({kk: vv[start : start + batch_size] for kk, vv in v.items()}
+                    if isinstance(v, dict) else v[start : start + batch_size])
+                for k, v in data.items()
+            }
+            self.step(mb)
+
+    def step(self, b: dict) -> None:
+        m, c = self.module, self.config
+        self.updates += 1
+        with torch.no_grad():
+            next_action = smoothed_target_action(m.target_actor(b[Columns.NEXT_OBS]), c.policy_noise, c.noise_clip)
+            q1_next, q2_next = m.target_critic(b[Columns.NEXT_OBS], next_action)
+            y = clipped_double_q_target(b[Columns.REWARDS], b[Columns.TERMINATEDS], q1_next, q2_next, c.gamma)
+        features = m.critic.encoder(b[Columns.OBS])
+        q1, q2 = m.critic.heads(features, b[Columns.ACTIONS])
+        critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.clip(["critic.encoder", "critic.head"])
+        self.critic_opt.step()
+        if self.updates % c.policy_delay == 0:
+            actor_loss = -m.critic.q1(features.detach(), m.actor(b[Columns.OBS])).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward(inputs=self.actor_params)
+            self.clip(["actor.encoder", "actor.head"])
+            self.actor_opt.step()
+            with torch.no_grad():
+                for main, target in m.get_target_network_pairs():
+                    for p_target, p in zip(target.parameters(), main.parameters()):
+                        p_target.lerp_(p, c.tau)
+
+    def clip(self, groups: list[str]) -> None:
+        for g in groups:
+            if self.groups[g]:
+                torch.nn.utils.clip_grad_norm_(self.groups[g], self.config.grad_clip_by_group[g])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(run_call, device: str, calls: int, updates_per_call: int) -> float:
+    run_call()  # warm-up: allocations, cuDNN autotuning
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run_call()
+    sync(device)
+    return calls * updates_per_call / (time.perf_counter() - start)
+
+
+def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, rounds: int) -> dict:
+    rng = np.random.default_rng(0)
+    pool = transition_pool(rng)
+    config = make_config(batch_size, device)
+    n = batch_size * updates_per_call
+    batches = [draw(pool, n, rng) for _ in range(2)]  # alternate two, drawn outside the timing
+
+    learner = config.build_learner()
+    i = iter(range(10**9))
+
+    def ours():
+        columns = batches[next(i) % 2]
+        learner.update(
+            batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n),
+            minibatch_size=batch_size,
+            num_epochs=1,
+        )
+
+    plain_td3 = PlainTD3(config, torch.device(device))
+    j = iter(range(10**9))
+
+    def plain():
+        plain_td3.update(batches[next(j) % 2], batch_size)
+
+    # Interleave the two sides, round by round, so drift in machine speed hits both alike.
+    ours_rates, plain_rates = [], []
+    for _ in range(rounds):
+        ours_rates.append(measure(ours, device, calls, updates_per_call))
+        plain_rates.append(measure(plain, device, calls, updates_per_call))
+    ours_rate, plain_rate = float(np.median(ours_rates)), float(np.median(plain_rates))
+    return {
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "updates_per_call": updates_per_call,
+        "ours_updates_per_s": ours_rate,
+        "plain_updates_per_s": plain_rate,
+        "overhead_ratio": plain_rate / ours_rate,
+        "ours_rounds": ours_rates,
+        "plain_rounds": plain_rates,
+    }
+
+
+def _spread(rates: list[float]) -> str:
+    return f"{min(rates):.1f}-{max(rates):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--updates-per-call", type=int, default=16,
+                        help="minibatch updates per learner call (training: fragment length x runners)")
+    parser.add_argument("--calls", type=int, default=4, help="timed calls per side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    args = parser.parse_args()
+
+    rows = []
+    for device in args.devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            print("cuda: no GPU here, skipped")
+            continue
+        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.rounds)
+        print(json.dumps(row))
+        rows.append(row)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": torch.get_num_threads()}
+    (RESULTS / "cnn_learner.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        "| device | batch | updates/call | ours updates/s (rounds) | plain torch updates/s (rounds) | overhead (plain/ours) |",
+        "|---|---|---|---|---|---|",
+    ] + [
+        f"| {r['device']} ({r['torch_threads']} threads) | {r['batch_size']} | {r['updates_per_call']} | "
+        f"{r['ours_updates_per_s']:.1f} ({_spread(r['ours_rounds'])}) | "
+        f"{r['plain_updates_per_s']:.1f} ({_spread(r['plain_rounds'])}) | {r['overhead_ratio']:.2f}x |"
+        for r in rows
+    ]
+    (RESULTS / "cnn_learner.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
