@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= configs/pendulum_td3.yaml
+CONFIG ?= configs/driving_embedded_td3.yaml
 # CPU torch for CI and laptops. GPU users: install your own torch into .venv first; an
 # existing torch is never replaced (pyproject asks for a range, not a pin).
 TORCH  ?= torch==2.13.0

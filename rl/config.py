@@ -42,7 +42,7 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12FloatLoader)
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # Unknown keys are errors (a typo must never silently fall back to a default), and
     # "1" is not an int: YAML already gives the right types.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -54,7 +54,7 @@ LayerWidth = Annotated[int, Field(gt=0)]
 DEFAULT_GRAD_CLIP = {"actor.encoder": 1.0, "actor.head": 1.0, "critic.encoder": 10.0, "critic.head": 10.0}
 
 
-class ExperimentSection(_Section):
+class ExperimentSection(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = Field(default=0, ge=0)
     stop_env_steps: int = Field(gt=0, description="train until this many env steps were sampled")
@@ -63,7 +63,7 @@ class ExperimentSection(_Section):
     keep_checkpoints: int = Field(default=3, ge=1, description="newest periodic ones kept")
 
 
-class EnvSection(_Section):
+class EnvSection(Section):
     id: str = Field(min_length=1, description="a registered gymnasium env id")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     max_episode_steps: int | None = Field(default=None, gt=0)
@@ -71,16 +71,23 @@ class EnvSection(_Section):
     @field_validator("id")
     @classmethod
     def _registered(cls, env_id: str) -> str:
+        import importlib
+
         import gymnasium
 
+        module, _, name = env_id.rpartition(":")
         try:
-            gymnasium.spec(env_id)
+            if module:  # "package:Env-v0": gymnasium.make imports the package that registers it
+                importlib.import_module(module)
+            gymnasium.spec(name)
+        except ImportError as e:
+            raise ValueError(f"cannot import {module!r}, which should register the env ({e})") from None
         except gymnasium.error.Error as e:
             raise ValueError(f"not a registered gymnasium env ({e})") from None
         return env_id
 
 
-class AlgoSection(_Section):
+class AlgoSection(Section):
     """TD3 hyperparameters. Defaults are those of the TD3 author's reference code."""
 
     gamma: float = Field(default=0.99, gt=0.0, lt=1.0)
@@ -115,7 +122,7 @@ class AlgoSection(_Section):
         return limits
 
 
-class CnnSection(_Section):
+class CnnSection(Section):
     """Image encoder (models/encoders.py), used when observations are a dict of image and state.
     Defaults: the Nature-DQN convolutions for 84x84 frames, and SAC-AE's 50 features."""
 
@@ -135,7 +142,7 @@ class CnnSection(_Section):
         return self
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     actor_hidden: list[LayerWidth] = Field(default_factory=lambda: [256, 256], min_length=1)
     critic_hidden: list[LayerWidth] = Field(default_factory=lambda: [256, 256], min_length=1)
     activation: Literal["relu", "tanh", "elu", "silu"] = "relu"
@@ -145,7 +152,7 @@ class ModelSection(_Section):
     share_encoder: bool = False
 
 
-class ResourcesSection(_Section):
+class ResourcesSection(Section):
     num_env_runners: int = Field(default=0, ge=0)
     num_envs_per_env_runner: int = Field(default=1, ge=1)
     # Env steps each runner (and vector slot) collects per training iteration. The learner then
@@ -159,12 +166,12 @@ class ResourcesSection(_Section):
     learner_torch_threads: int = Field(default=1, ge=1)
 
 
-class EvaluationSection(_Section):
+class EvaluationSection(Section):
     interval_iters: int = Field(default=20, ge=0, description="0 turns periodic evaluation off")
     episodes: int = Field(default=10, gt=0)
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     experiment: ExperimentSection
     env: EnvSection
     algo: AlgoSection = Field(default_factory=AlgoSection)
@@ -182,12 +189,15 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def format_errors(
+    source: str, err: ValidationError, key_prefix: str = "", schema_file: str = "rl/config.py"
+) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = key_prefix + ".".join(str(p) for p in e["loc"])
+        key = key.rstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling; see rl/config.py)")
+            lines.append(f"  {key}: unknown key (check its spelling; see {schema_file})")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
@@ -223,9 +233,25 @@ def parse_config(data: Any, source: str = "<config>", overrides: list[str] = ())
     for override in overrides:
         _apply_override(data, override)
     try:
-        return ExperimentConfig.model_validate(data)
+        config = ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e)) from None
+        raise ConfigError(format_errors(source, e)) from None
+    _validate_driving_env_kwargs(config.env, source)
+    return config
+
+
+def _validate_driving_env_kwargs(env: EnvSection, source: str) -> None:
+    """The driving envs' kwargs have a schema of their own (carla_env/config.py)."""
+    import gymnasium
+
+    from carla_env import ENV_CONFIGS
+
+    schema = ENV_CONFIGS.get(gymnasium.spec(env.id.rpartition(":")[2]).id)
+    if schema is not None:
+        try:
+            schema.model_validate(env.kwargs)
+        except ValidationError as e:
+            raise ConfigError(format_errors(source, e, "env.kwargs.", "carla_env/config.py")) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

@@ -1,0 +1,175 @@
+"""Typed configuration of the driving envs: the `env.kwargs` of an experiment YAML.
+
+Both backends share the contract's settings (camera, state, reward, episode); each adds its own
+(`EmbeddedEnvConfig`, `CarlaEnvConfig`). Validated at config load (rl/config.py), so a typo in
+`env.kwargs.reward.colision` fails before Ray starts, and again when an env is built from a dict.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from rl.config import ConfigError, Section, format_errors
+
+Metres = Annotated[float, Field(gt=0.0)]
+
+
+class CameraSection(Section):
+    """The `image` observation: the last `frame_stack` grayscale frames, channels first."""
+
+    width: int = Field(default=84, ge=16, le=512)
+    height: int = Field(default=84, ge=16, le=512)
+    frame_stack: int = Field(default=4, ge=1, le=16)
+
+
+class StateSection(Section):
+    """The `state` observation (carla_env/contract.py `state_features`)."""
+
+    target_speed_mps: float = Field(default=25.0, gt=0.0, description="speed that earns full progress")
+    # Route points ahead, at these distances along the route, reported as lateral offsets in
+    # the car's frame: they tell the policy where the road goes.
+    lookahead_m: list[Metres] = Field(default_factory=lambda: [5.0, 10.0, 20.0], min_length=1)
+    front_gap_range_m: float = Field(default=60.0, gt=0.0, description="gaps beyond this read as this")
+
+
+class RewardSection(Section):
+    """Magnitudes of the reward terms (carla_env/reward.py). Each term is bounded per step, so
+    the per-step reward lies in [-(lane_centering + collision + off_route + comfort), progress]."""
+
+    progress: float = Field(default=1.0, gt=0.0, description="per step at or above target speed")
+    lane_centering: float = Field(default=0.3, ge=0.0, description="per step at half a lane width off centre")
+    collision: float = Field(default=10.0, ge=0.0, description="once, on the colliding step")
+    off_route: float = Field(default=10.0, ge=0.0, description="once, on the step that leaves the road")
+    comfort: float = Field(default=0.1, ge=0.0, description="per step, for a full-range steering swing")
+
+
+class EpisodeSection(Section):
+    """When episodes end: collision, off route or stuck terminate; the time limit truncates."""
+
+    max_seconds: float = Field(default=40.0, gt=0.0)
+    control_hz: float = Field(default=5.0, gt=0.0, description="policy steps per simulated second")
+    stuck_speed_mps: float = Field(default=0.5, ge=0.0)
+    stuck_seconds: float = Field(default=5.0, gt=0.0, description="below stuck_speed this long: stuck")
+
+    @property
+    def max_steps(self) -> int:
+        return max(1, round(self.max_seconds * self.control_hz))
+
+
+class DrivingEnvConfig(Section):
+    camera: CameraSection = Field(default_factory=CameraSection)
+    state: StateSection = Field(default_factory=StateSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    episode: EpisodeSection = Field(default_factory=EpisodeSection)
+    npc_vehicles: int = Field(default=20, ge=0, description="traffic around the ego car")
+    simulation_hz: float = Field(default=10.0, gt=0.0, description="physics steps per simulated second")
+
+    @model_validator(mode="after")
+    def _whole_physics_steps(self) -> "DrivingEnvConfig":
+        ratio = self.simulation_hz / self.episode.control_hz
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+            raise ValueError(
+                f"simulation_hz ({self.simulation_hz}) must be a whole multiple of "
+                f"episode.control_hz ({self.episode.control_hz})"
+            )
+        return self
+
+    @property
+    def physics_steps_per_control_step(self) -> int:
+        return round(self.simulation_hz / self.episode.control_hz)
+
+
+class EmbeddedEnvConfig(DrivingEnvConfig):
+    """The embedded default: highway-env's multi-lane highway, no server."""
+
+    lanes: int = Field(default=3, ge=1, le=8)
+    # Camera: a top-down view; 2 pixels per metre shows 42 m of road across 84 pixels.
+    pixels_per_metre: float = Field(default=2.0, gt=0.0)
+    # highway-env's kinematic car turns its wheels instantly: a small range keeps a random
+    # policy on the road for a few seconds, like a real car at highway speed.
+    max_steer_deg: float = Field(default=10.0, gt=0.0, le=45.0)
+
+
+# Maps shipped with CARLA 0.9.16 (the "Opt" variants are the same towns with layers).
+CARLA_TOWNS = (
+    "Town01", "Town02", "Town03", "Town04", "Town05", "Town06", "Town07",
+    "Town10HD", "Town11", "Town12", "Town13", "Town15",
+)
+# carla.WeatherParameters presets.
+CARLA_WEATHERS = (
+    "Default", "ClearNoon", "CloudyNoon", "WetNoon", "WetCloudyNoon", "MidRainyNoon",
+    "HardRainNoon", "SoftRainNoon", "ClearSunset", "CloudySunset", "WetSunset",
+    "WetCloudySunset", "MidRainSunset", "HardRainSunset", "SoftRainSunset", "ClearNight",
+    "CloudyNight", "WetNight", "WetCloudyNight", "SoftRainNight", "MidRainyNight",
+    "HardRainNight", "DustStorm",
+)
+Endpoint = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+:[0-9]{1,5}$")]
+
+
+class ServerSection(Section):
+    """Where the CARLA servers come from (carla_env/servers.py).
+
+    managed: each env launches its own `CarlaUE4.sh` on ports derived from its env runner and
+        slot (carla_env/ports.py), on one of `gpus`, and restarts it when it dies or hangs.
+    external: servers already running (Kubernetes sidecars, your own), one `host:port` per env;
+        a dead one is waited for and reconnected to, not restarted.
+    """
+
+    mode: Literal["managed", "external"] = "managed"
+    external: list[Endpoint] = Field(default_factory=list)
+    carla_root: str | None = Field(default=None, description="default: the CARLA_ROOT variable")
+    base_rpc_port: int = Field(default=2000, ge=1024, le=65000)
+    port_stride: int = Field(default=4, ge=3, description="rpc, streaming (+1), secondary (+2)")
+    base_tm_port: int = Field(default=8000, ge=1024, le=65000)
+    slots_per_process: int = Field(default=4, ge=1, description="CARLA envs one process may hold")
+    gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    quality_level: Literal["Low", "Epic"] = "Low"
+    startup_timeout_s: float = Field(default=120.0, gt=0.0)
+    tick_timeout_s: float = Field(default=10.0, gt=0.0)
+    max_restarts: int = Field(default=5, ge=0, description="per env, before the error is raised")
+
+    @model_validator(mode="after")
+    def _external_needs_endpoints(self) -> "ServerSection":
+        if self.mode == "external" and not self.external:
+            raise ValueError("mode 'external' needs at least one host:port in `external`")
+        return self
+
+
+class CarlaEnvConfig(DrivingEnvConfig):
+    """A real CARLA 0.9.16 server, synchronous mode."""
+
+    town: str = "Town03"
+    weather: str = "ClearNoon"
+    walkers: int = Field(default=0, ge=0)
+    simulation_hz: float = Field(default=20.0, gt=0.0, description="1 / fixed_delta_seconds")
+    camera_fov_deg: float = Field(default=90.0, gt=0.0, lt=180.0)
+    route_length_m: float = Field(default=500.0, gt=0.0)
+    max_route_deviation_m: float = Field(default=3.0, gt=0.0, description="farther: off route")
+    server: ServerSection = Field(default_factory=ServerSection)
+
+    @field_validator("town")
+    @classmethod
+    def _known_town(cls, town: str) -> str:
+        if town.removesuffix("_Opt") not in CARLA_TOWNS:
+            raise ValueError(f"unknown town {town!r}; CARLA 0.9.16 maps: {', '.join(CARLA_TOWNS)}")
+        return town
+
+    @field_validator("weather")
+    @classmethod
+    def _known_weather(cls, weather: str) -> str:
+        if weather not in CARLA_WEATHERS:
+            raise ValueError(f"unknown weather preset {weather!r}; presets: {', '.join(CARLA_WEATHERS)}")
+        return weather
+
+
+ConfigT = TypeVar("ConfigT", bound=DrivingEnvConfig)
+
+
+def load_env_config(cls: type[ConfigT], kwargs: dict[str, Any]) -> ConfigT:
+    """Validates an env's kwargs; errors name the key as the experiment YAML spells it."""
+    try:
+        return cls.model_validate(kwargs)
+    except ValidationError as e:
+        raise ConfigError(format_errors(cls.__name__, e, "env.kwargs.", "carla_env/config.py")) from None

@@ -1,0 +1,116 @@
+"""`DrivingEnv`: the gymnasium env both backends share; a backend only supplies a `Simulator`.
+
+The env owns everything the contract promises: the frame stack, the state vector, the reward
+terms, and when an episode ends. Collision, leaving the route and being stuck *terminate* (the
+car's future is over: no bootstrapping past them); the time limit *truncates* (the future goes
+on, only our episode stops). A step that is both reports terminated only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from carla_env.config import DrivingEnvConfig
+from carla_env.contract import ACTION_SPACE, Measurements, observation_space, state_vector
+from carla_env.reward import reward_bounds, reward_terms
+
+
+class Simulator(Protocol):
+    """A driving backend: moves the world one control step and measures the ego car."""
+
+    def reset(self, seed: int | None) -> tuple[np.ndarray, Measurements]:
+        """A fresh episode: the first camera frame, uint8 (height, width), and measurements."""
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
+        """Applies [steer, throttle_minus_brake] for one control step, ticks, measures."""
+
+    def health(self) -> dict[str, float]:
+        """Backend counters for `info["backend"]` (server restarts, tick timeouts, sim FPS)."""
+
+    def close(self) -> None: ...
+
+
+class DrivingEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, simulator: Simulator, config: DrivingEnvConfig):
+        self.simulator, self.config = simulator, config
+        self.observation_space = observation_space(config)
+        self.action_space = ACTION_SPACE
+        self._frames: deque[np.ndarray] = deque(maxlen=config.camera.frame_stack)
+        self._prev_action = np.zeros(2, np.float32)
+        self._steps = self._slow_steps = 0
+
+    @property
+    def reward_bounds(self) -> tuple[float, float]:
+        """(r_min, r_max) of one step's reward; see carla_env/reward.py."""
+        return reward_bounds(self.config)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        frame, m = self.simulator.reset(seed)
+        self._check_frame(frame)
+        self._frames.extend([frame] * self.config.camera.frame_stack)
+        self._prev_action = np.zeros(2, np.float32)
+        self._steps = self._slow_steps = 0
+        return self._observation(m), self._info(m, None, None)
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float32)
+        if action.shape != (2,) or not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be 2 finite floats [steer, throttle_minus_brake], got {action!r}")
+        action = np.clip(action, -1.0, 1.0)
+        frame, m = self.simulator.step(action)
+        self._check_frame(frame)
+        self._frames.append(frame)
+        self._steps += 1
+
+        terms = reward_terms(m, action, self._prev_action, self.config)
+        reason = self._termination_reason(m)
+        terminated = reason is not None
+        truncated = not terminated and self._steps >= self.config.episode.max_steps
+        self._prev_action = action
+        info = self._info(m, terms, reason or ("time_limit" if truncated else None))
+        return self._observation(m), sum(terms.values()), terminated, truncated, info
+
+    def close(self) -> None:
+        self.simulator.close()
+
+    def _termination_reason(self, m: Measurements) -> str | None:
+        episode = self.config.episode
+        self._slow_steps = self._slow_steps + 1 if m.speed_mps < episode.stuck_speed_mps else 0
+        if m.collided:
+            return "collision"
+        if not m.on_route:
+            return "off_route"
+        if self._slow_steps >= episode.stuck_seconds * episode.control_hz:
+            return "stuck"
+        return None
+
+    def _observation(self, m: Measurements) -> dict[str, np.ndarray]:
+        return {
+            "image": np.stack(self._frames),
+            "state": state_vector(m, self._prev_action, self.config),
+        }
+
+    def _info(self, m: Measurements, terms: dict | None, end: str | None) -> dict[str, Any]:
+        return {
+            "reward_terms": terms or {},
+            "episode_end": end,  # collision, off_route, stuck (terminated); time_limit (truncated)
+            "speed_mps": m.speed_mps,
+            "lateral_offset_m": m.lateral_offset_m,
+            "backend": self.simulator.health(),
+        }
+
+    def _check_frame(self, frame: np.ndarray) -> None:
+        cam = self.config.camera
+        if frame.dtype != np.uint8 or frame.shape != (cam.height, cam.width):
+            raise RuntimeError(
+                f"{type(self.simulator).__name__} returned a {frame.dtype} frame of shape "
+                f"{frame.shape}; the contract needs uint8 (camera.height, camera.width) = "
+                f"({cam.height}, {cam.width})"
+            )

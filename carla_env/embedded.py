@@ -1,0 +1,119 @@
+"""The embedded default backend: highway-env's multi-lane highway with NPC traffic, no server.
+
+highway-env (Farama, on PyPI) simulates the cars and renders a top-down view; this module only
+adapts it to our contract (carla_env/contract.py): its camera frame, its ego car's measurements,
+and our action order. Its own reward, termination and time limit are not used: `DrivingEnv`
+decides those, the same way as for CARLA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from carla_env.config import EmbeddedEnvConfig, load_env_config
+from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements
+from carla_env.driving_env import DrivingEnv
+
+GRAYSCALE_WEIGHTS = [0.2989, 0.5870, 0.1140]  # ITU-R BT.601 luma, as in highway-env's example
+
+
+def _wrap_angle(angle: float) -> float:
+    return (angle + math.pi) % (2.0 * math.pi) - math.pi
+
+
+def _lateral_in_car_frame(offset: np.ndarray, heading: float) -> float:
+    """The component of a world-frame offset to the car's right (y grows to the right)."""
+    return float(-math.sin(heading) * offset[0] + math.cos(heading) * offset[1])
+
+
+class HighwaySimulator:
+    def __init__(self, config: EmbeddedEnvConfig):
+        if os.environ.get("SDL_VIDEODRIVER") == "dummy":
+            # highway-env turns its renderer off under the dummy driver: every frame is black.
+            raise RuntimeError(
+                "SDL_VIDEODRIVER=dummy makes highway-env render black frames; unset it "
+                "(the embedded env renders off-screen without a display)"
+            )
+        from highway_env.envs.highway_env import HighwayEnv
+
+        self.config = config
+        cam = config.camera
+        self._env = HighwayEnv(
+            config={
+                "observation": {
+                    "type": "GrayscaleObservation",
+                    "observation_shape": (cam.width, cam.height),  # highway-env: W x H
+                    "stack_size": 1,  # DrivingEnv stacks frames, the same way for both backends
+                    "weights": GRAYSCALE_WEIGHTS,
+                    "scaling": config.pixels_per_metre,
+                },
+                "action": {
+                    "type": "ContinuousAction",
+                    "steering_range": (-math.radians(config.max_steer_deg), math.radians(config.max_steer_deg)),
+                },
+                "lanes_count": config.lanes,
+                "vehicles_count": config.npc_vehicles,
+                "simulation_frequency": config.simulation_hz,
+                "policy_frequency": config.episode.control_hz,
+                "duration": math.inf,  # DrivingEnv owns the time limit
+                "offroad_terminal": False,
+            }
+        )
+
+    def reset(self, seed: int | None) -> tuple[np.ndarray, Measurements]:
+        obs, _ = self._env.reset(seed=seed)
+        frame = self._frame(obs)
+        if frame.min() == frame.max():
+            raise RuntimeError("highway-env rendered a blank first frame: check the pygame install")
+        return frame, self._measure()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
+        # highway-env's continuous action is [acceleration, steering], both in [-1, 1].
+        obs, *_ = self._env.step(np.array([action[THROTTLE_BRAKE], action[STEER]], np.float32))
+        return self._frame(obs), self._measure()
+
+    def health(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        self._env.close()
+
+    @staticmethod
+    def _frame(obs: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(obs[0].T)  # (1, W, H) -> (H, W)
+
+    def _measure(self) -> Measurements:
+        """The ego car against its current lane: on a highway, the lane is the route."""
+        car, road = self._env.vehicle, self._env.road
+        lane = road.network.get_lane(car.lane_index)
+        s, lateral = lane.local_coordinates(car.position)
+        ahead = tuple(
+            _lateral_in_car_frame(lane.position(s + d, 0.0) - car.position, car.heading)
+            for d in self.config.state.lookahead_m
+        )
+        front, _ = road.neighbour_vehicles(car, car.lane_index)
+        gap = math.inf
+        if front is not None:
+            gap = max(0.0, lane.local_coordinates(front.position)[0] - s - car.LENGTH)
+        return Measurements(
+            speed_mps=float(car.speed),
+            lateral_offset_m=float(lateral),
+            heading_error_rad=_wrap_angle(car.heading - lane.heading_at(s)),
+            lane_width_m=float(lane.width_at(s)),
+            lookahead_lateral_m=ahead,
+            front_gap_m=gap,
+            collided=bool(car.crashed),
+            on_route=bool(car.on_road),
+        )
+
+
+class EmbeddedDrivingEnv(DrivingEnv):
+    """gymnasium id `carla_env:EmbeddedDriving-v0`; kwargs: EmbeddedEnvConfig's fields."""
+
+    def __init__(self, **kwargs: Any):
+        config = load_env_config(EmbeddedEnvConfig, kwargs)
+        super().__init__(HighwaySimulator(config), config)
