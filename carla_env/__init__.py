@@ -4,14 +4,23 @@ Registered gymnasium ids (the `carla_env:` prefix makes gymnasium import this pa
 in every process, Ray's env runners included):
 
     carla_env:EmbeddedDriving-v0   highway-env, no server: the default (carla_env/embedded.py)
+    carla_env:CarlaDriving-v0      a CARLA 0.9.16 server, managed or external (carla_driving.py)
 """
 
 import gymnasium as gym
 
-from carla_env.config import DrivingEnvConfig, EmbeddedEnvConfig
+from carla_env.config import CarlaEnvConfig, DrivingEnvConfig, EmbeddedEnvConfig
 
 # Each driving env's kwargs schema, for validating `env.kwargs` at config load.
-ENV_CONFIGS: dict[str, type[DrivingEnvConfig]] = {"EmbeddedDriving-v0": EmbeddedEnvConfig}
+ENV_CONFIGS: dict[str, type[DrivingEnvConfig]] = {
+    "EmbeddedDriving-v0": EmbeddedEnvConfig,
+    "CarlaDriving-v0": CarlaEnvConfig,
+}
+ENTRY_POINTS = {
+    "EmbeddedDriving-v0": "carla_env.embedded:EmbeddedDrivingEnv",
+    "CarlaDriving-v0": "carla_env.carla_driving:CarlaDrivingEnv",
+}
 
-if "EmbeddedDriving-v0" not in gym.registry:
-    gym.register("EmbeddedDriving-v0", entry_point="carla_env.embedded:EmbeddedDrivingEnv")
+for _env_id, _entry_point in ENTRY_POINTS.items():
+    if _env_id not in gym.registry:
+        gym.register(_env_id, entry_point=_entry_point)

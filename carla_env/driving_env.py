@@ -19,6 +19,12 @@ from carla_env.contract import ACTION_SPACE, Measurements, observation_space, st
 from carla_env.reward import reward_bounds, reward_terms
 
 
+class SimulatorInterrupted(RuntimeError):
+    """The backend lost this episode (server crashed, hung or dropped a sensor frame) and has
+    recovered for the next one. The episode is truncated, not terminated: nothing about the
+    car's state ended it."""
+
+
 class Simulator(Protocol):
     """A driving backend: moves the world one control step and measures the ego car."""
 
@@ -26,10 +32,11 @@ class Simulator(Protocol):
         """A fresh episode: the first camera frame, uint8 (height, width), and measurements."""
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
-        """Applies [steer, throttle_minus_brake] for one control step, ticks, measures."""
+        """Applies [steer, throttle_minus_brake] for one control step, ticks, measures.
+        Raises SimulatorInterrupted when the episode was lost to a backend failure."""
 
     def health(self) -> dict[str, float]:
-        """Backend counters for `info["backend"]` (server restarts, tick timeouts, sim FPS)."""
+        """Backend counters (server restarts, tick timeouts, sim speed-up), cumulative."""
 
     def close(self) -> None: ...
 
@@ -50,6 +57,11 @@ class DrivingEnv(gym.Env):
         """(r_min, r_max) of one step's reward; see carla_env/reward.py."""
         return reward_bounds(self.config)
 
+    def backend_health(self) -> dict[str, float]:
+        """Counters since the env was made (server restarts, tick timeouts, sim speed-up):
+        polled by the callbacks, kept out of `info` so that steps stay deterministic."""
+        return self.simulator.health()
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         frame, m = self.simulator.reset(seed)
@@ -57,6 +69,7 @@ class DrivingEnv(gym.Env):
         self._frames.extend([frame] * self.config.camera.frame_stack)
         self._prev_action = np.zeros(2, np.float32)
         self._steps = self._slow_steps = 0
+        self._last = m
         return self._observation(m), self._info(m, None, None)
 
     def step(self, action):
@@ -64,10 +77,17 @@ class DrivingEnv(gym.Env):
         if action.shape != (2,) or not np.all(np.isfinite(action)):
             raise ValueError(f"action must be 2 finite floats [steer, throttle_minus_brake], got {action!r}")
         action = np.clip(action, -1.0, 1.0)
-        frame, m = self.simulator.step(action)
+        try:
+            frame, m = self.simulator.step(action)
+        except SimulatorInterrupted as e:
+            # The last observation stands in for the lost one; reward 0, episode truncated.
+            info = self._info(self._last, {}, "backend_failure")
+            info["backend_failure"] = str(e)
+            return self._observation(self._last), 0.0, False, True, info
         self._check_frame(frame)
         self._frames.append(frame)
         self._steps += 1
+        self._last = m
 
         terms = reward_terms(m, action, self._prev_action, self.config)
         reason = self._termination_reason(m)
@@ -100,10 +120,10 @@ class DrivingEnv(gym.Env):
     def _info(self, m: Measurements, terms: dict | None, end: str | None) -> dict[str, Any]:
         return {
             "reward_terms": terms or {},
-            "episode_end": end,  # collision, off_route, stuck (terminated); time_limit (truncated)
+            # collision, off_route, stuck (terminated); time_limit, backend_failure (truncated)
+            "episode_end": end,
             "speed_mps": m.speed_mps,
             "lateral_offset_m": m.lateral_offset_m,
-            "backend": self.simulator.health(),
         }
 
     def _check_frame(self, frame: np.ndarray) -> None:
