@@ -47,7 +47,10 @@ def find_executable(server: ServerSection) -> Path:
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something holds the port. SO_REUSEADDR, as servers bind: connections of a
+    crashed server still in TIME_WAIT do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -126,14 +129,15 @@ class ManagedServer:
                 f"CARLA server on port {self.ports.rpc} failed again after "
                 f"{self.restarts} restarts (server.max_restarts); its log ends:\n{self._log_tail()}"
             )
-        self.stop()
+        self.stop(graceful=False)  # a hung server would not act on SIGTERM
         self.restarts += 1
         self.start()
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        signals = ((signal.SIGTERM, 10.0),) if graceful else ()
+        for sig, wait_s in (*signals, (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
