@@ -236,22 +236,37 @@ def parse_config(data: Any, source: str = "<config>", overrides: list[str] = ())
         config = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(source, e)) from None
-    _validate_driving_env_kwargs(config.env, source)
+    _validate_driving_env(config, source)
     return config
 
 
-def _validate_driving_env_kwargs(env: EnvSection, source: str) -> None:
-    """The driving envs' kwargs have a schema of their own (carla_env/config.py)."""
+def _validate_driving_env(config: ExperimentConfig, source: str) -> None:
+    """The driving envs' kwargs have a schema of their own (carla_env/config.py), and CARLA's
+    server ports must not clash for the runners and envs asked for."""
     import gymnasium
 
     from carla_env import ENV_CONFIGS
+    from carla_env.config import CarlaEnvConfig
+    from carla_env.ports import check_no_clashes
 
-    schema = ENV_CONFIGS.get(gymnasium.spec(env.id.rpartition(":")[2]).id)
-    if schema is not None:
+    schema = ENV_CONFIGS.get(gymnasium.spec(config.env.id.rpartition(":")[2]).id)
+    if schema is None:
+        return
+    try:
+        env = schema.model_validate(config.env.kwargs)
+    except ValidationError as e:
+        raise ConfigError(format_errors(source, e, "env.kwargs.", "carla_env/config.py")) from None
+    if isinstance(env, CarlaEnvConfig) and env.server.mode == "managed":
+        res, server = config.resources, env.server
+        if server.slots_per_process < res.num_envs_per_env_runner + 1:
+            raise ConfigError(
+                f"{source}: env.kwargs.server.slots_per_process ({server.slots_per_process}) must be "
+                f"at least resources.num_envs_per_env_runner + 1 (one more for the evaluation env)"
+            )
         try:
-            schema.model_validate(env.kwargs)
-        except ValidationError as e:
-            raise ConfigError(format_errors(source, e, "env.kwargs.", "carla_env/config.py")) from None
+            check_no_clashes((res.num_env_runners + 1) * server.slots_per_process, server)
+        except ValueError as e:
+            raise ConfigError(f"{source}: env.kwargs.server: {e}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

@@ -14,11 +14,31 @@ def env_config(exp: ExperimentConfig) -> dict:
     return kwargs
 
 
+CARLA_ENV = "carla_env/CarlaDriving"
+
+
+def _make_carla_env(context):
+    from carla_env.carla_driving import CarlaDrivingEnv
+
+    return CarlaDrivingEnv(worker_index=context.worker_index, **context)
+
+
+def env_descriptor(exp: ExperimentConfig) -> str:
+    """The env as RLlib makes it. The CARLA env goes through Tune's env registry, whose
+    creator receives the env runner's `worker_index`: its servers' ports follow from it."""
+    if exp.env.id.rpartition(":")[2] == "CarlaDriving-v0":
+        from ray.tune.registry import register_env
+
+        register_env(CARLA_ENV, _make_carla_env)
+        return CARLA_ENV
+    return exp.env.id
+
+
 def build_td3_config(exp: ExperimentConfig) -> TD3Config:
     algo, res, model = exp.algo, exp.resources, exp.model
     config = (
         TD3Config()
-        .environment(env=exp.env.id, env_config=env_config(exp))
+        .environment(env=env_descriptor(exp), env_config=env_config(exp))
         .env_runners(
             num_env_runners=res.num_env_runners,
             num_envs_per_env_runner=res.num_envs_per_env_runner,
@@ -49,6 +69,8 @@ def build_td3_config(exp: ExperimentConfig) -> TD3Config:
             evaluation_interval=exp.evaluation.interval_iters or None,
             evaluation_duration=exp.evaluation.episodes,
             evaluation_duration_unit="episodes",
+            # Evaluation stays in the driver process: remote evaluation runners would reuse
+            # the training runners' worker indices, and so their CARLA ports.
             evaluation_num_env_runners=0,
         )
         .debugging(seed=exp.experiment.seed)

@@ -230,3 +230,36 @@ def test_an_external_server_that_does_not_answer_is_a_clear_error():
         server = ServerSection(mode="external", external=[f"127.0.0.1:{port}"], startup_timeout_s=0.5)
         with pytest.raises(ServerError, match=rf"external CARLA server 127.0.0.1:{port} did not answer within 0.5 s"):
             ExternalServer(server, server.external[0]).start()
+
+
+# --- From the experiment config -------------------------------------------------------------
+
+
+def test_the_carla_experiment_config_loads_and_its_env_learns_its_runners_worker_index(monkeypatch):
+    from ray.rllib.env.env_context import EnvContext
+
+    from rl.config import load_config
+    from rl.experiment import _make_carla_env, env_descriptor
+
+    exp = load_config(Path(__file__).resolve().parents[1] / "configs" / "driving_carla_td3.yaml")
+    assert env_descriptor(exp) == "carla_env/CarlaDriving"
+    made = {}
+    monkeypatch.setattr("carla_env.carla_driving.CarlaDrivingEnv", lambda **kw: made.update(kw))
+    _make_carla_env(EnvContext({"town": "Town01"}, worker_index=3))
+    assert made == {"worker_index": 3, "town": "Town01"}
+
+
+def test_clashing_ports_or_too_few_slots_fail_at_config_load():
+    from rl.config import ConfigError, parse_config
+
+    def experiment(server: dict, envs_per_runner: int = 1) -> dict:
+        return {
+            "experiment": {"name": "x", "stop_env_steps": 10},
+            "env": {"id": "carla_env:CarlaDriving-v0", "kwargs": {"server": server}},
+            "resources": {"num_env_runners": 4, "num_envs_per_env_runner": envs_per_runner},
+        }
+
+    with pytest.raises(ConfigError, match=r"env.kwargs.server: port 2008 would serve CARLA slots 0 and 2"):
+        parse_config(experiment({"base_tm_port": 2008}), "carla.yaml")
+    with pytest.raises(ConfigError, match=r"slots_per_process \(2\) must be at least resources.num_envs_per_env_runner \+ 1"):
+        parse_config(experiment({"slots_per_process": 2}, envs_per_runner=2), "carla.yaml")
