@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,9 @@ class HighwaySimulator:
                 "SDL_VIDEODRIVER=dummy makes highway-env render black frames; unset it "
                 "(the embedded env renders off-screen without a display)"
             )
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            # Headless machines have none, and SDL then prints an "error:" line per process.
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="sdl-runtime-")
         from highway_env.envs.highway_env import HighwayEnv
 
         self.config = config
