@@ -1,1 +1,1 @@
-"""RLlib callbacks: training-health metrics, alert rules, Weights & Biases (issue 6, not built yet)."""
+"""RLlib callbacks: driving metrics (driving_metrics.py); health rules, alerts and W&B come next (issue 6)."""

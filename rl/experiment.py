@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from callbacks.driving_metrics import DrivingMetricsCallback
 from rl.config import ExperimentConfig
 from rl.td3 import TD3Config
 
@@ -73,6 +74,7 @@ def build_td3_config(exp: ExperimentConfig) -> TD3Config:
             # the training runners' worker indices, and so their CARLA ports.
             evaluation_num_env_runners=0,
         )
+        .callbacks(DrivingMetricsCallback)
         .debugging(seed=exp.experiment.seed)
     )
     return config

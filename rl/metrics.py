@@ -56,10 +56,11 @@ def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
         return None
 
 
-def _grad_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """grad/<group>/<stat> as logged by the learner, passed through under the same name."""
-    learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
-    return {k: float(v) for k, v in learner.items() if isinstance(k, str) and k.startswith("grad/")}
+def _passed_through(node: Any, prefix: str) -> dict[str, float]:
+    """Metrics logged under our own stable names (`prefix...`), passed through as they are."""
+    if not isinstance(node, dict):
+        return {}
+    return {k: float(v) for k, v in node.items() if isinstance(k, str) and k.startswith(prefix)}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, float]:
@@ -74,5 +75,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
         if value is None or (math.isnan(value) and name.startswith(("episode/", "eval/"))):
             continue
         out[name] = value
-    out.update(_grad_metrics(result))
+    # grad/<group>/<stat> from the learner; env/... from callbacks/driving_metrics.py.
+    out.update(_passed_through(result.get("learners", {}).get(DEFAULT_MODULE_ID), "grad/"))
+    out.update(_passed_through(result.get(M.ENV_RUNNER_RESULTS), "env/"))
     return out

@@ -5,6 +5,7 @@ policy is measured in the same test, on the same env config: it leaves the road 
 two seconds (return about -2, 10 steps). Measured when written: eval return 24, 37 steps.
 """
 
+import json
 from pathlib import Path
 
 import gymnasium as gym
@@ -57,3 +58,9 @@ def test_td3_with_cnn_learns_to_drive_on_the_embedded_backend(ray_local, tmp_pat
     assert random_len < 15 and random_return < 0, (random_return, random_len)  # the task is not trivial
     assert summary["final_eval_return_mean"] > random_return + 10.0, (summary, random_return)
     assert summary["final_eval_len_mean"] > 2 * random_len, (summary, random_len)
+
+    # How episodes ended and what the reward was made of, every iteration, under stable names.
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    ends = [last.get(f"env/episode_end/{r}") for r in ("collision", "off_route", "stuck", "time_limit")]
+    assert None not in ends and sum(ends) == pytest.approx(1.0), last
+    assert last["env/reward/progress"] > 0, last

@@ -1,0 +1,53 @@
+"""Driving metrics from the env runners: how episodes end, what the reward is made of, and how
+the simulator backend is doing. Envs without these (Pendulum) simply report none of them.
+
+    env/episode_end/<reason>   fraction of the iteration's episodes that ended so
+                               (collision, off_route, stuck, time_limit, backend_failure)
+    env/reward/<term>          per-episode sum of each reward term, mean over episodes
+    env/server_restarts, env/tick_timeouts, env/sensor_timeouts
+                               lifetime totals over all env runners
+    env/sim_speedup            simulated seconds per wall-clock second while ticking
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ray.rllib.callbacks.callbacks import RLlibCallback
+
+from carla_env.reward import TERMS
+
+EPISODE_ENDS = ("collision", "off_route", "stuck", "time_limit", "backend_failure")
+BACKEND_COUNTERS = ("server_restarts", "tick_timeouts", "sensor_timeouts")
+
+
+class DrivingMetricsCallback(RLlibCallback):
+    def __init__(self):
+        super().__init__()
+        self._seen: dict[tuple[int, str], float] = defaultdict(float)  # (env slot, counter)
+
+    def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs):
+        infos = [i for chunk in [*(prev_episode_chunks or []), episode] for i in chunk.get_infos()]
+        if not infos or "episode_end" not in infos[-1]:
+            return
+        end = infos[-1]["episode_end"]
+        for reason in EPISODE_ENDS:
+            metrics_logger.log_value(f"env/episode_end/{reason}", float(end == reason), reduce="mean")
+        for term in TERMS:
+            total = sum(i.get("reward_terms", {}).get(term, 0.0) for i in infos)
+            metrics_logger.log_value(f"env/reward/{term}", total, reduce="mean")
+
+    def on_sample_end(self, *, env_runner=None, metrics_logger=None, **kwargs):
+        envs = getattr(getattr(env_runner, "env", None), "unwrapped", None)
+        for slot, env in enumerate(getattr(envs, "envs", [])):
+            health = getattr(env.unwrapped, "backend_health", None)
+            if health is None:
+                continue
+            counters = health()
+            for name in BACKEND_COUNTERS:
+                if name in counters:  # log what is new since the last sample: sums over runners
+                    new = counters[name] - self._seen[slot, name]
+                    self._seen[slot, name] = counters[name]
+                    metrics_logger.log_value(f"env/{name}", new, reduce="lifetime_sum")
+            if counters.get("sim_speedup"):
+                metrics_logger.log_value("env/sim_speedup", counters["sim_speedup"], reduce="mean")
