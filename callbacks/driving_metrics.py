@@ -1,9 +1,9 @@
 """Driving metrics from the env runners: how episodes end, what the reward is made of, and how
 the simulator backend is doing. Envs without these (Pendulum) simply report none of them.
 
-    env/episode_end/<reason>   fraction of the iteration's episodes that ended so
+    env/episode_end/<reason>   fraction of the last 100 episodes that ended so
                                (collision, off_route, stuck, time_limit, backend_failure)
-    env/reward/<term>          per-episode sum of each reward term, mean over episodes
+    env/reward/<term>          per-episode sum of each reward term, mean over the last 100
     env/server_restarts, env/tick_timeouts, env/sensor_timeouts
                                lifetime totals over all env runners
     env/sim_speedup            simulated seconds per wall-clock second while ticking
@@ -19,6 +19,8 @@ from carla_env.reward import TERMS
 
 EPISODE_ENDS = ("collision", "off_route", "stuck", "time_limit", "backend_failure")
 BACKEND_COUNTERS = ("server_restarts", "tick_timeouts", "sensor_timeouts")
+# Episodes averaged over, as RLlib's own episode_return_mean (metrics_num_episodes_for_smoothing).
+EPISODE_WINDOW = 100
 
 
 class DrivingMetricsCallback(RLlibCallback):
@@ -32,10 +34,12 @@ class DrivingMetricsCallback(RLlibCallback):
             return
         end = infos[-1]["episode_end"]
         for reason in EPISODE_ENDS:
-            metrics_logger.log_value(f"env/episode_end/{reason}", float(end == reason), reduce="mean")
+            metrics_logger.log_value(
+                f"env/episode_end/{reason}", float(end == reason), window=EPISODE_WINDOW
+            )
         for term in TERMS:
             total = sum(i.get("reward_terms", {}).get(term, 0.0) for i in infos)
-            metrics_logger.log_value(f"env/reward/{term}", total, reduce="mean")
+            metrics_logger.log_value(f"env/reward/{term}", total, window=EPISODE_WINDOW)
 
     def on_sample_end(self, *, env_runner=None, metrics_logger=None, **kwargs):
         envs = getattr(getattr(env_runner, "env", None), "unwrapped", None)
@@ -50,4 +54,4 @@ class DrivingMetricsCallback(RLlibCallback):
                     self._seen[slot, name] = counters[name]
                     metrics_logger.log_value(f"env/{name}", new, reduce="lifetime_sum")
             if counters.get("sim_speedup"):
-                metrics_logger.log_value("env/sim_speedup", counters["sim_speedup"], reduce="mean")
+                metrics_logger.log_value("env/sim_speedup", counters["sim_speedup"], window=10)

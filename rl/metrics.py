@@ -44,6 +44,10 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Metrics of ended episodes: NaN in an iteration where none ended, and then left out.
+PER_EPISODE = ("episode/", "eval/", "env/episode_end/", "env/reward/")
+
+
 def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
     node: Any = result
     for key in path:
@@ -69,13 +73,12 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     RLlib reports episode stats as NaN in an iteration where no episode ended; those are left
     out. A NaN anywhere else (a loss, a Q value) is real and is kept.
     """
-    out = {}
-    for name, path in RESULT_PATHS.items():
-        value = _lookup(result, path)
-        if value is None or (math.isnan(value) and name.startswith(("episode/", "eval/"))):
-            continue
-        out[name] = value
+    out = {name: _lookup(result, path) for name, path in RESULT_PATHS.items()}
     # grad/<group>/<stat> from the learner; env/... from callbacks/driving_metrics.py.
     out.update(_passed_through(result.get("learners", {}).get(DEFAULT_MODULE_ID), "grad/"))
     out.update(_passed_through(result.get(M.ENV_RUNNER_RESULTS), "env/"))
-    return out
+    return {
+        name: value
+        for name, value in out.items()
+        if value is not None and not (math.isnan(value) and name.startswith(PER_EPISODE))
+    }

@@ -58,3 +58,18 @@ def test_backend_counters_are_lifetime_totals_over_envs_not_double_counted():
     assert logger.peek("env/tick_timeouts") == 1
     assert logger.peek("env/sensor_timeouts") == 2
     assert logger.peek("env/sim_speedup") == pytest.approx(3.0)
+
+
+def test_summarize_leaves_out_per_episode_nans_but_keeps_a_nan_loss():
+    from rl.metrics import summarize
+
+    nan = float("nan")
+    result = {
+        "env_runners": {"episode_return_mean": nan, "env/episode_end/collision": nan, "env/server_restarts": 1},
+        "learners": {"default_policy": {"critic_loss": nan, "grad/critic.head/post_clip_norm": 3.0}},
+    }
+    summary = summarize(result)
+    assert "episode/return_mean" not in summary and "env/episode_end/collision" not in summary
+    assert summary["env/server_restarts"] == 1.0
+    assert summary["grad/critic.head/post_clip_norm"] == 3.0
+    assert summary["losses/critic"] != summary["losses/critic"]  # NaN, kept: it is a real failure
