@@ -6,7 +6,8 @@ the simulator backend is doing. Envs without these (Pendulum) simply report none
     env/reward/<term>          per-episode sum of each reward term, mean over the last 100
     env/server_restarts, env/tick_timeouts, env/sensor_timeouts
                                lifetime totals over all env runners
-    env/sim_speedup            simulated seconds per wall-clock second while ticking
+    env/sim_fps, env/sim_speedup
+                               server ticks, and simulated seconds, per wall-clock second
 """
 
 from __future__ import annotations
@@ -53,5 +54,6 @@ class DrivingMetricsCallback(RLlibCallback):
                     new = counters[name] - self._seen[slot, name]
                     self._seen[slot, name] = counters[name]
                     metrics_logger.log_value(f"env/{name}", new, reduce="lifetime_sum")
-            if counters.get("sim_speedup"):
-                metrics_logger.log_value("env/sim_speedup", counters["sim_speedup"], window=10)
+            for rate in ("sim_fps", "sim_speedup"):
+                if counters.get(rate):
+                    metrics_logger.log_value(f"env/{rate}", counters[rate], window=10)

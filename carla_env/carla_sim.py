@@ -140,8 +140,13 @@ class CarlaSimulator:
         return self._camera_frame(frame), self._measure(frame, since=start_frame)
 
     def health(self) -> dict[str, float]:
-        fps = self._sim_seconds / self._wall_seconds if self._wall_seconds else 0.0
-        return {**self._stats, "server_restarts": self.server.restarts, "sim_speedup": fps}
+        wall = self._wall_seconds
+        return {
+            **self._stats,
+            "server_restarts": self.server.restarts,
+            "sim_fps": self._stats["ticks"] / wall if wall else 0.0,  # ticks per wall second
+            "sim_speedup": self._sim_seconds / wall if wall else 0.0,  # sim s per wall s
+        }
 
     def close(self) -> None:
         try:

@@ -263,3 +263,7 @@ def test_clashing_ports_or_too_few_slots_fail_at_config_load():
         parse_config(experiment({"base_tm_port": 2008}), "carla.yaml")
     with pytest.raises(ConfigError, match=r"slots_per_process \(2\) must be at least resources.num_envs_per_env_runner \+ 1"):
         parse_config(experiment({"slots_per_process": 2}, envs_per_runner=2), "carla.yaml")
+    unknown_town = experiment({})
+    unknown_town["env"]["kwargs"]["town"] = "Town99"
+    with pytest.raises(ConfigError, match=r"env.kwargs.town: Value error, unknown town 'Town99'; CARLA 0.9.16 maps: Town01"):
+        parse_config(unknown_town, "carla.yaml")

@@ -45,8 +45,8 @@ def test_envs_without_the_driving_contract_report_nothing():
 def test_backend_counters_are_lifetime_totals_over_envs_not_double_counted():
     callback, logger = DrivingMetricsCallback(), MetricsLogger()
     health = [
-        {"server_restarts": 1, "tick_timeouts": 1, "sensor_timeouts": 0, "sim_speedup": 2.0},
-        {"server_restarts": 0, "tick_timeouts": 0, "sensor_timeouts": 2, "sim_speedup": 4.0},
+        {"server_restarts": 1, "tick_timeouts": 1, "sensor_timeouts": 0, "sim_fps": 40.0, "sim_speedup": 2.0},
+        {"server_restarts": 0, "tick_timeouts": 0, "sensor_timeouts": 2, "sim_fps": 80.0, "sim_speedup": 4.0},
     ]
     envs = [SimpleNamespace(unwrapped=SimpleNamespace(backend_health=lambda i=i: health[i])) for i in range(2)]
     runner = SimpleNamespace(env=SimpleNamespace(unwrapped=SimpleNamespace(envs=envs)))
@@ -58,6 +58,7 @@ def test_backend_counters_are_lifetime_totals_over_envs_not_double_counted():
     assert logger.peek("env/tick_timeouts") == 1
     assert logger.peek("env/sensor_timeouts") == 2
     assert logger.peek("env/sim_speedup") == pytest.approx(3.0)
+    assert logger.peek("env/sim_fps") == pytest.approx(60.0)
 
 
 def test_summarize_leaves_out_per_episode_nans_but_keeps_a_nan_loss():
