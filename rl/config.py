@@ -171,6 +171,28 @@ class EvaluationSection(Section):
     episodes: int = Field(default=10, gt=0)
 
 
+class HealthSection(Section):
+    """Training-health rules (callbacks/health.py): thresholds, and what a CRITICAL alert does."""
+
+    stop_on_critical: bool = True
+    # Q outside [r_min, r_max] / (1 - gamma) by more than this fraction of that range: CRITICAL.
+    q_bound_slack: float = Field(default=0.5, ge=0.0)
+    # |Q max| grew this many times within `window_iters` and passed half the bound: WARN.
+    q_growth_factor: float = Field(default=10.0, gt=1.0)
+    window_iters: int = Field(default=10, ge=2, description="iterations per trend window")
+    # Recent episode length (return) below this fraction of the run's first window: CRITICAL.
+    collapse_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Warn at start when the effective horizon 1/(1-gamma) and the episode length differ by
+    # more than this factor either way.
+    horizon_ratio_max: float = Field(default=20.0, gt=1.0)
+    # Must be reported every iteration once learning has started (the seed had no losses).
+    required_metrics: list[str] = Field(
+        default_factory=lambda: ["losses/critic", "losses/actor", "q/q1_mean", "q/q1_max"]
+    )
+    # Iterations after learning starts before a missing required metric is an alert.
+    grace_iters: int = Field(default=2, ge=1)
+
+
 class ExperimentConfig(Section):
     experiment: ExperimentSection
     env: EnvSection
@@ -178,6 +200,7 @@ class ExperimentConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    health: HealthSection = Field(default_factory=HealthSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":

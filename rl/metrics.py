@@ -13,7 +13,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.utils import metrics as M
 
 from rl.td3 import td3_learner as L
-from rl.td3.td3 import REPLAY_BUFFER_SIZE
+from rl.td3.td3 import REPLAY_BUFFER_SIZE, REPLAY_REWARD_MAX, REPLAY_REWARD_MIN
 
 # stable name -> path in the RLlib result dict
 RESULT_PATHS: dict[str, tuple[str, ...]] = {
@@ -28,12 +28,18 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "q/q2_mean": ("learners", DEFAULT_MODULE_ID, L.Q2_MEAN),
     "q/q1_max": ("learners", DEFAULT_MODULE_ID, L.Q1_MAX),
     "q/q2_max": ("learners", DEFAULT_MODULE_ID, L.Q2_MAX),
+    "q/q1_min": ("learners", DEFAULT_MODULE_ID, L.Q1_MIN),
+    "q/q1_std": ("learners", DEFAULT_MODULE_ID, L.Q1_STD),
+    "q/q2_std": ("learners", DEFAULT_MODULE_ID, L.Q2_STD),
+    "learner/non_finite_weights": ("learners", DEFAULT_MODULE_ID, L.NON_FINITE_WEIGHTS),
     "q/target_mean": ("learners", DEFAULT_MODULE_ID, L.Q_TARGET_MEAN),
     "q/td_error_mean": ("learners", DEFAULT_MODULE_ID, L.TD_ERROR_MEAN),
     "learner/num_critic_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_CRITIC_UPDATES),
     "learner/num_actor_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_ACTOR_UPDATES),
     "env/steps_sampled": (M.ENV_RUNNER_RESULTS, M.NUM_ENV_STEPS_SAMPLED_LIFETIME),
     "replay/size": (REPLAY_BUFFER_SIZE,),
+    "replay/reward_min": (REPLAY_REWARD_MIN,),
+    "replay/reward_max": (REPLAY_REWARD_MAX,),
     # Seconds per iteration spent in each phase of `TD3.training_step` (RLlib's timers).
     "perf/sample_s": (M.TIMERS, M.ENV_RUNNER_SAMPLING_TIMER),
     "perf/replay_add_s": (M.TIMERS, M.REPLAY_BUFFER_ADD_DATA_TIMER),

@@ -46,9 +46,15 @@ class TransitionReplayBuffer:
         self._columns: dict[str, Any] | None = None  # allocated on the first add
         self._next = 0  # where the next transition goes
         self._size = 0
+        self._reward_range = (np.inf, -np.inf)
 
     def __len__(self) -> int:
         return self._size
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        """The lowest and highest reward ever added (also of transitions since overwritten)."""
+        return self._reward_range
 
     @property
     def bytes_per_transition(self) -> int:
@@ -76,6 +82,9 @@ class TransitionReplayBuffer:
         n = len(batch[Columns.REWARDS])
         if n == 0:
             return
+        rewards = batch[Columns.REWARDS]
+        low, high = self._reward_range
+        self._reward_range = (min(low, float(rewards.min())), max(high, float(rewards.max())))
         if n > self.capacity:  # only the newest `capacity` transitions can stay
             batch = tree.map_structure(lambda x: x[-self.capacity :], batch)
             n = self.capacity

@@ -35,6 +35,9 @@ from rl.config import DEFAULT_GRAD_CLIP, ModelSection
 from rl.td3.replay_buffer import TransitionReplayBuffer
 
 REPLAY_BUFFER_SIZE = "replay_buffer_size"
+# The lowest and highest reward seen so far: the observed return bound the health checks use
+# when an env documents none.
+REPLAY_REWARD_MIN, REPLAY_REWARD_MAX = "replay_reward_min", "replay_reward_max"
 
 
 class TD3Config(AlgorithmConfig):
@@ -168,6 +171,10 @@ class TD3(Algorithm):
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
             new_steps = self.replay_buffer.add_episodes(episodes)
         self.metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
+        if len(self.replay_buffer):
+            low, high = self.replay_buffer.reward_range
+            self.metrics.log_value(REPLAY_REWARD_MIN, low, window=1)
+            self.metrics.log_value(REPLAY_REWARD_MAX, high, window=1)
 
         # One update per env step sampled after `learning_starts` (the reference code's loop).
         lifetime_steps = self.metrics.peek(

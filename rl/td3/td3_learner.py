@@ -23,6 +23,8 @@ CRITIC, ACTOR = "critic", "actor"
 CRITIC_LOSS = "critic_loss"
 ACTOR_LOSS = "actor_loss"
 Q1_MEAN, Q2_MEAN, Q1_MAX, Q2_MAX = "q1_mean", "q2_mean", "q1_max", "q2_max"
+Q1_STD, Q2_STD, Q1_MIN = "q1_std", "q2_std", "q1_min"
+NON_FINITE_WEIGHTS = "non_finite_weights"  # parameters with a NaN or Inf, after the learner call
 Q_TARGET_MEAN = "q_target_mean"
 TD_ERROR_MEAN = "td_error_mean"
 NUM_CRITIC_UPDATES = "num_critic_updates"
@@ -221,6 +223,8 @@ class TD3TorchLearner(TorchLearner):
                 CRITIC_LOSS: critic_loss,
                 Q1_MEAN: q1.mean(),
                 Q2_MEAN: q2.mean(),
+                Q1_STD: q1.std(),
+                Q2_STD: q2.std(),
                 Q_TARGET_MEAN: q_target.mean(),
                 TD_ERROR_MEAN: (q1 - q_target).abs().mean(),
             }
@@ -228,7 +232,18 @@ class TD3TorchLearner(TorchLearner):
                 self.metrics.log_value((module_id, name), value.detach(), reduce="mean")
             self.metrics.log_value((module_id, Q1_MAX), q1.max(), reduce="max")
             self.metrics.log_value((module_id, Q2_MAX), q2.max(), reduce="max")
+            self.metrics.log_value((module_id, Q1_MIN), q1.min(), reduce="min")
         self.metrics.log_value((module_id, NUM_CRITIC_UPDATES), 1, reduce="lifetime_sum")
+
+    def after_gradient_based_update(self, *, timesteps) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        # Once per learner call, not per update: a NaN weight stays NaN, so nothing is missed.
+        for module_id in self.module.keys():
+            with torch.no_grad():
+                bad = sum(
+                    int(not torch.isfinite(p).all()) for p in self.module[module_id].parameters()
+                )
+            self.metrics.log_value((module_id, NON_FINITE_WEIGHTS), bad, window=1)
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)

@@ -1,0 +1,133 @@
+"""callbacks/health.py: each rule against hand-made metric sequences like the seed report's."""
+
+import math
+
+import pytest
+
+from callbacks.health import CRITICAL, WARN, HealthMonitor, RunFacts
+from rl.config import HealthSection
+
+FACTS = RunFacts(
+    gamma=0.9,
+    grad_clip={"actor.encoder": 1.0, "actor.head": 1.0, "critic.encoder": 10.0, "critic.head": None},
+    learning_starts=100,
+    actor_lr=3e-4,
+    critic_lr=3e-4,
+    tau=0.005,
+    reward_bounds=(-2.0, 1.0),  # Q must lie in [-20, 10]
+    max_episode_steps=50,
+)
+HEALTHY = {
+    "env/steps_sampled": 1000.0,
+    "losses/critic": 0.5,
+    "losses/actor": -3.0,
+    "q/q1_mean": 3.0,
+    "q/q1_max": 8.0,
+    "q/q2_max": 7.5,
+    "q/q1_min": -5.0,
+}
+
+
+def monitor(**health) -> HealthMonitor:
+    return HealthMonitor(HealthSection(**{"window_iters": 3, **health}), FACTS)
+
+
+def run(mon, sequence):
+    """Feeds the metrics dicts in order; returns (health of the last, all alerts by iteration)."""
+    alerts = []
+    for i, metrics in enumerate(sequence):
+        health, new = mon.update(i, metrics)
+        alerts += new
+    return health, alerts
+
+
+def test_a_healthy_run_raises_nothing():
+    health, alerts = run(monitor(), [HEALTHY] * 20)
+    assert alerts == [] and health["health/critical"] == 0.0
+    assert health["health/q_bound_upper"] == pytest.approx(10.0)
+    assert health["health/q_excess"] == 0.0
+
+
+def test_q_leaving_its_return_bound_is_critical_once_with_the_numbers():
+    # Bound [-20, 10], range 30: Q max 30 is 20 past it = 0.67 of the range > slack 0.5.
+    exploding = {**HEALTHY, "q/q1_max": 30.0}
+    health, alerts = run(monitor(), [HEALTHY, exploding, exploding, exploding])
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "q_out_of_bound", 1)]
+    assert "Q max 30.0" in alerts[0].message and "[-20.0, 10.0]" in alerts[0].message
+    assert health["health/q_excess"] == pytest.approx(20.0 / 30.0)
+    assert health["health/critical"] == 1.0
+
+
+def test_an_alert_fires_again_only_after_its_condition_cleared():
+    bad = {**HEALTHY, "q/q1_max": 30.0}
+    _, alerts = run(monitor(), [bad, bad, HEALTHY, bad])
+    assert [a.iteration for a in alerts] == [0, 3]
+
+
+def test_without_documented_bounds_the_observed_rewards_bound_q():
+    facts = RunFacts(**{**FACTS.__dict__, "reward_bounds": None})
+    mon = HealthMonitor(HealthSection(), facts)
+    observed = {**HEALTHY, "replay/reward_min": -1.0, "replay/reward_max": 0.0, "q/q1_max": 9.0}
+    health, alerts = run(mon, [observed])  # bound [-10, 0]: 9 is 0.9 of the range above
+    assert [a.rule for a in alerts] == ["q_out_of_bound"]
+
+
+def test_nan_in_a_loss_or_a_weight_is_critical():
+    _, alerts = run(monitor(), [{**HEALTHY, "losses/critic": math.nan}])
+    assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "non_finite")]
+    _, alerts = run(monitor(), [{**HEALTHY, "learner/non_finite_weights": 3.0}])
+    assert alerts[0].rule == "non_finite" and alerts[0].evidence == {"learner/non_finite_weights": 3.0}
+
+
+def test_missing_losses_after_learning_started_is_critical_like_the_seeds_blind_spot():
+    no_losses = {k: v for k, v in HEALTHY.items() if not k.startswith("losses/")}
+    before_learning = {**no_losses, "env/steps_sampled": 50.0}
+    _, alerts = run(monitor(grace_iters=2), [before_learning] * 5 + [no_losses] * 2)
+    assert alerts == []  # not before learning starts, nor in the grace iterations
+    _, alerts = run(monitor(grace_iters=2), [before_learning] * 5 + [no_losses] * 3)
+    assert [(a.rule, a.iteration) for a in alerts] == [("missing_metric", 7)]
+    assert "losses/critic, losses/actor" in alerts[0].message
+
+
+def test_post_clip_norm_above_its_limit_means_clipping_is_broken():
+    # The seed: actor CNN 2.42 against 1.0, critic CNN 24.7 against 10.0. No limit: no check.
+    metrics = {
+        **HEALTHY,
+        "grad/actor.encoder/post_clip_norm": 2.42,
+        "grad/critic.encoder/post_clip_norm": 24.7,
+        "grad/actor.head/post_clip_norm": 1.0,  # at the limit: clipped, fine
+        "grad/critic.head/post_clip_norm": 500.0,  # limit None
+    }
+    _, alerts = run(monitor(), [metrics])
+    assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "clipping_broken")]
+    assert "actor.encoder: 2.42 > limit 1" in alerts[0].message
+    assert "critic.encoder: 24.7 > limit 10" in alerts[0].message
+    assert set(alerts[0].evidence) == {"actor.encoder/post_clip_norm", "critic.encoder/post_clip_norm"}
+
+
+def test_episode_length_collapse_from_50_to_2_steps_is_critical():
+    early = [{**HEALTHY, "episode/len_mean": 50.0, "episode/return_mean": 20.0}] * 3
+    late = [{**HEALTHY, "episode/len_mean": 2.0, "episode/return_mean": 1.0}] * 3
+    health, alerts = run(monitor(), early + late)
+    assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "episode_length_collapse"), (WARN, "return_collapse")]
+    assert health["health/len_vs_early"] == pytest.approx(2.0 / 50.0)
+
+
+def test_returns_that_improve_from_negative_values_are_not_a_collapse():
+    sequence = [{**HEALTHY, "episode/return_mean": r, "episode/len_mean": 200.0} for r in (-1200, -1100, -900, -400, -200, -150)]
+    _, alerts = run(monitor(), sequence)
+    assert alerts == []
+
+
+def test_q_growing_fast_past_half_its_bound_warns_before_it_leaves_it():
+    sequence = [{**HEALTHY, "q/q1_max": q, "q/q2_max": q} for q in (0.5, 2.0, 6.0)]
+    _, alerts = run(monitor(q_growth_factor=10.0), sequence)
+    assert [(a.level, a.rule) for a in alerts] == [(WARN, "q_growth")]
+
+
+def test_start_checks_warn_about_a_horizon_far_from_the_episode_length_and_odd_rates():
+    facts = RunFacts(**{**FACTS.__dict__, "gamma": 0.9999, "critic_lr": 0.3, "tau": 0.5})
+    alerts = HealthMonitor(HealthSection(), facts).start_checks()
+    assert [(a.level, a.rule) for a in alerts] == [(WARN, "horizon"), (WARN, "learning_rate"), (WARN, "tau")]
+    assert "effective horizon of 10000 steps, but episodes last up to 50 steps" in alerts[0].message
+    assert HealthMonitor(HealthSection(), FACTS).start_checks() == []
