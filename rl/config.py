@@ -67,6 +67,17 @@ class EnvSection(Section):
     id: str = Field(min_length=1, description="a registered gymnasium env id")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     max_episode_steps: int | None = Field(default=None, gt=0)
+    # The env's documented per-step reward range [r_min, r_max]: Q must stay within
+    # [r_min, r_max] / (1 - gamma). Unset: the driving envs document their own; for other envs
+    # the health checks use the rewards observed so far.
+    reward_bounds: list[float] | None = Field(default=None, min_length=2, max_length=2)
+
+    @field_validator("reward_bounds")
+    @classmethod
+    def _ordered(cls, bounds):
+        if bounds is not None and not bounds[0] <= bounds[1]:
+            raise ValueError(f"expected [r_min, r_max] with r_min <= r_max, got {list(bounds)}")
+        return bounds
 
     @field_validator("id")
     @classmethod
@@ -193,6 +204,21 @@ class HealthSection(Section):
     grace_iters: int = Field(default=2, ge=1)
 
 
+class WandbSection(Section):
+    """Weights & Biases. The API key comes from WANDB_API_KEY (or a Kubernetes Secret mounted
+    as it), never from a file here; without a key, runs are written offline to the run directory
+    (`wandb sync` uploads them later). A W&B failure never stops training."""
+
+    enabled: bool = True
+    project: str = Field(default="carla-td3", min_length=1)
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["auto", "online", "offline"] = Field(
+        default="auto", description="auto: online with WANDB_API_KEY set, offline without"
+    )
+
+
 class ExperimentConfig(Section):
     experiment: ExperimentSection
     env: EnvSection
@@ -201,6 +227,7 @@ class ExperimentConfig(Section):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     health: HealthSection = Field(default_factory=HealthSection)
+    wandb: WandbSection = Field(default_factory=WandbSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from callbacks.driving_metrics import DrivingMetricsCallback
+from callbacks.health import RunFacts
+from callbacks.health_callback import HealthCallback
 from rl.config import ExperimentConfig
 from rl.td3 import TD3Config
 
@@ -35,7 +37,35 @@ def env_descriptor(exp: ExperimentConfig) -> str:
     return exp.env.id
 
 
-def build_td3_config(exp: ExperimentConfig) -> TD3Config:
+def run_facts(exp: ExperimentConfig) -> RunFacts:
+    """What the health rules know besides the metrics: the driving envs document their reward
+    bounds and episode length; other envs' bounds come from the rewards observed."""
+    import gymnasium
+
+    from carla_env import ENV_CONFIGS
+    from carla_env.reward import reward_bounds
+
+    spec = gymnasium.spec(exp.env.id.rpartition(":")[2])
+    schema = ENV_CONFIGS.get(spec.id)
+    bounds = tuple(exp.env.reward_bounds) if exp.env.reward_bounds else None
+    max_steps = exp.env.max_episode_steps or spec.max_episode_steps
+    if schema is not None:
+        driving = schema.model_validate(exp.env.kwargs)
+        bounds, max_steps = bounds or reward_bounds(driving), driving.episode.max_steps
+    return RunFacts(
+        gamma=exp.algo.gamma,
+        grad_clip=dict(exp.algo.grad_clip),
+        learning_starts=exp.algo.learning_starts,
+        actor_lr=exp.algo.actor_lr,
+        critic_lr=exp.algo.critic_lr,
+        tau=exp.algo.tau,
+        reward_bounds=bounds,
+        max_episode_steps=max_steps,
+    )
+
+
+def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Config:
+    """With a `run_dir`, the run is monitored: health rules, alerts, W&B (callbacks/)."""
     algo, res, model = exp.algo, exp.resources, exp.model
     config = (
         TD3Config()
@@ -74,7 +104,15 @@ def build_td3_config(exp: ExperimentConfig) -> TD3Config:
             # the training runners' worker indices, and so their CARLA ports.
             evaluation_num_env_runners=0,
         )
-        .callbacks(DrivingMetricsCallback)
+        .callbacks([DrivingMetricsCallback, *([HealthCallback] if run_dir else [])])
         .debugging(seed=exp.experiment.seed)
     )
+    if run_dir:
+        config.monitoring(
+            run_dir=str(run_dir),
+            run_facts=run_facts(exp),
+            health=exp.health.model_dump(),
+            wandb=exp.wandb.model_dump(),
+            experiment=exp.to_dict(),
+        )
     return config

@@ -83,6 +83,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     # grad/<group>/<stat> from the learner; env/... from callbacks/driving_metrics.py.
     out.update(_passed_through(result.get("learners", {}).get(DEFAULT_MODULE_ID), "grad/"))
     out.update(_passed_through(result.get(M.ENV_RUNNER_RESULTS), "env/"))
+    out.update(_passed_through(result.get("health"), "health/"))  # callbacks/health_callback.py
     return {
         name: value
         for name, value in out.items()

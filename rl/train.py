@@ -9,7 +9,9 @@ Starts Ray (or joins the cluster in RAY_ADDRESS, as under `ray job submit`), tra
         config.yaml      the fully resolved config (defaults included)
         metrics.jsonl    one line per iteration, stable metric names (rl/metrics.py)
         checkpoints/     RLlib checkpoints: the newest `experiment.keep_checkpoints`, and `final`
-        summary.json     final evaluation return, steps, updates, wall time
+        summary.json     final evaluation return, steps, updates, wall time, status
+        alerts.jsonl     health alerts (callbacks/health.py), one JSON object per line
+        wandb/           the W&B run (offline files when no WANDB_API_KEY is set)
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from pathlib import Path
 
 import yaml
 
+from callbacks.alerts import read_alerts
+from callbacks.health import CRITICAL
+from callbacks.health_callback import HealthCallback
 from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
@@ -47,6 +52,11 @@ def _save_checkpoint(algo, checkpoints: Path, name: str, keep: int) -> Path:
     for old in periodic[:-keep]:
         shutil.rmtree(old)
     return Path(path)
+
+
+def _newest_checkpoint(checkpoints: Path) -> Path | None:
+    periodic = sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
+    return periodic[-1] if periodic else None
 
 
 def _init_ray() -> None:
@@ -72,11 +82,12 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
     torch.set_num_threads(exp.resources.learner_torch_threads)
     _init_ray()
 
-    algo = build_td3_config(exp).build_algo()
+    algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
     progress = TrainingProgress(exp.experiment.stop_env_steps) if show_progress else None
     keep = exp.experiment.keep_checkpoints
     start = time.monotonic()
     env_steps, updates, iteration = 0.0, 0.0, 0
+    stopped_by: list[str] = []  # the CRITICAL alerts that stopped the run, if any
     try:
         with open(run_dir / "metrics.jsonl", "a") as metrics_file:
             while env_steps < exp.experiment.stop_env_steps:
@@ -102,16 +113,28 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
                 metrics_file.flush()
                 if progress:
                     progress.update(env_steps, metrics)
+                if metrics.get("health/stop"):
+                    # Before any checkpoint of this iteration: the newest one stays a healthy one.
+                    stopped_by = [
+                        a["rule"] for a in read_alerts(run_dir) if a["level"] == CRITICAL
+                    ]
+                    break
                 if iteration % exp.experiment.checkpoint_every_iters == 0:
                     _save_checkpoint(
                         algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep
                     )
         train_time = time.monotonic() - start
-        final_eval = summarize({"evaluation": algo.evaluate()})
-        final_checkpoint = _save_checkpoint(algo, run_dir / "checkpoints", "final", keep)
+        if stopped_by:
+            final_eval, final_checkpoint = {}, _newest_checkpoint(run_dir / "checkpoints")
+        else:
+            final_eval = summarize({"evaluation": algo.evaluate()})
+            final_checkpoint = _save_checkpoint(algo, run_dir / "checkpoints", "final", keep)
     finally:
         if progress:
             progress.close()
+        for callback in algo.callbacks:
+            if isinstance(callback, HealthCallback):
+                callback.close()
         algo.stop()
 
     summary = {
@@ -124,7 +147,11 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
         "updates_per_s": updates / train_time,
         "final_eval_return_mean": final_eval.get("eval/return_mean"),
         "final_eval_len_mean": final_eval.get("eval/len_mean"),
-        "final_checkpoint": str(final_checkpoint),
+        "final_checkpoint": str(final_checkpoint) if final_checkpoint else None,
+        # "stopped_unhealthy": a CRITICAL alert ended the run (alerts.jsonl says why); the
+        # final checkpoint is then the newest one written while the run was healthy.
+        "status": "stopped_unhealthy" if stopped_by else "completed",
+        "stopped_by": stopped_by,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -146,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     summary = train(exp, show_progress=not args.no_progress)
+    if summary["status"] == "stopped_unhealthy":
+        print(
+            f"\nStopped after {summary['env_steps']:,.0f} env steps by CRITICAL health alerts: "
+            f"{', '.join(summary['stopped_by'])} (see alerts.jsonl).\n"
+            f"Results: {summary['run_dir']}\n"
+            f"  newest healthy checkpoint: {summary['final_checkpoint']}",
+            file=sys.stderr,
+        )
+        return 3
     print(
         f"\nDone: {summary['env_steps']:,.0f} env steps, {summary['learner_updates']:,.0f} updates "
         f"in {summary['train_time_s']:.0f} s; final evaluation return "

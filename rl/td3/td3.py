@@ -64,6 +64,12 @@ class TD3Config(AlgorithmConfig):
         # Module-wise L2 clipping limits (None: no clipping, stated explicitly); RLlib's own
         # one-limit-for-all `grad_clip` stays off.
         self.grad_clip_by_group = dict(DEFAULT_GRAD_CLIP)
+        # Run monitoring (callbacks/health_callback.py), set by `monitoring()`.
+        self.run_dir: str | None = None
+        self.run_facts = None
+        self.health_config: dict = {}
+        self.wandb_config: dict = {}
+        self.experiment_config: dict = {}
         self.grad_clip = None
         # The module acts in [-1, 1]; RLlib rescales to the env's bounds (no clipping needed).
         self.normalize_actions = True
@@ -120,6 +126,16 @@ class TD3Config(AlgorithmConfig):
             raise ValueError("TD3 runs on RLlib's new API stack only")
         if self.framework_str != "torch":
             raise ValueError(f"TD3 supports framework='torch' only, got {self.framework_str!r}")
+
+    def monitoring(
+        self, *, run_dir: str, run_facts, health: dict, wandb: dict, experiment: dict
+    ) -> "TD3Config":
+        """What the health callback needs: where the run writes, facts about the run (gamma,
+        reward bounds, clip limits: callbacks/health.py RunFacts), the `health:` and `wandb:`
+        sections and the whole resolved experiment config (for W&B)."""
+        self.run_dir, self.run_facts = run_dir, run_facts
+        self.health_config, self.wandb_config, self.experiment_config = health, wandb, experiment
+        return self
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from rl.td3.td3_rl_module import TD3TorchRLModule

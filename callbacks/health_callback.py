@@ -1,0 +1,49 @@
+"""The RLlib callback that watches a run: every iteration it reads the stable metrics, runs the
+health rules (callbacks/health.py), sends new alerts (callbacks/alerts.py), logs everything to
+W&B, and marks the result `health/stop` when a CRITICAL alert should end the run.
+
+It runs in the algorithm's process, so it works the same under `rl.train` and under Ray Tune.
+Configured by `TD3Config.monitoring(...)` (rl/experiment.py).
+"""
+
+from __future__ import annotations
+
+from ray.rllib.callbacks.callbacks import RLlibCallback
+
+from callbacks.alerts import AlertSinks
+from callbacks.health import HealthMonitor
+from callbacks.wandb_run import WandbRun
+from rl.config import HealthSection, WandbSection
+from rl.metrics import summarize
+
+HEALTH = "health"  # the result key under which the `health/...` metrics go
+
+
+class HealthCallback(RLlibCallback):
+    def on_algorithm_init(self, *, algorithm, **kwargs) -> None:
+        config = algorithm.config
+        self.section = HealthSection.model_validate(config.health_config)
+        self.monitor = HealthMonitor(self.section, config.run_facts)
+        self.wandb_run = WandbRun(
+            WandbSection.model_validate(config.wandb_config),
+            config.run_dir,
+            name=config.experiment_config["experiment"]["name"],
+            config=config.experiment_config,
+        )
+        self.sinks = AlertSinks(config.run_dir, self.wandb_run)
+        for alert in self.monitor.start_checks():
+            self.sinks.send(alert)
+
+    def on_train_result(self, *, algorithm, result: dict, **kwargs) -> None:
+        iteration = int(result.get("training_iteration", 0))
+        metrics = summarize(result)
+        health, alerts = self.monitor.update(iteration, metrics)
+        for alert in alerts:
+            self.sinks.send(alert)
+        health["health/stop"] = float(self.section.stop_on_critical and health["health/critical"] > 0)
+        result[HEALTH] = health
+        self.wandb_run.log({**metrics, **health}, step=iteration)
+
+    def close(self) -> None:
+        """Flushes and closes the W&B run (the offline files are complete after this)."""
+        self.wandb_run.finish()

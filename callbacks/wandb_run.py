@@ -1,0 +1,72 @@
+"""One W&B run per training run: metrics every iteration, the resolved config, alerts.
+
+Online only with WANDB_API_KEY in the environment (the key is never read from or written to a
+file of ours, nor logged); otherwise offline, into `<run_dir>/wandb/`. Any W&B error is reported
+once on stderr and W&B is switched off for the rest of the run: it never stops training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from rl.config import WandbSection
+
+# Our levels -> wandb.alert's.
+WANDB_LEVELS = {"INFO": "INFO", "WARN": "WARN", "CRITICAL": "ERROR"}
+
+
+class WandbRun:
+    def __init__(self, section: WandbSection, run_dir: str, name: str, config: dict[str, Any]):
+        self._run = None
+        self.mode = section.mode
+        if self.mode == "auto":
+            self.mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if section.enabled:
+            self._guard(self._init, section, run_dir, name, config, self.mode)
+
+    def _init(self, section, run_dir, name, config, mode) -> None:
+        import wandb
+
+        self._run = wandb.init(
+            project=section.project,
+            entity=section.entity,
+            group=section.group,
+            tags=section.tags,
+            name=name,
+            config=config,
+            dir=run_dir,
+            mode=mode,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+        )
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._run is not None:
+            self._guard(self._run.log, metrics, step=step)
+
+    def alert(self, alert) -> None:
+        if self._run is not None:
+            self._guard(
+                self._run.alert,
+                title=f"{alert.level}: {alert.rule}"[:63],
+                text=alert.message,
+                level=WANDB_LEVELS[alert.level],
+                wait_duration=0,
+            )
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._guard(self._run.finish)
+            self._run = None
+
+    def _guard(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # W&B must never take training down with it
+            print(f"W&B disabled for the rest of this run: {type(e).__name__}: {e}", file=sys.stderr)
+            self._run = None
