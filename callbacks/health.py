@@ -9,9 +9,10 @@ rl/config.py HealthSection):
 | missing_metric | CRITICAL | a required metric (losses, Q) is not reported after learning started |
 | q_out_of_bound | CRITICAL | Q leaves [r_min, r_max] / (1 - gamma) by more than `q_bound_slack` of that range |
 | q_growth | WARN | max abs Q grew `q_growth_factor` times within a window and passed half the bound |
+| overestimation | WARN | Q1(s0, a0) of finished episodes exceeds their discounted return by more than `overestimation_max` of the bound's range |
 | clipping_broken | CRITICAL | a group's post-clip gradient norm is above its limit |
-| episode_length_collapse | CRITICAL | recent mean episode length < `collapse_fraction` x the run's first window |
-| return_collapse | WARN | recent mean return fell by more than (1 - `collapse_fraction`) x abs(first window's) |
+| episode_length_collapse | CRITICAL | the last window's mean episode length fell below `collapse_fraction` x its best window since learning started |
+| return_collapse | WARN | the last window's mean return fell by more than (1 - `collapse_fraction`) x abs(its best window's) |
 | horizon, learning_rate, tau | WARN | at start: hyperparameters outside sane ranges for the env |
 
 An alert fires once, when its condition starts; it can fire again only after the condition has
@@ -71,8 +72,7 @@ class HealthMonitor:
         self.config, self.facts = config, facts
         self._active: set[str] = set()
         self._iters_learning = 0
-        self._early: dict[str, list[float]] = {"episode/len_mean": [], "episode/return_mean": []}
-        self._recent = {k: deque(maxlen=config.window_iters) for k in self._early}
+        self._since_learning: dict[str, list[float]] = {"episode/len_mean": [], "episode/return_mean": []}
         self._q_abs = deque(maxlen=config.window_iters)
 
     # --- At start ---------------------------------------------------------------------------
@@ -191,6 +191,20 @@ class HealthMonitor:
                 "(learning rate, tau, or clipping too loose), or rewards larger than documented.",
                 {"q_max": q_hi, "q_min": q_lo, "bound_lower": lower, "bound_upper": upper, "excess": excess},
             )
+        over = m.get("q/overestimation")
+        if _finite(over):
+            health["health/overestimation"] = over / span
+            if over / span > self.config.overestimation_max:
+                conditions["overestimation"] = (
+                    WARN,
+                    f"the critic overestimates: at the starts of the episodes that ended, Q1 is "
+                    f"{m.get('q/start_estimate_mean', float('nan')):,.1f} but their discounted return "
+                    f"was {m.get('q/start_return_mean', float('nan')):,.1f} (over by {over / span:.2f} "
+                    f"of the return range, allowed {self.config.overestimation_max:g}). Likely cause: "
+                    "the bias clipped double-Q should remove is coming back (target noise, tau, "
+                    "learning rates).",
+                    {"overestimation": over, "relative": over / span},
+                )
         self._q_abs.append(abs(q_hi))
         first, now = self._q_abs[0], self._q_abs[-1]
         half_bound = 0.5 * abs(upper if q_hi >= 0 else lower)  # the side Q is on
@@ -221,35 +235,36 @@ class HealthMonitor:
             )
 
     def _check_collapse(self, m: dict, health: dict, conditions: dict) -> None:
-        window, fraction = self.config.window_iters, self.config.collapse_fraction
-        for key in self._early:
-            if not _finite(m.get(key)):
+        if not self._iters_learning:  # the random warm-up is not the policy's own level
+            return
+        for key, rule, level, what in (
+            ("episode/len_mean", "episode_length_collapse", CRITICAL, "mean episode length"),
+            ("episode/return_mean", "return_collapse", WARN, "mean return"),
+        ):
+            if _finite(m.get(key)):
+                self._since_learning[key].append(m[key])
+            result = window_collapse(self._since_learning[key], self.config.window_iters, self.config.collapse_fraction)
+            if result is None:
                 continue
-            if len(self._early[key]) < window:
-                self._early[key].append(m[key])
-            self._recent[key].append(m[key])
-        ready = {k: len(self._early[k]) == window and len(self._recent[k]) == window for k in self._early}
-        if ready["episode/len_mean"]:
-            early, recent = np.mean(self._early["episode/len_mean"]), np.mean(self._recent["episode/len_mean"])
-            health["health/len_vs_early"] = recent / early
-            if recent < fraction * early:
-                conditions["episode_length_collapse"] = (
-                    CRITICAL,
-                    f"episodes collapsed: mean length {recent:.1f} steps over the last {window} "
-                    f"iterations, against {early:.1f} in the run's first {window} (below "
-                    f"{fraction:.0%}). Likely cause: the policy learned to end episodes early "
-                    "(crashing at once), often after Q-values diverged.",
-                    {"len_recent": recent, "len_early": early},
+            best, recent, collapsed = result
+            health[f"health/{key.split('/')[1]}_vs_best"] = recent - best
+            if collapsed:
+                conditions[rule] = (
+                    level,
+                    f"{what} collapsed to {recent:,.2f} over the last {self.config.window_iters} "
+                    f"iterations, from {best:,.2f} at its best since learning started (a drop of more "
+                    f"than {1 - self.config.collapse_fraction:.0%}). Likely cause: the policy learned "
+                    "to end episodes early (crashing at once) or is unlearning, often after "
+                    "Q-values diverged.",
+                    {"recent": recent, "best": best},
                 )
-        if ready["episode/return_mean"]:
-            early, recent = np.mean(self._early["episode/return_mean"]), np.mean(self._recent["episode/return_mean"])
-            drop = early - recent
-            health["health/return_drop"] = drop
-            if drop > (1 - fraction) * max(abs(early), 1e-6):
-                conditions["return_collapse"] = (
-                    WARN,
-                    f"returns fell: mean {recent:,.2f} over the last {window} iterations against "
-                    f"{early:,.2f} in the run's first {window}. Likely cause: the policy is "
-                    "unlearning (check Q against its bound and the episode ends).",
-                    {"return_recent": recent, "return_early": early},
-                )
+
+
+def window_collapse(values: list[float], window: int, fraction: float) -> tuple[float, float, bool] | None:
+    """(best window mean, last window mean, collapsed): collapsed when the last window's mean
+    fell below the best window's by more than (1 - fraction) x abs(best). None: too few values."""
+    if len(values) < window:
+        return None
+    means = np.convolve(values, np.ones(window) / window, mode="valid")
+    best, recent = float(means.max()), float(means[-1])
+    return best, recent, best - recent > (1 - fraction) * max(abs(best), 1e-6)

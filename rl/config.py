@@ -188,6 +188,9 @@ class HealthSection(Section):
     stop_on_critical: bool = True
     # Q outside [r_min, r_max] / (1 - gamma) by more than this fraction of that range: CRITICAL.
     q_bound_slack: float = Field(default=0.5, ge=0.0)
+    # Q1 at episode starts above the discounted return obtained from them, by more than this
+    # fraction of the return bound's range (the TD3 paper's overestimation measure): WARN.
+    overestimation_max: float = Field(default=0.25, gt=0.0)
     # |Q max| grew this many times within `window_iters` and passed half the bound: WARN.
     q_growth_factor: float = Field(default=10.0, gt=1.0)
     window_iters: int = Field(default=10, ge=2, description="iterations per trend window")

@@ -13,7 +13,14 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.utils import metrics as M
 
 from rl.td3 import td3_learner as L
-from rl.td3.td3 import REPLAY_BUFFER_SIZE, REPLAY_REWARD_MAX, REPLAY_REWARD_MIN
+from rl.td3.td3 import (
+    OVERESTIMATION,
+    REPLAY_BUFFER_SIZE,
+    REPLAY_REWARD_MAX,
+    REPLAY_REWARD_MIN,
+    START_Q_MEAN,
+    START_RETURN_MEAN,
+)
 
 # stable name -> path in the RLlib result dict
 RESULT_PATHS: dict[str, tuple[str, ...]] = {
@@ -31,6 +38,9 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "q/q1_min": ("learners", DEFAULT_MODULE_ID, L.Q1_MIN),
     "q/q1_std": ("learners", DEFAULT_MODULE_ID, L.Q1_STD),
     "q/q2_std": ("learners", DEFAULT_MODULE_ID, L.Q2_STD),
+    "q/start_estimate_mean": (START_Q_MEAN,),
+    "q/start_return_mean": (START_RETURN_MEAN,),
+    "q/overestimation": (OVERESTIMATION,),
     "learner/non_finite_weights": ("learners", DEFAULT_MODULE_ID, L.NON_FINITE_WEIGHTS),
     "q/target_mean": ("learners", DEFAULT_MODULE_ID, L.Q_TARGET_MEAN),
     "q/td_error_mean": ("learners", DEFAULT_MODULE_ID, L.TD_ERROR_MEAN),

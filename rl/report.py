@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from callbacks.alerts import read_alerts
+from callbacks.health import window_collapse
 from rl.config import AlgoSection, HealthSection
 
 
@@ -108,18 +109,17 @@ def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict) ->
         ("over: " + "; ".join(over)) if over else f"all within (limits: {limits})",
     ))
 
-    window, fraction = health.window_iters, health.collapse_fraction
     for key, what in (("episode/len_mean", "episode length"), ("episode/return_mean", "return")):
-        _, values = series(rows, key)
-        if len(values) < 2 * window:
+        values = [r[key] for r in learning if key in r and math.isfinite(r[key])]
+        result = window_collapse(values, health.window_iters, health.collapse_fraction)
+        if result is None:
             out.append(Check(f"no {what} collapse", True, f"too few iterations with episodes ({len(values)})"))
             continue
-        early, recent = values[:window].mean(), values[-window:].mean()
-        collapsed = recent < fraction * early if what == "episode length" else early - recent > (1 - fraction) * abs(early)
+        best, recent, collapsed = result
         out.append(Check(
             f"no {what} collapse",
             not collapsed,
-            f"first {window} iterations {early:,.2f}, last {window} {recent:,.2f}",
+            f"best {health.window_iters}-iteration mean since learning started {best:,.2f}, last {recent:,.2f}",
         ))
 
     critical = [a for a in alerts if a["level"] == "CRITICAL"]

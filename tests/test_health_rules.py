@@ -110,7 +110,15 @@ def test_episode_length_collapse_from_50_to_2_steps_is_critical():
     late = [{**HEALTHY, "episode/len_mean": 2.0, "episode/return_mean": 1.0}] * 3
     health, alerts = run(monitor(), early + late)
     assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "episode_length_collapse"), (WARN, "return_collapse")]
-    assert health["health/len_vs_early"] == pytest.approx(2.0 / 50.0)
+    assert health["health/len_mean_vs_best"] == pytest.approx(2.0 - 50.0)
+
+
+def test_the_dip_when_the_policy_takes_over_from_random_warm_up_is_not_a_collapse():
+    # Random warm-up survives 11 steps; the fresh policy 5 at first, then it learns.
+    warm_up = [{**HEALTHY, "env/steps_sampled": 50.0, "episode/len_mean": 11.0}] * 5
+    learning = [{**HEALTHY, "episode/len_mean": n} for n in (5.0, 4.8, 5.2, 7.0, 12.0, 20.0)]
+    _, alerts = run(monitor(), warm_up + learning)
+    assert alerts == []
 
 
 def test_returns_that_improve_from_negative_values_are_not_a_collapse():
@@ -131,3 +139,13 @@ def test_start_checks_warn_about_a_horizon_far_from_the_episode_length_and_odd_r
     assert [(a.level, a.rule) for a in alerts] == [(WARN, "horizon"), (WARN, "learning_rate"), (WARN, "tau")]
     assert "effective horizon of 10000 steps, but episodes last up to 50 steps" in alerts[0].message
     assert HealthMonitor(HealthSection(), FACTS).start_checks() == []
+
+
+def test_a_critic_that_overestimates_the_returns_it_gets_warns():
+    # Bound range 30; Q1 at starts 9 against a return of 1: over by 8 = 0.27 of the range.
+    over = {**HEALTHY, "q/start_estimate_mean": 9.0, "q/start_return_mean": 1.0, "q/overestimation": 8.0}
+    health, alerts = run(monitor(overestimation_max=0.25), [over])
+    assert [(a.level, a.rule) for a in alerts] == [(WARN, "overestimation")]
+    assert health["health/overestimation"] == pytest.approx(8.0 / 30.0)
+    _, alerts = run(monitor(overestimation_max=0.25), [{**over, "q/overestimation": -5.0}])
+    assert alerts == []  # underestimation is TD3's known, harmless side

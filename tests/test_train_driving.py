@@ -12,7 +12,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from callbacks.alerts import read_alerts
 from rl.config import load_config
+from rl.report import write_report
 from rl.train import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "driving_embedded_td3.yaml"
@@ -66,3 +68,8 @@ def test_td3_with_cnn_learns_to_drive_on_the_embedded_backend(ray_local, tmp_pat
     ends = [last.get(f"env/episode_end/{r}") for r in ("collision", "off_route", "stuck", "time_limit")]
     assert None not in ends and sum(ends) == pytest.approx(1.0), last
     assert last["env/reward/progress"] > 0, last
+
+    # A healthy run: no CRITICAL alert, and its validation report says PASS.
+    assert not [a for a in read_alerts(tmp_path / "run") if a["level"] == "CRITICAL"]
+    passed, report = write_report(tmp_path / "run")
+    assert passed, report.read_text()

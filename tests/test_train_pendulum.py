@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from callbacks.alerts import read_alerts
 from rl.config import load_config
+from rl.report import write_report
 from rl.train import train
 
 
@@ -31,3 +33,12 @@ def test_td3_reaches_minus_250_on_pendulum_within_20k_steps(ray_local, tmp_path)
     assert summary["learner_updates"] == pytest.approx(
         summary["env_steps"] - exp.algo.learning_starts, abs=exp.resources.rollout_fragment_length
     )
+
+    # A healthy run: no CRITICAL alert, it completed, and its validation report says PASS.
+    alerts = read_alerts(run)
+    assert not [a for a in alerts if a["level"] == "CRITICAL"], alerts
+    assert summary["status"] == "completed"
+    passed, report = write_report(run)
+    assert passed, report.read_text()
+    assert (run / "report" / "report.png").stat().st_size > 10_000
+    assert "q/q1_max" in (run / "report" / "metrics.csv").read_text().splitlines()[0]

@@ -33,11 +33,15 @@ from ray.rllib.utils.metrics import (
 
 from rl.config import DEFAULT_GRAD_CLIP, ModelSection
 from rl.td3.replay_buffer import TransitionReplayBuffer
+from rl.td3.start_values import EpisodeStarts, start_values
 
 REPLAY_BUFFER_SIZE = "replay_buffer_size"
 # The lowest and highest reward seen so far: the observed return bound the health checks use
 # when an env documents none.
 REPLAY_REWARD_MIN, REPLAY_REWARD_MAX = "replay_reward_min", "replay_reward_max"
+# The overestimation diagnostic (rl/td3/start_values.py), on episodes finished this iteration.
+START_Q_MEAN, START_RETURN_MEAN = "start_q_mean", "start_return_mean"
+OVERESTIMATION = "overestimation"
 
 
 class TD3Config(AlgorithmConfig):
@@ -171,6 +175,7 @@ class TD3(Algorithm):
         super().setup(config)
         self.replay_buffer = TransitionReplayBuffer(config.replay_buffer_capacity, seed=config.seed)
         self._update_credit = 0.0  # fractional updates owed to sampled steps
+        self._episode_starts = EpisodeStarts(config.gamma)
 
     def training_step(self) -> None:
         config = self.config
@@ -186,6 +191,7 @@ class TD3(Algorithm):
 
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
             new_steps = self.replay_buffer.add_episodes(episodes)
+        finished = self._episode_starts.add(episodes)
         self.metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
         if len(self.replay_buffer):
             low, high = self.replay_buffer.reward_range
@@ -197,6 +203,8 @@ class TD3(Algorithm):
             (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
         )
         steps_past_start = lifetime_steps - config.num_steps_sampled_before_learning_starts
+        if finished and steps_past_start > 0:
+            self._log_overestimation(finished)
         self._update_credit += max(0, min(new_steps, steps_past_start)) * config.updates_per_env_step
         num_updates = int(self._update_credit)
         if num_updates == 0:
@@ -208,6 +216,14 @@ class TD3(Algorithm):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True
             )
+
+    def _log_overestimation(self, finished: list) -> None:
+        """Q1 at the starts of the episodes that just ended, against what they returned."""
+        results = self.learner_group.foreach_learner(start_values, starts=finished)
+        q_start, returns = next(iter(results)).get()
+        self.metrics.log_value(START_Q_MEAN, float(q_start.mean()), window=1)
+        self.metrics.log_value(START_RETURN_MEAN, float(returns.mean()), window=1)
+        self.metrics.log_value(OVERESTIMATION, float((q_start - returns).mean()), window=1)
 
     def _learn(self, num_updates: int, lifetime_steps: int) -> None:
         """Runs `num_updates` minibatch updates on replayed transitions, in learner calls of at

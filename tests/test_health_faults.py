@@ -1,0 +1,132 @@
+"""Fault injection: real short training runs, each with one thing broken. Each must raise its
+CRITICAL alert within a few iterations of learning starting, stop itself, keep no unhealthy
+checkpoint, and get a FAIL report that names the reason. A healthy run passes (see
+test_train_pendulum.py and test_train_driving.py).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rl.config import load_config
+from rl.report import write_report
+from rl.train import train
+from tests import fault_envs
+from tests.image_reach_env import register as register_image_reach
+from tests.wandb_records import read_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LEARNING_STARTS = 640  # 10 iterations of 64 steps
+FEW_ITERATIONS = 5  # the alert must come at most this many iterations after learning starts
+
+
+def pendulum(tmp_path, *overrides):
+    return load_config(
+        CONFIGS / "pendulum_td3.yaml",
+        overrides=[
+            "experiment.stop_env_steps=4000",
+            f"experiment.output_dir={tmp_path}",
+            f"algo.learning_starts={LEARNING_STARTS}",
+            "evaluation.interval_iters=0",
+            "evaluation.episodes=1",
+            "experiment.checkpoint_every_iters=5",
+            *overrides,
+        ],
+    )
+
+
+def assert_stopped_by(summary: dict, rule: str, run_dir: Path) -> None:
+    assert summary["status"] == "stopped_unhealthy" and rule in summary["stopped_by"], summary
+    assert summary["iterations"] <= LEARNING_STARTS // 64 + 1 + FEW_ITERATIONS, summary
+    alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    assert any(a["level"] == "CRITICAL" and a["rule"] == rule for a in alerts), alerts
+    # Checkpoints: only periodic ones written before the alert; no "final" of the broken state.
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "final" not in checkpoints
+    assert all(int(name.split("_")[1]) < summary["iterations"] for name in checkpoints)
+    passed, report = write_report(run_dir)
+    text = report.read_text()
+    assert not passed and "## Verdict: FAIL" in text and f"`{rule}`" in text
+
+
+@pytest.mark.slow
+def test_rewards_larger_than_documented_drive_q_out_of_its_bound(ray_local, tmp_path):
+    exp = pendulum(tmp_path, f"env.id={fault_envs.register()}")  # rewards x1000, bounds as documented
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    assert_stopped_by(summary, "q_out_of_bound", tmp_path / "run")
+    assert "Q within the discounted return bound | **FAIL**" in (tmp_path / "run" / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_nan_in_the_loss_is_caught_and_the_run_stops(ray_local, tmp_path, monkeypatch):
+    from rl.td3.td3_learner import TD3TorchLearner
+
+    real_loss = TD3TorchLearner.compute_loss_for_module
+
+    def nan_after_100_updates(self, *, module_id, **kwargs):
+        loss = real_loss(self, module_id=module_id, **kwargs)
+        if self._num_critic_updates[module_id] > 100:  # the critic loss that gets backpropagated
+            critic_loss, actor_loss = self._losses[module_id]
+            self._losses[module_id] = (critic_loss * math.nan, actor_loss)
+        return loss
+
+    monkeypatch.setattr(TD3TorchLearner, "compute_loss_for_module", nan_after_100_updates)
+    summary = train(pendulum(tmp_path), run_dir=tmp_path / "run", show_progress=False)
+    assert_stopped_by(summary, "non_finite", tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_losses_that_are_not_reported_are_caught_like_the_seeds_missing_metrics(ray_local, tmp_path, monkeypatch):
+    import rl.metrics
+
+    paths = {k: v for k, v in rl.metrics.RESULT_PATHS.items() if not k.startswith("losses/")}
+    monkeypatch.setattr(rl.metrics, "RESULT_PATHS", paths)
+    summary = train(pendulum(tmp_path), run_dir=tmp_path / "run", show_progress=False)
+    assert_stopped_by(summary, "missing_metric", tmp_path / "run")
+    assert "losses and Q reported every iteration since learning started | **FAIL**" in (
+        tmp_path / "run" / "report" / "report.md"
+    ).read_text()
+
+
+@pytest.mark.slow
+def test_unclipped_encoders_with_a_huge_learning_rate_diverge_and_are_stopped(ray_local, tmp_path):
+    exp = load_config(
+        CONFIGS / "pendulum_td3.yaml",
+        overrides=[
+            f"env.id={register_image_reach()}",
+            "env.reward_bounds=[-1.5, 0.0]",  # -distance in the unit square
+            "experiment.stop_env_steps=4000",
+            f"experiment.output_dir={tmp_path}",
+            f"algo.learning_starts={LEARNING_STARTS}",
+            "algo.gamma=0.9",
+            "algo.actor_lr=1.0",
+            "algo.critic_lr=1.0",
+            "algo.train_batch_size=64",
+            "algo.grad_clip={actor.encoder: null, actor.head: 1.0, critic.encoder: null, critic.head: 10.0}",
+            "model.actor_hidden=[32]",
+            "model.critic_hidden=[32]",
+            "model.cnn={channels: [8], kernel_sizes: [4], strides: [2], feature_dim: 16}",
+            "evaluation.interval_iters=0",
+            "evaluation.episodes=1",
+            "experiment.checkpoint_every_iters=5",
+        ],
+    )
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    rule = next(r for r in summary["stopped_by"] if r in ("q_out_of_bound", "non_finite"))
+    assert_stopped_by(summary, rule, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_metrics_and_alerts_reach_the_offline_wandb_run(ray_local, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    exp = pendulum(tmp_path, f"env.id={fault_envs.register()}", "wandb.group=faults", "wandb.tags=[test]")
+    train(exp, run_dir=tmp_path / "run", show_progress=False)
+    history, alerts = read_run(tmp_path / "run")
+    assert len(history) >= LEARNING_STARTS // 64
+    last = history[-1]
+    for name in ("losses/critic", "q/q1_max", "health/q_excess", "health/critical", "grad/critic.head/post_clip_norm"):
+        assert name in last, sorted(last)
+    assert last["health/critical"] == 1.0
+    assert [(title, level) for title, _, level in alerts] == [("CRITICAL: q_out_of_bound", "ERROR")]
