@@ -9,10 +9,10 @@ rl/config.py HealthSection):
 | missing_metric | CRITICAL | a required metric (losses, Q) is not reported after learning started |
 | q_out_of_bound | CRITICAL | Q leaves [r_min, r_max] / (1 - gamma) by more than `q_bound_slack` of that range |
 | q_growth | WARN | max abs Q grew `q_growth_factor` times within a window and passed half the bound |
-| overestimation | WARN | Q1(s0, a0) of finished episodes exceeds their discounted return by more than `overestimation_max` of the bound's range |
+| overestimation | WARN | Q1(s0, a0) of finished episodes exceeds their discounted return by more than `overestimation_max` of the bound's range, over a window, and more than in the window before |
 | clipping_broken | CRITICAL | a group's post-clip gradient norm is above its limit |
-| episode_length_collapse | CRITICAL | the last window's mean episode length fell below `collapse_fraction` x its best window since learning started |
-| return_collapse | WARN | the last window's mean return fell by more than (1 - `collapse_fraction`) x abs(its best window's) |
+| return_collapse | WARN | the last window's mean return lost more than (1 - `collapse_fraction`) of its best window since learning started (see `window_collapse`) |
+| episode_collapse | CRITICAL | the return collapsed and so did the episode length (shorter episodes with good returns are a policy reaching its goal sooner) |
 | horizon, learning_rate, tau | WARN | at start: hyperparameters outside sane ranges for the env |
 
 An alert fires once, when its condition starts; it can fire again only after the condition has
@@ -74,6 +74,7 @@ class HealthMonitor:
         self._iters_learning = 0
         self._since_learning: dict[str, list[float]] = {"episode/len_mean": [], "episode/return_mean": []}
         self._q_abs = deque(maxlen=config.window_iters)
+        self._overestimation: list[float] = []  # relative to the bound's range
 
     # --- At start ---------------------------------------------------------------------------
 
@@ -191,23 +192,11 @@ class HealthMonitor:
                 "(learning rate, tau, or clipping too loose), or rewards larger than documented.",
                 {"q_max": q_hi, "q_min": q_lo, "bound_lower": lower, "bound_upper": upper, "excess": excess},
             )
-        over = m.get("q/overestimation")
-        if _finite(over):
-            health["health/overestimation"] = over / span
-            if over / span > self.config.overestimation_max:
-                conditions["overestimation"] = (
-                    WARN,
-                    f"the critic overestimates: at the starts of the episodes that ended, Q1 is "
-                    f"{m.get('q/start_estimate_mean', float('nan')):,.1f} but their discounted return "
-                    f"was {m.get('q/start_return_mean', float('nan')):,.1f} (over by {over / span:.2f} "
-                    f"of the return range, allowed {self.config.overestimation_max:g}). Likely cause: "
-                    "the bias clipped double-Q should remove is coming back (target noise, tau, "
-                    "learning rates).",
-                    {"overestimation": over, "relative": over / span},
-                )
+        self._check_overestimation(m, span, health, conditions)
         self._q_abs.append(abs(q_hi))
         first, now = self._q_abs[0], self._q_abs[-1]
-        half_bound = 0.5 * abs(upper if q_hi >= 0 else lower)  # the side Q is on
+        # Half the bound on the side Q is on; at least a tenth of the range (a bound at 0).
+        half_bound = max(0.5 * abs(upper if q_hi >= 0 else lower), 0.1 * span)
         grew = first > 1e-3 and now >= self.config.q_growth_factor * first
         if len(self._q_abs) == self._q_abs.maxlen and grew and now > half_bound:
             conditions["q_growth"] = (
@@ -216,6 +205,31 @@ class HealthMonitor:
                 f"{first:,.1f} to {now:,.1f}) and is past half the return bound ({half_bound:,.1f}). "
                 "Likely cause: the start of a divergence; watch q/ and the learning rates.",
                 {"q_abs_start": first, "q_abs_now": now, "half_bound": half_bound},
+            )
+
+    def _check_overestimation(self, m: dict, span: float, health: dict, conditions: dict) -> None:
+        """Windows of the iterations whose episodes ended (only they report it): the last
+        window's mean above the limit and above the window before. A critic that starts
+        optimistic (Q near 0, returns negative) comes down; a diverging one climbs."""
+        if _finite(m.get("q/overestimation")):
+            self._overestimation.append(m["q/overestimation"] / span)
+            health["health/overestimation"] = self._overestimation[-1]
+        w = self.config.window_iters
+        if len(self._overestimation) < 2 * w:
+            return
+        recent = float(np.mean(self._overestimation[-w:]))
+        before = float(np.mean(self._overestimation[-2 * w : -w]))
+        if recent > self.config.overestimation_max and recent > before:
+            conditions["overestimation"] = (
+                WARN,
+                f"the critic overestimates, more and more: at the starts of finished episodes Q1 "
+                f"exceeded the discounted return they got by {recent:.2f} of the return range on "
+                f"average over the last {w} such iterations ({before:.2f} the {w} before; allowed "
+                f"{self.config.overestimation_max:g}); latest: Q1 "
+                f"{m.get('q/start_estimate_mean', float('nan')):,.1f} against "
+                f"{m.get('q/start_return_mean', float('nan')):,.1f}. Likely cause: the bias clipped "
+                "double-Q should remove is coming back (target noise, tau, learning rates).",
+                {"relative": recent, "relative_window_before": before},
             )
 
     def _check_clipping(self, m: dict, conditions: dict) -> None:
@@ -237,34 +251,47 @@ class HealthMonitor:
     def _check_collapse(self, m: dict, health: dict, conditions: dict) -> None:
         if not self._iters_learning:  # the random warm-up is not the policy's own level
             return
-        for key, rule, level, what in (
-            ("episode/len_mean", "episode_length_collapse", CRITICAL, "mean episode length"),
-            ("episode/return_mean", "return_collapse", WARN, "mean return"),
-        ):
+        collapse = {}
+        for key in ("episode/len_mean", "episode/return_mean"):
             if _finite(m.get(key)):
                 self._since_learning[key].append(m[key])
-            result = window_collapse(self._since_learning[key], self.config.window_iters, self.config.collapse_fraction)
-            if result is None:
-                continue
-            best, recent, collapsed = result
-            health[f"health/{key.split('/')[1]}_vs_best"] = recent - best
-            if collapsed:
-                conditions[rule] = (
-                    level,
-                    f"{what} collapsed to {recent:,.2f} over the last {self.config.window_iters} "
-                    f"iterations, from {best:,.2f} at its best since learning started (a drop of more "
-                    f"than {1 - self.config.collapse_fraction:.0%}). Likely cause: the policy learned "
-                    "to end episodes early (crashing at once) or is unlearning, often after "
-                    "Q-values diverged.",
-                    {"recent": recent, "best": best},
-                )
+            collapse[key] = window_collapse(self._since_learning[key], self.config.window_iters, self.config.collapse_fraction)
+            if collapse[key] is not None:
+                health[f"health/{key.split('/')[1]}_vs_best"] = collapse[key][1] - collapse[key][0]
+        returns, lengths = collapse["episode/return_mean"], collapse["episode/len_mean"]
+        if returns is None or not returns[2]:
+            return  # shorter episodes with good returns are a policy reaching its goal sooner
+        window = self.config.window_iters
+        evidence = {"return_recent": returns[1], "return_best": returns[0]}
+        text = (
+            f"mean return fell to {returns[1]:,.2f} over the last {window} iterations from "
+            f"{returns[0]:,.2f} at its best since learning started (lost more than "
+            f"{1 - self.config.collapse_fraction:.0%} of it)"
+        )
+        if lengths is not None and lengths[2]:
+            conditions["episode_collapse"] = (
+                CRITICAL,
+                f"episodes collapsed: {text}, and episodes got short: {lengths[1]:.1f} steps against "
+                f"{lengths[0]:.1f} at best. Likely cause: the policy learned to end episodes at "
+                "once (crashing), typically after Q-values diverged.",
+                {**evidence, "len_recent": lengths[1], "len_best": lengths[0]},
+            )
+        else:
+            conditions["return_collapse"] = (
+                WARN,
+                f"{text}. Likely cause: the policy is unlearning; check Q against its bound and "
+                "how episodes end.",
+                evidence,
+            )
 
 
 def window_collapse(values: list[float], window: int, fraction: float) -> tuple[float, float, bool] | None:
-    """(best window mean, last window mean, collapsed): collapsed when the last window's mean
-    fell below the best window's by more than (1 - fraction) x abs(best). None: too few values."""
+    """(best window mean, last window mean, collapsed). Collapsed: the last window lost more
+    than (1 - fraction) of the best one, measured against max(best - first window, abs(best)),
+    i.e. of what learning gained or of the level itself. None: too few values."""
     if len(values) < window:
         return None
     means = np.convolve(values, np.ones(window) / window, mode="valid")
     best, recent = float(means.max()), float(means[-1])
-    return best, recent, best - recent > (1 - fraction) * max(abs(best), 1e-6)
+    scale = max(best - float(means[0]), abs(best), 1e-6)
+    return best, recent, best - recent > (1 - fraction) * scale

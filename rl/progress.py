@@ -15,6 +15,7 @@ SHOWN = (
     ("losses/actor", "actor", "{:.3g}"),
     ("q/q1_mean", "Q1", "{:.3g}"),
     ("perf/env_steps_per_s", "steps/s", "{:.0f}"),
+    ("health/alerts_active", "alerts", "{:.0f}"),
 )
 
 

@@ -109,17 +109,22 @@ def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict) ->
         ("over: " + "; ".join(over)) if over else f"all within (limits: {limits})",
     ))
 
-    for key, what in (("episode/len_mean", "episode length"), ("episode/return_mean", "return")):
-        values = [r[key] for r in learning if key in r and math.isfinite(r[key])]
-        result = window_collapse(values, health.window_iters, health.collapse_fraction)
-        if result is None:
-            out.append(Check(f"no {what} collapse", True, f"too few iterations with episodes ({len(values)})"))
-            continue
-        best, recent, collapsed = result
+    collapse = {
+        key: window_collapse(
+            [r[key] for r in learning if key in r and math.isfinite(r[key])], health.window_iters, health.collapse_fraction
+        )
+        for key in ("episode/return_mean", "episode/len_mean")
+    }
+    returns, lengths = collapse["episode/return_mean"], collapse["episode/len_mean"]
+    if returns is None:
+        out.append(Check("no return collapse", True, "too few iterations with ended episodes"))
+    else:
         out.append(Check(
-            f"no {what} collapse",
-            not collapsed,
-            f"best {health.window_iters}-iteration mean since learning started {best:,.2f}, last {recent:,.2f}",
+            "no return collapse",
+            not returns[2],
+            f"best {health.window_iters}-iteration mean since learning started {returns[0]:,.2f}, "
+            f"last {returns[1]:,.2f}"
+            + (f"; episode length best {lengths[0]:,.1f}, last {lengths[1]:,.1f}" if lengths else ""),
         ))
 
     critical = [a for a in alerts if a["level"] == "CRITICAL"]

@@ -105,12 +105,34 @@ def test_post_clip_norm_above_its_limit_means_clipping_is_broken():
     assert set(alerts[0].evidence) == {"actor.encoder/post_clip_norm", "critic.encoder/post_clip_norm"}
 
 
-def test_episode_length_collapse_from_50_to_2_steps_is_critical():
-    early = [{**HEALTHY, "episode/len_mean": 50.0, "episode/return_mean": 20.0}] * 3
-    late = [{**HEALTHY, "episode/len_mean": 2.0, "episode/return_mean": 1.0}] * 3
+def test_episodes_collapsing_from_50_to_2_steps_with_their_returns_is_critical():
+    early = [{**HEALTHY, "episode/len_mean": 50.0, "episode/return_mean": 721.0}] * 3
+    late = [{**HEALTHY, "episode/len_mean": 2.0, "episode/return_mean": 7.6}] * 3
     health, alerts = run(monitor(), early + late)
-    assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "episode_length_collapse"), (WARN, "return_collapse")]
+    # Caught on the 2nd short iteration: window means (721 + 7.6 + 7.6) / 3 = 245.4, (50 + 2 + 2) / 3 = 18.
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "episode_collapse", 4)]
+    assert "fell to 245.40" in alerts[0].message and "from 721.00" in alerts[0].message
+    assert "18.0 steps against 50.0" in alerts[0].message
     assert health["health/len_mean_vs_best"] == pytest.approx(2.0 - 50.0)
+
+
+def test_returns_falling_while_episodes_stay_long_warn():
+    sequence = [{**HEALTHY, "episode/len_mean": 200.0, "episode/return_mean": r} for r in (-900, -300, -100, -100, -700, -800)]
+    _, alerts = run(monitor(), sequence)
+    assert [(a.level, a.rule) for a in alerts] == [(WARN, "return_collapse")]
+
+
+def test_shorter_episodes_with_better_returns_are_a_policy_reaching_its_goal_not_a_collapse():
+    sequence = [{**HEALTHY, "episode/len_mean": n, "episode/return_mean": r} for n, r in ((20, -15), (18, -12), (12, -6), (8, -3), (7, -2), (6, -2))]
+    _, alerts = run(monitor(), sequence)
+    assert alerts == []
+
+
+def test_noise_around_a_good_level_is_not_a_collapse():
+    # Pendulum: from -1200 to about -150; -113 at best, -205 later is noise, not half the gain lost.
+    returns = (-1200, -900, -500, -200, -113, -113, -113, -205, -205, -205)
+    _, alerts = run(monitor(), [{**HEALTHY, "episode/len_mean": 200.0, "episode/return_mean": r} for r in returns])
+    assert alerts == []
 
 
 def test_the_dip_when_the_policy_takes_over_from_random_warm_up_is_not_a_collapse():
@@ -141,11 +163,17 @@ def test_start_checks_warn_about_a_horizon_far_from_the_episode_length_and_odd_r
     assert HealthMonitor(HealthSection(), FACTS).start_checks() == []
 
 
-def test_a_critic_that_overestimates_the_returns_it_gets_warns():
-    # Bound range 30; Q1 at starts 9 against a return of 1: over by 8 = 0.27 of the range.
-    over = {**HEALTHY, "q/start_estimate_mean": 9.0, "q/start_return_mean": 1.0, "q/overestimation": 8.0}
-    health, alerts = run(monitor(overestimation_max=0.25), [over])
+def test_a_critic_overestimating_more_and_more_warns_but_one_starting_optimistic_does_not():
+    def over(values):
+        return [{**HEALTHY, "q/overestimation": v} for v in values]
+
+    # Range 30. Climbing: 0.1 then 0.3 of the range per window (window 3).
+    health, alerts = run(monitor(overestimation_max=0.25), over([3.0] * 3 + [9.0] * 3))
     assert [(a.level, a.rule) for a in alerts] == [(WARN, "overestimation")]
-    assert health["health/overestimation"] == pytest.approx(8.0 / 30.0)
-    _, alerts = run(monitor(overestimation_max=0.25), [{**over, "q/overestimation": -5.0}])
-    assert alerts == []  # underestimation is TD3's known, harmless side
+    assert health["health/overestimation"] == pytest.approx(0.3)
+    # Starting optimistic (Q ~ 0, returns ~ -20 at first) and coming down: no alert.
+    _, alerts = run(monitor(overestimation_max=0.25), over([20.0] * 3 + [12.0] * 3))
+    assert alerts == []
+    # Iterations without finished episodes report nothing and do not count.
+    _, alerts = run(monitor(overestimation_max=0.25), over([3.0] * 3) + [HEALTHY] * 5 + over([9.0] * 3))
+    assert [a.rule for a in alerts] == ["overestimation"]
