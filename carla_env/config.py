@@ -119,6 +119,9 @@ class ServerSection(Section):
 
     mode: Literal["managed", "external"] = "managed"
     external: list[Endpoint] = Field(default_factory=list)
+    # Who shares the `external` list: "cluster" (remote servers, each used by one env of the
+    # job) or "node" (sidecars: every Ray node has its own servers at these local addresses).
+    external_scope: Literal["cluster", "node"] = "cluster"
     carla_root: str | None = Field(default=None, description="default: the CARLA_ROOT variable")
     base_rpc_port: int = Field(default=2000, ge=1024, le=65000)
     port_stride: int = Field(default=4, ge=3, description="rpc, streaming (+1), secondary (+2)")

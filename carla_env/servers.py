@@ -10,7 +10,7 @@ server handle:
   when it fails, it waits for the server to answer again instead of restarting it.
 
 `claim_external_endpoint` hands each env a different external server, across processes, through
-a named Ray actor.
+a named Ray actor: one for the job, or one per node for sidecar servers (Kubernetes: k8s/).
 """
 
 from __future__ import annotations
@@ -204,16 +204,20 @@ _LOCAL_POOLS: dict[tuple[str, ...], _EndpointPool] = {}
 POOL_ACTOR = "carla_external_endpoints"
 
 
-def _pool(endpoints: list[str]):
-    """(claim, release) callables of the pool shared by every process of this Ray job."""
+def _pool(endpoints: list[str], scope: str):
+    """(claim, release) callables of the pool shared by every process of this Ray job, or of
+    this node (scope "node": each node's sidecar servers answer at the same local addresses)."""
     import ray
 
     if not ray.is_initialized():
         pool = _LOCAL_POOLS.setdefault(tuple(endpoints), _EndpointPool(endpoints))
         return pool.claim, pool.release
+    name = POOL_ACTOR
+    if scope == "node":
+        name += "_" + ray.get_runtime_context().get_node_id()
     actor = (
         ray.remote(num_cpus=0)(_EndpointPool)
-        .options(name=POOL_ACTOR, get_if_exists=True)
+        .options(name=name, get_if_exists=True)
         .remote(endpoints)
     )
     return (lambda: ray.get(actor.claim.remote())), (lambda e: ray.get(actor.release.remote(e)))
@@ -222,7 +226,7 @@ def _pool(endpoints: list[str]):
 def claim_external_endpoint(server: ServerSection) -> tuple[str, callable]:
     """A `host:port` from `server.external` that no other env of this job holds, and the
     function that gives it back."""
-    claim, release = _pool(server.external)
+    claim, release = _pool(server.external, server.external_scope)
     endpoint = claim()
     if endpoint is None:
         raise ServerError(

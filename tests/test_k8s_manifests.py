@@ -1,0 +1,127 @@
+"""The k8s/ manifests, validated offline: KubeRay resources against KubeRay's CRD schemas
+(from ../shared/kuberay-crds when present, else the copy derived into k8s/schemas/), core
+Kubernetes objects against the Kubernetes 1.30 schemas bundled with kubernetes-validate.
+
+CRD schemas do not forbid unknown fields (the API server prunes them silently), so a typo
+would pass; like `kubectl apply --validate=strict`, we reject fields a schema does not declare.
+"""
+
+import copy
+import gzip
+import json
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"
+KUBERNETES_VERSION = "1.30.0"
+
+
+def crd_schema(kind: str) -> dict:
+    shared = SHARED_CRDS / f"ray.io_{kind.lower()}s.yaml"
+    if shared.is_file():
+        crd = yaml.safe_load(shared.read_text())
+        return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    with gzip.open(K8S / "schemas" / f"{kind}.v1.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def strict(schema):
+    """Every object schema with declared properties rejects the undeclared ones."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    return schema
+
+
+VALIDATORS = {kind: jsonschema.Draft7Validator(strict(crd_schema(kind))) for kind in ("RayCluster", "RayJob")}
+
+
+def manifests() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def errors(doc: dict) -> list[str]:
+    if doc["apiVersion"] == "ray.io/v1":
+        return [
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in VALIDATORS[doc["kind"]].iter_errors(doc)
+        ]
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(map(str, e.path))}: {e.message}"]
+    return []
+
+
+def test_the_manifests_cover_a_cluster_a_job_and_storage():
+    kinds = {doc["kind"] for _, doc in manifests()}
+    assert {"RayCluster", "RayJob", "PersistentVolumeClaim"} <= kinds
+
+
+@pytest.mark.parametrize("name, doc", manifests(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_manifest_is_valid(name, doc):
+    assert errors(doc) == [], name
+
+
+def cluster() -> dict:
+    return copy.deepcopy(next(doc for _, doc in manifests() if doc["kind"] == "RayCluster"))
+
+
+def test_a_misspelled_field_fails():
+    doc = cluster()
+    group = doc["spec"]["workerGroupSpecs"][1]
+    group["replica"] = group.pop("replicas")  # the typo a person makes
+    assert any("'replica' was unexpected" in e for e in errors(doc)), errors(doc)
+    doc = cluster()
+    doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    assert any("'volumeMount' was unexpected" in e for e in errors(doc))
+
+
+def test_a_wrong_type_fails():
+    doc = cluster()
+    doc["spec"]["workerGroupSpecs"][0]["replicas"] = "one"
+    assert any("workerGroupSpecs.0.replicas" in e and "'one' is not of type 'integer'" in e for e in errors(doc))
+    pvc = copy.deepcopy(next(doc for _, doc in manifests() if doc["kind"] == "PersistentVolumeClaim"))
+    pvc["spec"]["accessModes"] = "ReadWriteMany"
+    assert errors(pvc)
+
+
+def test_the_wandb_key_comes_from_a_secret_and_no_manifest_holds_one():
+    text = "\n".join(p.read_text() for p in K8S.glob("*.yaml"))
+    head = cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    (key,) = [e for e in head["env"] if e["name"] == "WANDB_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "wandb" and "value" not in key
+    assert "kind: Secret" not in text
+
+
+def test_each_rollout_pod_runs_carla_next_to_its_ray_worker_on_the_pods_gpu():
+    (rollout,) = [g for g in cluster()["spec"]["workerGroupSpecs"] if g["groupName"] == "carla-rollout"]
+    containers = {c["name"]: c for c in rollout["template"]["spec"]["containers"]}
+    assert containers["carla-server"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "-RenderOffScreen" in " ".join(containers["carla-server"]["args"])
+    for container in containers.values():  # requests and limits on every container
+        assert {"requests", "limits"} <= set(container["resources"]), container["name"]
+
+
+@pytest.mark.skipif(not SHARED_CRDS.is_dir(), reason="the published CRDs are not next to this checkout")
+def test_the_schemas_carried_in_k8s_schemas_are_those_of_the_published_crds():
+    for kind in ("RayCluster", "RayJob"):
+        with gzip.open(K8S / "schemas" / f"{kind}.v1.json.gz", "rt") as f:
+            assert json.load(f) == crd_schema(kind), f"{kind}: rerun python k8s/derive_schemas.py"
