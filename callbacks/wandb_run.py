@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
+from pathlib import Path
 from typing import Any
 
 from rl.config import WandbSection
@@ -29,7 +31,13 @@ class WandbRun:
     def _init(self, section, run_dir, name, config, mode) -> None:
         import wandb
 
+        # A resumed run continues its W&B run: the id is kept in the run directory.
+        id_file = Path(run_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
         self._run = wandb.init(
+            id=run_id,
+            resume="allow",
             project=section.project,
             entity=section.entity,
             group=section.group,

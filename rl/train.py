@@ -1,6 +1,7 @@
 """Train TD3 from an experiment config.
 
     python -m rl.train --config configs/pendulum_td3.yaml [--set algo.gamma=0.95 ...]
+    python -m rl.train --resume runs/pendulum_td3-20261125-213000   # after a crash or kill
 
 Starts Ray (or joins the cluster in RAY_ADDRESS, as under `ray job submit`), trains until
 `experiment.stop_env_steps`, and writes a run directory:
@@ -70,23 +71,50 @@ def _init_ray() -> None:
         ray.init(include_dashboard=False)
 
 
-def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: bool = True) -> dict:
-    """Runs one experiment to the end; returns the summary also written to summary.json."""
+def restore(algo, run_dir: Path) -> dict:
+    """Loads the run's newest periodic checkpoint into `algo` (model, optimizers, replay buffer,
+    counters) and sets aside the metrics rows written after it (into metrics.after_<iteration>
+    .jsonl: kept, not mixed with the rows the resumed run writes). Returns that checkpoint's row."""
+    checkpoint = _newest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no iter_* checkpoint to resume from")
+    algo.restore_from_path(str(checkpoint.resolve()))
+    iteration = algo.training_iteration
+    metrics = run_dir / "metrics.jsonl"
+    rows = metrics.read_text().splitlines() if metrics.is_file() else []
+    kept = [r for r in rows if json.loads(r)["iteration"] <= iteration]
+    if len(kept) < len(rows):
+        (run_dir / f"metrics.after_{iteration:06d}.jsonl").write_text("\n".join(rows[len(kept):]) + "\n")
+        metrics.write_text("".join(r + "\n" for r in kept))
+    return json.loads(kept[-1]) if kept else {"iteration": iteration}
+
+
+def train(
+    exp: ExperimentConfig, run_dir: Path | None = None, show_progress: bool = True, resume: bool = False
+) -> dict:
+    """Runs one experiment to the end; returns the summary also written to summary.json.
+    With `resume`, continues the run in `run_dir` from its newest checkpoint."""
     import torch
 
     from rl.experiment import build_td3_config
 
     run_dir = run_dir or make_run_dir(exp)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
     torch.set_num_threads(exp.resources.learner_torch_threads)
     _init_ray()
 
     algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
+    env_steps, updates, iteration = 0.0, 0.0, 0
+    if resume:
+        row = restore(algo, run_dir)
+        env_steps = row.get("env/steps_sampled", 0.0)
+        updates, iteration = row.get("learner/num_critic_updates", 0.0), row["iteration"]
     progress = TrainingProgress(exp.experiment.stop_env_steps) if show_progress else None
     keep = exp.experiment.keep_checkpoints
     start = time.monotonic()
-    env_steps, updates, iteration = 0.0, 0.0, 0
+    resumed_steps, resumed_updates = env_steps, updates
     stopped_by: list[str] = []  # the CRITICAL alerts that stopped the run, if any
     try:
         with open(run_dir / "metrics.jsonl", "a") as metrics_file:
@@ -105,8 +133,8 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
                     {
                         "iteration": iteration,
                         "time_s": elapsed,
-                        "perf/env_steps_per_s": env_steps / elapsed,
-                        "perf/updates_per_s": updates / elapsed,
+                        "perf/env_steps_per_s": (env_steps - resumed_steps) / elapsed,
+                        "perf/updates_per_s": (updates - resumed_updates) / elapsed,
                     }
                 )
                 metrics_file.write(json.dumps(metrics) + "\n")
@@ -143,8 +171,8 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
         "learner_updates": updates,
         "iterations": iteration,
         "train_time_s": train_time,
-        "env_steps_per_s": env_steps / train_time,
-        "updates_per_s": updates / train_time,
+        "env_steps_per_s": (env_steps - resumed_steps) / train_time,
+        "updates_per_s": (updates - resumed_updates) / train_time,
         "final_eval_return_mean": final_eval.get("eval/return_mean"),
         "final_eval_len_mean": final_eval.get("eval/len_mean"),
         "final_checkpoint": str(final_checkpoint) if final_checkpoint else None,
@@ -159,7 +187,12 @@ def train(exp: ExperimentConfig, run_dir: Path | None = None, show_progress: boo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rl.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/pendulum_td3.yaml")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="experiment YAML, e.g. configs/pendulum_td3.yaml")
+    source.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR",
+        help="continue an interrupted run from its newest checkpoint, with its own config.yaml",
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key, e.g. --set algo.gamma=0.95 (repeatable)",
@@ -167,12 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     try:
-        exp = load_config(args.config, args.overrides)
+        exp = load_config(args.resume / "config.yaml" if args.resume else args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    summary = train(exp, show_progress=not args.no_progress)
+    try:
+        summary = train(exp, run_dir=args.resume, show_progress=not args.no_progress, resume=bool(args.resume))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if summary["status"] == "stopped_unhealthy":
         print(
             f"\nStopped after {summary['env_steps']:,.0f} env steps by CRITICAL health alerts: "

@@ -127,3 +127,18 @@ def test_a_buffer_larger_than_memory_is_refused_before_it_fills_and_kills_the_ru
         r"machine \(or container\) has 1.0 GiB; at most about 15,191 fit in 80% of it",
     ):
         buffer.add(**_image_transitions(2))
+
+
+def test_state_round_trip_keeps_transitions_position_and_sampling_stream():
+    buffer = TransitionReplayBuffer(capacity=10, seed=3)
+    buffer.add(**_image_transitions(4))
+    restored = TransitionReplayBuffer(capacity=10, seed=99)
+    restored.set_state(buffer.get_state())
+    assert len(restored) == 4 and restored.reward_range == buffer.reward_range
+    a, b = buffer.sample(6), restored.sample(6)  # same rng state: the same draws
+    assert np.array_equal(a[Columns.OBS]["image"], b[Columns.OBS]["image"])
+    buffer.add(**_image_transitions(1))
+    restored.add(**_image_transitions(1))
+    assert len(restored) == 5
+    with pytest.raises(ValueError, match="holds 10 transitions, this run's algo.buffer_size is 20"):
+        TransitionReplayBuffer(capacity=20).set_state(buffer.get_state())

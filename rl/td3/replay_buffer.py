@@ -138,6 +138,38 @@ class TransitionReplayBuffer:
             added += n
         return added
 
+    def get_state(self) -> dict[str, Any]:
+        """For checkpoints: the stored transitions only (not the empty rest of the ring)."""
+        filled = None
+        if self._columns is not None:
+            filled = tree.map_structure(lambda column: column[: self._size].copy(), self._columns)
+        return {
+            "capacity": self.capacity,
+            "columns": filled,
+            "next": self._next,
+            "size": self._size,
+            "reward_range": self._reward_range,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(
+                f"the checkpoint's replay buffer holds {state['capacity']:,} transitions, this run's "
+                f"algo.buffer_size is {self.capacity:,}: resume with the run's own config"
+            )
+        self._columns = None
+        if state["columns"] is not None:
+            self._allocate(state["columns"])
+            tree.map_structure(
+                lambda column, saved: column.__setitem__(slice(0, len(saved)), saved),
+                self._columns,
+                state["columns"],
+            )
+        self._next, self._size = state["next"], state["size"]
+        self._reward_range = tuple(state["reward_range"])
+        self._rng.bit_generator.state = state["rng"]
+
     def sample(self, num_items: int) -> dict[str, Any]:
         """`num_items` transitions drawn uniformly, with replacement, as a dict of columns."""
         if self._size == 0:

@@ -42,6 +42,7 @@ REPLAY_REWARD_MIN, REPLAY_REWARD_MAX = "replay_reward_min", "replay_reward_max"
 # The overestimation diagnostic (rl/td3/start_values.py), on episodes finished this iteration.
 START_Q_MEAN, START_RETURN_MEAN = "start_q_mean", "start_return_mean"
 OVERESTIMATION = "overestimation"
+REPLAY_BUFFER_STATE, UPDATE_CREDIT = "td3_replay_buffer", "td3_update_credit"  # checkpoint keys
 
 
 class TD3Config(AlgorithmConfig):
@@ -216,6 +217,20 @@ class TD3(Algorithm):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True
             )
+
+    # Checkpoints carry the replay buffer and the update schedule, so a resumed run goes on
+    # with the same data and counters instead of refilling from scratch.
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state[REPLAY_BUFFER_STATE] = self.replay_buffer.get_state()
+        state[UPDATE_CREDIT] = self._update_credit
+        return state
+
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        if REPLAY_BUFFER_STATE in state:
+            self.replay_buffer.set_state(state[REPLAY_BUFFER_STATE])
+            self._update_credit = state[UPDATE_CREDIT]
 
     def _log_overestimation(self, finished: list) -> None:
         """Q1 at the starts of the episodes that just ended, against what they returned."""

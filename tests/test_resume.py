@@ -1,0 +1,87 @@
+"""Resume after a crash: a training process is killed (SIGKILL, no chance to clean up) and
+`rl.train --resume` continues it from its newest checkpoint with the same model, optimizer
+state, replay buffer and counters."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl.config import load_config
+from rl.experiment import build_td3_config
+from rl.train import restore, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_training(output_dir: Path) -> subprocess.Popen:
+    overrides = {
+        "experiment.output_dir": str(output_dir),
+        "experiment.stop_env_steps": 100_000,  # runs until killed
+        "experiment.checkpoint_every_iters": 5,
+        "algo.learning_starts": 320,
+        "evaluation.interval_iters": 0,
+        "wandb.enabled": "false",
+    }
+    sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+    command = [sys.executable, "-m", "rl.train", "--config", "configs/pendulum_td3.yaml", "--no-progress", *sets]
+    return subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_after_checkpoint(process: subprocess.Popen, output_dir: Path, iteration: int, timeout_s: float = 240) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = list(output_dir.glob("pendulum_td3-*"))
+        if runs and (runs[0] / "checkpoints" / f"iter_{iteration:06d}" / "algorithm_state.pkl").is_file():
+            rows = (runs[0] / "metrics.jsonl").read_text().splitlines()
+            if len(rows) > iteration:  # it went on past the checkpoint: those rows must not count
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return runs[0]
+        assert process.poll() is None, "training exited before it was killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_local, tmp_path):
+    run_dir = kill_after_checkpoint(start_training(tmp_path), tmp_path, iteration=10)
+    exp = load_config(run_dir / "config.yaml", ["experiment.stop_env_steps=1600"])
+
+    # Restored state equals the checkpoint's.
+    algo = build_td3_config(exp).build_algo()
+    try:
+        row = restore(algo, run_dir)
+        assert row["iteration"] == algo.training_iteration == 10
+        assert len(algo.replay_buffer) == row["replay/size"] == 640
+        learner = algo.learner_group._learner
+        module_file = run_dir / "checkpoints" / "iter_000010" / "learner_group" / "learner" / "rl_module" / "default_policy" / "module_state.pkl"
+        saved = pickle.loads(module_file.read_bytes())
+        restored = learner.module["default_policy"].get_state()
+        assert saved.keys() == restored.keys() and any(k.startswith("target_critic.") for k in saved)
+        for name, value in saved.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored[name])), name
+        adam = learner.get_optimizer("default_policy", "critic")
+        assert adam.state and all(int(s["step"]) == row["learner/num_critic_updates"] for s in adam.state.values())
+    finally:
+        algo.stop()
+
+    # Training goes on from there: counters continue, no iteration twice in metrics.jsonl.
+    summary = train(exp, run_dir=run_dir, show_progress=False, resume=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r["iteration"] for r in rows]
+    assert iterations == list(range(1, len(rows) + 1))
+    after = rows[10]  # the first resumed iteration, 11
+    assert after["env/steps_sampled"] == rows[9]["env/steps_sampled"] + 64
+    assert after["replay/size"] == 640 + 64
+    assert after["learner/num_critic_updates"] == rows[9]["learner/num_critic_updates"] + 64
+    assert summary["env_steps"] >= 1600 and summary["status"] == "completed"
+    assert list(run_dir.glob("metrics.after_000010.jsonl"))  # the rows of the killed process, kept aside
