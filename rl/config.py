@@ -38,7 +38,7 @@ _Yaml12FloatLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12FloatLoader)
 
 
@@ -268,15 +268,18 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     if not all(parts):
         raise ConfigError(f"--set {override!r}: {dotted!r} is not a dotted key")
     try:
-        value = _load_yaml(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML ({e})") from None
     node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    while len(parts) > 1:
+        # Keys may hold dots themselves (gradient groups: algo.grad_clip.critic.head).
+        if ".".join(parts) in node or ".".join(parts) in DEFAULT_GRAD_CLIP:
+            break
+        node = node.setdefault(parts.pop(0), {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
-    node[parts[-1]] = value
+            raise ConfigError(f"--set {dotted}: {dotted.rsplit('.', len(parts))[0]!r} is not a section")
+    node[".".join(parts)] = value
 
 
 def parse_config(data: Any, source: str = "<config>", overrides: list[str] = ()) -> ExperimentConfig:
@@ -327,7 +330,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = _load_yaml(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_config(data, source=str(path), overrides=overrides)

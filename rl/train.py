@@ -25,6 +25,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -90,10 +91,15 @@ def restore(algo, run_dir: Path) -> dict:
 
 
 def train(
-    exp: ExperimentConfig, run_dir: Path | None = None, show_progress: bool = True, resume: bool = False
+    exp: ExperimentConfig,
+    run_dir: Path | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+    on_iteration: Callable[[dict], None] | None = None,
 ) -> dict:
     """Runs one experiment to the end; returns the summary also written to summary.json.
-    With `resume`, continues the run in `run_dir` from its newest checkpoint."""
+    With `resume`, continues the run in `run_dir` from its newest checkpoint. `on_iteration`
+    gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py)."""
     import torch
 
     from rl.experiment import build_td3_config
@@ -141,6 +147,8 @@ def train(
                 metrics_file.flush()
                 if progress:
                     progress.update(env_steps, metrics)
+                if on_iteration:
+                    on_iteration(metrics)
                 if metrics.get("health/stop"):
                     # Before any checkpoint of this iteration: the newest one stays a healthy one.
                     stopped_by = [
