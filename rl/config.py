@@ -175,6 +175,10 @@ class ResourcesSection(Section):
     # Torch intra-op threads in the learner process. More threads than cores starves the
     # env runners (measured: 2.2 s vs 0.09 s per step on 2 cores).
     learner_torch_threads: int = Field(default=1, ge=1)
+    # A failed env runner (its env raised, its node was lost) is replaced, this many times at
+    # most, after this delay; training goes on meanwhile with the others.
+    max_env_runner_restarts: int = Field(default=100, ge=0)
+    env_runner_restart_delay_s: float = Field(default=10.0, ge=0.0)
 
 
 class EvaluationSection(Section):

@@ -74,8 +74,19 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             num_env_runners=res.num_env_runners,
             num_envs_per_env_runner=res.num_envs_per_env_runner,
             rollout_fragment_length=res.rollout_fragment_length,
+            # Without periodic evaluation there is no evaluation runner group, and the final
+            # `algo.evaluate()` runs on the driver's env runner: it needs an env then.
+            create_env_on_local_worker=res.num_env_runners > 0 and not exp.evaluation.interval_iters,
         )
         .learners(num_learners=res.num_learners, num_gpus_per_learner=res.num_gpus_per_learner)
+        # An env that raises (a CARLA server beyond recovery, a simulator bug) is re-created
+        # and reset inside its runner; a runner that dies (its node lost) is replaced.
+        .fault_tolerance(
+            restart_failed_sub_environments=True,
+            restart_failed_env_runners=True,
+            max_num_env_runner_restarts=res.max_env_runner_restarts,
+            delay_between_env_runner_restarts_s=res.env_runner_restart_delay_s,
+        )
         .training(
             gamma=algo.gamma,
             tau=algo.tau,

@@ -1,5 +1,7 @@
 """Envs with one thing broken, for the fault-injection tests (tests/test_health_faults.py)."""
 
+from pathlib import Path
+
 import gymnasium as gym
 
 SCALED_PENDULUM = "ScaledRewardPendulum-v0"
@@ -14,3 +16,31 @@ def register() -> str:
     if SCALED_PENDULUM not in gym.registry:
         gym.register(SCALED_PENDULUM, entry_point=_scaled_pendulum, max_episode_steps=200)
     return SCALED_PENDULUM
+
+
+CRASHING_PENDULUM = "tests.fault_envs:CrashingPendulum-v0"
+
+
+class CrashingPendulum(gym.Wrapper):
+    """Pendulum that raises in the middle of an episode, once: the first env to reach
+    `crash_at_step` steps raises and leaves `marker`, so the env runner that replaces it runs."""
+
+    def __init__(self, marker: str, crash_at_step: int = 300):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.marker, self.crash_at_step, self.steps = Path(marker), crash_at_step, 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == self.crash_at_step and not self.marker.exists():
+            self.marker.write_text("crashed")
+            raise RuntimeError("simulated env failure mid-episode")
+        return self.env.step(action)
+
+
+def _crashing_pendulum(marker: str, crash_at_step: int = 300) -> CrashingPendulum:
+    return CrashingPendulum(marker, crash_at_step)
+
+
+# Registered on import: a remote env runner imports this module through the id's prefix.
+if CRASHING_PENDULUM.split(":")[1] not in gym.registry:
+    gym.register(CRASHING_PENDULUM.split(":")[1], entry_point=_crashing_pendulum, max_episode_steps=200)
