@@ -175,6 +175,10 @@ class ResourcesSection(Section):
     # Torch intra-op threads in the learner process. More threads than cores starves the
     # env runners (measured: 2.2 s vs 0.09 s per step on 2 cores).
     learner_torch_threads: int = Field(default=1, ge=1)
+    cpus_per_env_runner: float = Field(default=1.0, gt=0.0)
+    # Managed CARLA servers run inside their env runners: N servers share one GPU, so each
+    # runner asks Ray for 1/N GPU (0: env runners need no GPU, e.g. the embedded env).
+    carla_servers_per_gpu: int = Field(default=0, ge=0)
     # A failed env runner (its env raised, its node was lost) is replaced, this many times at
     # most, after this delay; training goes on meanwhile with the others.
     max_env_runner_restarts: int = Field(default=100, ge=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from callbacks.driving_metrics import DrivingMetricsCallback
 from callbacks.health import RunFacts
 from callbacks.health_callback import HealthCallback
-from rl.config import ExperimentConfig
+from rl.config import ConfigError, ExperimentConfig
 from rl.td3 import TD3Config
 
 
@@ -35,6 +35,41 @@ def env_descriptor(exp: ExperimentConfig) -> str:
         register_env(CARLA_ENV, _make_carla_env)
         return CARLA_ENV
     return exp.env.id
+
+
+def gpus_per_env_runner(exp: ExperimentConfig) -> float:
+    per_gpu = exp.resources.carla_servers_per_gpu
+    return 1.0 / per_gpu if per_gpu else 0.0
+
+
+def resource_needs(exp: ExperimentConfig) -> dict[str, tuple[float, str]]:
+    """CPUs and GPUs the run asks Ray for, each with the config keys that ask."""
+    res = exp.resources
+    learners = max(res.num_learners, 1)
+    return {
+        "CPU": (
+            res.num_env_runners * res.cpus_per_env_runner + res.num_learners,
+            f"resources.num_env_runners={res.num_env_runners} x cpus_per_env_runner="
+            f"{res.cpus_per_env_runner:g}, + num_learners={res.num_learners}",
+        ),
+        "GPU": (
+            learners * res.num_gpus_per_learner + res.num_env_runners * gpus_per_env_runner(exp),
+            f"resources.num_gpus_per_learner={res.num_gpus_per_learner:g} x {learners} learner(s), "
+            f"+ num_env_runners={res.num_env_runners} / carla_servers_per_gpu={res.carla_servers_per_gpu}",
+        ),
+    }
+
+
+def check_resources(exp: ExperimentConfig, available: dict[str, float]) -> None:
+    """Fails fast, naming the keys, when the cluster cannot give what the config asks for
+    (Ray would otherwise wait forever for actors it cannot place)."""
+    short = [
+        f"{kind}: needs {need:g} ({why}), the cluster has {available.get(kind, 0.0):g}"
+        for kind, (need, why) in resource_needs(exp).items()
+        if need > available.get(kind, 0.0) + 1e-9
+    ]
+    if short:
+        raise ConfigError("the cluster cannot run this config:\n  " + "\n  ".join(short))
 
 
 def run_facts(exp: ExperimentConfig) -> RunFacts:
@@ -74,6 +109,8 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             num_env_runners=res.num_env_runners,
             num_envs_per_env_runner=res.num_envs_per_env_runner,
             rollout_fragment_length=res.rollout_fragment_length,
+            num_cpus_per_env_runner=res.cpus_per_env_runner,
+            num_gpus_per_env_runner=gpus_per_env_runner(exp),
             # Without periodic evaluation there is no evaluation runner group, and the final
             # `algo.evaluate()` runs on the driver's env runner: it needs an env then.
             create_env_on_local_worker=res.num_env_runners > 0 and not exp.evaluation.interval_iters,

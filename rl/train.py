@@ -100,16 +100,19 @@ def train(
     """Runs one experiment to the end; returns the summary also written to summary.json.
     With `resume`, continues the run in `run_dir` from its newest checkpoint. `on_iteration`
     gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py)."""
+    import ray
     import torch
 
-    from rl.experiment import build_td3_config
+    from rl.experiment import build_td3_config, check_resources
 
+    _init_ray()
+    # Before anything is written: a config the cluster cannot place fails now, not never.
+    check_resources(exp, ray.cluster_resources())
     run_dir = run_dir or make_run_dir(exp)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
     torch.set_num_threads(exp.resources.learner_torch_threads)
-    _init_ray()
 
     algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
     env_steps, updates, iteration = 0.0, 0.0, 0
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(exp, run_dir=args.resume, show_progress=not args.no_progress, resume=bool(args.resume))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary["status"] == "stopped_unhealthy":

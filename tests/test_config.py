@@ -106,3 +106,23 @@ def test_td3config_built_in_python_is_validated_too():
     config = TD3Config().environment("Pendulum-v1").training(tau=0.0, policy_delay=0)
     with pytest.raises(ValueError, match=r"out of range: tau=0.0, policy_delay=0"):
         config.validate()
+
+
+def test_a_config_the_cluster_cannot_place_fails_fast_naming_the_keys():
+    from rl.experiment import check_resources, resource_needs
+
+    exp = parse_config(
+        {
+            "experiment": {"name": "x", "stop_env_steps": 10},
+            "env": {"id": "Pendulum-v1"},
+            "resources": {"num_env_runners": 8, "num_gpus_per_learner": 1.0, "carla_servers_per_gpu": 4},
+        }
+    )
+    # 8 runners x 1 CPU; 1 learner GPU + 8 runners / 4 servers per GPU = 3 GPUs.
+    assert resource_needs(exp)["CPU"][0] == 8 and resource_needs(exp)["GPU"][0] == 3
+    with pytest.raises(ConfigError) as err:
+        check_resources(exp, {"CPU": 2.0})
+    message = str(err.value)
+    assert "CPU: needs 8 (resources.num_env_runners=8 x cpus_per_env_runner=1, + num_learners=0), the cluster has 2" in message
+    assert "GPU: needs 3" in message and "the cluster has 0" in message
+    check_resources(exp, {"CPU": 16.0, "GPU": 3.0})  # enough: no error
