@@ -2,6 +2,7 @@
 
     python -m rl.train --config configs/pendulum_td3.yaml [--set algo.gamma=0.95 ...]
     python -m rl.train --resume runs/pendulum_td3-20261125-213000   # after a crash or kill
+    python -m rl.train --config X.yaml --run-dir /runs/name   # resumes there if it was started
 
 Starts Ray (or joins the cluster in RAY_ADDRESS, as under `ray job submit`), trains until
 `experiment.stop_env_steps`, and writes a run directory:
@@ -208,16 +209,24 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key, e.g. --set algo.gamma=0.95 (repeatable)",
     )
+    parser.add_argument(
+        "--run-dir", type=Path,
+        help="with --config: run in this directory, resuming if it already holds a checkpoint "
+        "(for jobs that get retried, e.g. the RayJob in k8s/ after a lost head)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
+    run_dir, resume = args.resume or args.run_dir, bool(args.resume)
+    if args.run_dir and (args.run_dir / "checkpoints").is_dir():
+        resume = _newest_checkpoint(args.run_dir / "checkpoints") is not None
     try:
-        exp = load_config(args.resume / "config.yaml" if args.resume else args.config, args.overrides)
+        exp = load_config(run_dir / "config.yaml" if resume else args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     try:
-        summary = train(exp, run_dir=args.resume, show_progress=not args.no_progress, resume=bool(args.resume))
+        summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume)
     except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

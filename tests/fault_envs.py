@@ -1,5 +1,6 @@
 """Envs with one thing broken, for the fault-injection tests (tests/test_health_faults.py)."""
 
+import os
 from pathlib import Path
 
 import gymnasium as gym
@@ -22,23 +23,26 @@ CRASHING_PENDULUM = "tests.fault_envs:CrashingPendulum-v0"
 
 
 class CrashingPendulum(gym.Wrapper):
-    """Pendulum that raises in the middle of an episode, once: the first env to reach
-    `crash_at_step` steps raises and leaves `marker`, so the env runner that replaces it runs."""
+    """Pendulum that fails in the middle of an episode, once: the first env to reach
+    `crash_at_step` steps leaves `marker` and either raises (`how="raise"`) or takes its whole
+    env runner process down (`how="exit"`, like a segfaulting simulator client)."""
 
-    def __init__(self, marker: str, crash_at_step: int = 300):
+    def __init__(self, marker: str, crash_at_step: int = 300, how: str = "raise"):
         super().__init__(gym.make("Pendulum-v1"))
-        self.marker, self.crash_at_step, self.steps = Path(marker), crash_at_step, 0
+        self.marker, self.crash_at_step, self.how, self.steps = Path(marker), crash_at_step, how, 0
 
     def step(self, action):
         self.steps += 1
         if self.steps == self.crash_at_step and not self.marker.exists():
             self.marker.write_text("crashed")
+            if self.how == "exit":
+                os._exit(1)
             raise RuntimeError("simulated env failure mid-episode")
         return self.env.step(action)
 
 
-def _crashing_pendulum(marker: str, crash_at_step: int = 300) -> CrashingPendulum:
-    return CrashingPendulum(marker, crash_at_step)
+def _crashing_pendulum(marker: str, crash_at_step: int = 300, how: str = "raise") -> CrashingPendulum:
+    return CrashingPendulum(marker, crash_at_step, how)
 
 
 # Registered on import: a remote env runner imports this module through the id's prefix.

@@ -1,5 +1,5 @@
-"""Fault tolerance: an env that raises in the middle of an episode takes its env runner down;
-RLlib replaces the runner and training completes."""
+"""Fault tolerance: an env that raises in the middle of an episode is re-created inside its env
+runner; an env that takes its runner process down gets a new runner. Training completes."""
 
 import json
 from pathlib import Path
@@ -14,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_a_crashing_env_runner_is_replaced_and_training_completes(ray_local, tmp_path):
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_crashing_env_or_env_runner_is_replaced_and_training_completes(ray_local, tmp_path, how):
     marker = tmp_path / "crashed"
     exp = load_config(
         ROOT / "configs" / "pendulum_td3.yaml",
         [
             f"env.id={CRASHING_PENDULUM}",
-            f"env.kwargs={json.dumps({'marker': str(marker), 'crash_at_step': 300})}",
+            f"env.kwargs={json.dumps({'marker': str(marker), 'crash_at_step': 300, 'how': how})}",
             f"experiment.output_dir={tmp_path}",
             "experiment.stop_env_steps=1280",
             "algo.learning_starts=320",

@@ -16,7 +16,7 @@ import torch
 
 from rl.config import load_config
 from rl.experiment import build_td3_config
-from rl.train import restore, train
+from rl.train import main, restore, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +85,10 @@ def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_l
     assert after["learner/num_critic_updates"] == rows[9]["learner/num_critic_updates"] + 64
     assert summary["env_steps"] >= 1600 and summary["status"] == "completed"
     assert list(run_dir.glob("metrics.after_000010.jsonl"))  # the rows of the killed process, kept aside
+
+    # A retried job (k8s/rayjob.yaml) passes --run-dir: on a started run, that resumes it.
+    assert main(["--config", str(ROOT / "configs" / "pendulum_td3.yaml"), "--run-dir", str(run_dir),
+                 "--no-progress", "--set", "experiment.stop_env_steps=1920"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[-1]["env/steps_sampled"] >= 1920
