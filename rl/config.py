@@ -59,6 +59,8 @@ class ExperimentSection(Section):
     seed: int = Field(default=0, ge=0)
     stop_env_steps: int = Field(gt=0, description="train until this many env steps were sampled")
     output_dir: str = Field(default="runs", min_length=1)
+    # Also mirror the run directory here (rl/storage.py): s3://bucket/runs, gs://..., file://...
+    storage_uri: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+.\-]*://.+")
     checkpoint_every_iters: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1, description="newest periodic ones kept")
 

@@ -36,6 +36,7 @@ from callbacks.health_callback import HealthCallback
 from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
+from rl.storage import sync_run_dir
 
 
 def make_run_dir(exp: ExperimentConfig) -> Path:
@@ -163,6 +164,8 @@ def train(
                     _save_checkpoint(
                         algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep
                     )
+                    if exp.experiment.storage_uri:
+                        sync_run_dir(run_dir, exp.experiment.storage_uri)
         train_time = time.monotonic() - start
         if stopped_by:
             final_eval, final_checkpoint = {}, _newest_checkpoint(run_dir / "checkpoints")
@@ -194,6 +197,8 @@ def train(
         "stopped_by": stopped_by,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if exp.experiment.storage_uri:
+        sync_run_dir(run_dir, exp.experiment.storage_uri)
     return summary
 
 

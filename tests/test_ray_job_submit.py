@@ -59,6 +59,7 @@ def test_ray_job_submit_trains_on_a_local_head_and_leaves_its_artifacts(ray_head
         str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
         "python", "-m", "rl.train", "--config", "configs/pendulum_td3.yaml", "--no-progress",
         "--set", f"experiment.output_dir={storage}",
+        "--set", f"experiment.storage_uri=file://{tmp_path}/bucket/runs",  # as s3://... would be
         "--set", "experiment.stop_env_steps=1280",
         "--set", "algo.learning_starts=320",
         "--set", "evaluation.interval_iters=0",
@@ -73,3 +74,8 @@ def test_ray_job_submit_trains_on_a_local_head_and_leaves_its_artifacts(ray_head
     assert summary["status"] == "completed" and summary["env_steps"] >= 1280
     assert (run_dir / "checkpoints" / "final").is_dir()
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == summary["iterations"]
+    mirror = tmp_path / "bucket" / "runs" / run_dir.name  # the storage URI got the same run
+    assert json.loads((mirror / "summary.json").read_text()) == summary
+    assert sorted(p.name for p in (mirror / "checkpoints").iterdir()) == sorted(
+        p.name for p in (run_dir / "checkpoints").iterdir()
+    )
