@@ -15,8 +15,8 @@ rl/config.py HealthSection):
 | episode_collapse | CRITICAL | the return collapsed and so did the episode length (shorter episodes with good returns are a policy reaching its goal sooner) |
 | horizon, learning_rate, tau | WARN | at start: hyperparameters outside sane ranges for the env |
 
-An alert fires once, when its condition starts; it can fire again only after the condition has
-cleared. The monitor is plain Python: the RLlib callback (callbacks/health_callback.py) feeds it.
+An alert fires once, when its condition starts; when the condition clears, an INFO alert says
+so, and the rule can fire again. The monitor is plain Python: the RLlib callback (callbacks/health_callback.py) feeds it.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _finite(x: float | None) -> bool:
 class HealthMonitor:
     def __init__(self, config: HealthSection, facts: RunFacts):
         self.config, self.facts = config, facts
-        self._active: set[str] = set()
+        self._active: dict[str, int] = {}  # rule -> iteration its condition started
         self._iters_learning = 0
         self._since_learning: dict[str, list[float]] = {"episode/len_mean": [], "episode/return_mean": []}
         self._q_abs = deque(maxlen=config.window_iters)
@@ -131,7 +131,12 @@ class HealthMonitor:
             for rule, (level, message, evidence) in conditions.items()
             if rule not in self._active
         ]
-        self._active = set(conditions)
+        alerts += [
+            Alert(INFO, rule, f"{rule} no longer holds (it started at iteration {since}).", {}, iteration)
+            for rule, since in self._active.items()
+            if rule not in conditions
+        ]
+        self._active = {rule: self._active.get(rule, iteration) for rule in conditions}
         health["health/alerts_active"] = float(len(conditions))
         health["health/critical"] = float(any(level == CRITICAL for level, _, _ in conditions.values()))
         return health, alerts

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from callbacks.health import CRITICAL, WARN, HealthMonitor, RunFacts
+from callbacks.health import CRITICAL, INFO, WARN, HealthMonitor, RunFacts
 from rl.config import HealthSection
 
 FACTS = RunFacts(
@@ -58,10 +58,11 @@ def test_q_leaving_its_return_bound_is_critical_once_with_the_numbers():
     assert health["health/critical"] == 1.0
 
 
-def test_an_alert_fires_again_only_after_its_condition_cleared():
+def test_an_alert_fires_again_only_after_its_condition_cleared_which_is_reported_as_info():
     bad = {**HEALTHY, "q/q1_max": 30.0}
     _, alerts = run(monitor(), [bad, bad, HEALTHY, bad])
-    assert [a.iteration for a in alerts] == [0, 3]
+    assert [(a.level, a.iteration) for a in alerts] == [(CRITICAL, 0), (INFO, 2), (CRITICAL, 3)]
+    assert alerts[1].message == "q_out_of_bound no longer holds (it started at iteration 0)."
 
 
 def test_without_documented_bounds_the_observed_rewards_bound_q():
