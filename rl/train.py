@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         f"in {summary['train_time_s']:.0f} s; final evaluation return "
         f"{summary['final_eval_return_mean']:.1f}\n"
         f"Results: {summary['run_dir']}\n"
-        f"  metrics.jsonl (per iteration), summary.json, checkpoints/final"
+        f"  metrics.jsonl (per iteration), summary.json, checkpoints/final\n"
+        f"  validation report: python -m rl.report {summary['run_dir']}"
     )
     return 0
 
