@@ -67,6 +67,11 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def above_clip_limit(post_clip_norm: float, limit: float | None) -> bool:
+    """A post-clip norm above its limit (beyond float rounding): that clipping did not act."""
+    return limit is not None and post_clip_norm > limit * (1 + 1e-3)
+
+
 class HealthMonitor:
     def __init__(self, config: HealthSection, facts: RunFacts):
         self.config, self.facts = config, facts
@@ -241,7 +246,7 @@ class HealthMonitor:
         broken = {}
         for group, limit in self.facts.grad_clip.items():
             post = m.get(f"grad/{group}/post_clip_norm")
-            if limit is not None and _finite(post) and post > limit * (1 + 1e-3):
+            if _finite(post) and above_clip_limit(post, limit):
                 broken[group] = (post, limit)
         if broken:
             text = "; ".join(f"{g}: {post:.3g} > limit {limit:g}" for g, (post, limit) in broken.items())

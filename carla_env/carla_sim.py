@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from carla_env.config import CarlaEnvConfig
-from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements
+from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes, wrap_angle
 from carla_env.driving_env import SimulatorInterrupted
 from carla_env.servers import ServerError
 
@@ -41,16 +41,6 @@ def import_carla():
             "the CARLA backend needs the CARLA client: pip install 'carla==0.9.16' "
             "(or pip install -e '.[carla]')"
         ) from None
-
-
-def _wrap(angle: float) -> float:
-    return (angle + math.pi) % (2.0 * math.pi) - math.pi
-
-
-def _axes(yaw_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Forward and right unit vectors (x, y) of a yaw; CARLA's y axis points right."""
-    yaw = math.radians(yaw_deg)
-    return np.array([math.cos(yaw), math.sin(yaw)]), np.array([-math.sin(yaw), math.cos(yaw)])
 
 
 def _xy(location) -> np.ndarray:
@@ -305,7 +295,7 @@ class CarlaSimulator:
 
     def _measure(self, frame: int, since: int | None = None) -> Measurements:
         transform = self.ego.get_transform()
-        position, (forward, right) = _xy(transform.location), _axes(transform.rotation.yaw)
+        position, (forward, right) = _xy(transform.location), car_axes(math.radians(transform.rotation.yaw))
         v = self.ego.get_velocity()
 
         # Progress along the route: the nearest waypoint at or after the last one reached.
@@ -315,7 +305,7 @@ class CarlaSimulator:
         if len(self._route) - self._route_index < 50:  # keep the route ahead long enough
             self._route += self._plan_route(self._route[-1])[1:]
         waypoint = self._route[self._route_index]
-        _, wp_right = _axes(waypoint.transform.rotation.yaw)
+        _, wp_right = car_axes(math.radians(waypoint.transform.rotation.yaw))
         lateral = float(np.dot(position - _xy(waypoint.transform.location), wp_right))
 
         ahead = []
@@ -335,7 +325,7 @@ class CarlaSimulator:
         return Measurements(
             speed_mps=math.sqrt(v.x**2 + v.y**2 + v.z**2),
             lateral_offset_m=lateral,
-            heading_error_rad=_wrap(math.radians(transform.rotation.yaw - waypoint.transform.rotation.yaw)),
+            heading_error_rad=wrap_angle(math.radians(transform.rotation.yaw - waypoint.transform.rotation.yaw)),
             lane_width_m=float(waypoint.lane_width),
             lookahead_lateral_m=tuple(ahead),
             front_gap_m=gap,

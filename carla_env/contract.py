@@ -43,6 +43,20 @@ class Measurements:
         return self.speed_mps * float(np.cos(self.heading_error_rad))
 
 
+def wrap_angle(angle: float) -> float:
+    """An angle in radians, wrapped to [-pi, pi)."""
+    return (angle + np.pi) % (2.0 * np.pi) - np.pi
+
+
+def car_axes(heading_rad: float) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and right unit vectors (x, y) of a heading. Both backends' y axis points right
+    of +x (CARLA's left-handed world, highway-env's screen coordinates)."""
+    return (
+        np.array([np.cos(heading_rad), np.sin(heading_rad)]),
+        np.array([-np.sin(heading_rad), np.cos(heading_rad)]),
+    )
+
+
 def state_features(config: DrivingEnvConfig) -> list[str]:
     ahead = [f"route_lateral_at_{d:g}m" for d in config.state.lookahead_m]
     return [

@@ -16,19 +16,10 @@ from typing import Any
 import numpy as np
 
 from carla_env.config import EmbeddedEnvConfig, load_env_config
-from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements
+from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes, wrap_angle
 from carla_env.driving_env import DrivingEnv
 
 GRAYSCALE_WEIGHTS = [0.2989, 0.5870, 0.1140]  # ITU-R BT.601 luma, as in highway-env's example
-
-
-def _wrap_angle(angle: float) -> float:
-    return (angle + math.pi) % (2.0 * math.pi) - math.pi
-
-
-def _lateral_in_car_frame(offset: np.ndarray, heading: float) -> float:
-    """The component of a world-frame offset to the car's right (y grows to the right)."""
-    return float(-math.sin(heading) * offset[0] + math.cos(heading) * offset[1])
 
 
 class HighwaySimulator:
@@ -95,8 +86,9 @@ class HighwaySimulator:
         car, road = self._env.vehicle, self._env.road
         lane = road.network.get_lane(car.lane_index)
         s, lateral = lane.local_coordinates(car.position)
+        _, right = car_axes(car.heading)
         ahead = tuple(
-            _lateral_in_car_frame(lane.position(s + d, 0.0) - car.position, car.heading)
+            float(np.dot(lane.position(s + d, 0.0) - car.position, right))
             for d in self.config.state.lookahead_m
         )
         front, _ = road.neighbour_vehicles(car, car.lane_index)
@@ -106,7 +98,7 @@ class HighwaySimulator:
         return Measurements(
             speed_mps=float(car.speed),
             lateral_offset_m=float(lateral),
-            heading_error_rad=_wrap_angle(car.heading - lane.heading_at(s)),
+            heading_error_rad=wrap_angle(car.heading - lane.heading_at(s)),
             lane_width_m=float(lane.width_at(s)),
             lookahead_lateral_m=ahead,
             front_gap_m=gap,

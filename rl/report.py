@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from callbacks.alerts import read_alerts
-from callbacks.health import window_collapse
+from callbacks.health import above_clip_limit, window_collapse
 from rl.config import AlgoSection, HealthSection
 
 
@@ -100,7 +100,7 @@ def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict) ->
     over = []
     for group, limit in algo.grad_clip.items():
         _, post = series(rows, f"grad/{group}/post_clip_norm")
-        if limit is not None and len(post) and np.nanmax(post) > limit * (1 + 1e-3):
+        if len(post) and above_clip_limit(float(np.nanmax(post)), limit):
             over.append(f"{group}: {np.nanmax(post):.3g} > {limit:g}")
     limits = ", ".join(f"{g} {'none' if v is None else f'{v:g}'}" for g, v in algo.grad_clip.items())
     out.append(Check(

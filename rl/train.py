@@ -50,16 +50,20 @@ def make_run_dir(exp: ExperimentConfig) -> Path:
     return run_dir
 
 
+def _periodic_checkpoints(checkpoints: Path) -> list[Path]:
+    """iter_NNNNNN checkpoints, oldest first."""
+    return sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
+
+
 def _save_checkpoint(algo, checkpoints: Path, name: str, keep: int) -> Path:
     path = algo.save_to_path(str((checkpoints / name).resolve()))
-    periodic = sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
-    for old in periodic[:-keep]:
+    for old in _periodic_checkpoints(checkpoints)[:-keep]:
         shutil.rmtree(old)
     return Path(path)
 
 
 def _newest_checkpoint(checkpoints: Path) -> Path | None:
-    periodic = sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
+    periodic = _periodic_checkpoints(checkpoints)
     return periodic[-1] if periodic else None
 
 
