@@ -16,9 +16,6 @@ from carla_env.driving_env import DrivingEnv
 from carla_env.ports import PROCESS_SLOTS, server_ports, slot_ordinal
 from carla_env.servers import ExternalServer, ManagedServer, claim_external_endpoint
 
-LOG_DIR = Path("/tmp/carla_server_logs")
-
-
 class CarlaDrivingEnv(DrivingEnv):
     def __init__(self, worker_index: int = 0, carla_module=None, **kwargs: Any):
         config = load_env_config(CarlaEnvConfig, kwargs)
@@ -29,7 +26,8 @@ class CarlaDrivingEnv(DrivingEnv):
             ports = server_ports(ordinal, config.server)
             if config.server.mode == "managed":
                 gpu = config.server.gpus[ordinal % len(config.server.gpus)]
-                server = ManagedServer(config.server, ports, gpu, LOG_DIR / f"carla_{ports.rpc}.log")
+                log = Path(config.server.log_dir) / f"carla_{ports.rpc}.log"
+                server = ManagedServer(config.server, ports, gpu, log)
             else:
                 endpoint, self._release_endpoint = claim_external_endpoint(config.server)
                 server = ExternalServer(config.server, endpoint)

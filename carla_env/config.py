@@ -129,6 +129,7 @@ class ServerSection(Section):
     slots_per_process: int = Field(default=4, ge=1, description="CARLA envs one process may hold")
     gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
     quality_level: Literal["Low", "Epic"] = "Low"
+    log_dir: str = Field(default="/tmp/carla-server-logs", min_length=1, description="one log per server port")
     startup_timeout_s: float = Field(default=120.0, gt=0.0)
     tick_timeout_s: float = Field(default=10.0, gt=0.0)
     max_restarts: int = Field(default=5, ge=0, description="per env, before the error is raised")
