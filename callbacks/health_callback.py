@@ -14,9 +14,7 @@ from callbacks.alerts import AlertSinks
 from callbacks.health import HealthMonitor
 from callbacks.wandb_run import WandbRun
 from rl.config import HealthSection, WandbSection
-from rl.metrics import summarize
-
-HEALTH = "health"  # the result key under which the `health/...` metrics go
+from rl.metrics import HEALTH_RESULTS, summarize
 
 
 class HealthCallback(RLlibCallback):
@@ -41,7 +39,7 @@ class HealthCallback(RLlibCallback):
         for alert in alerts:
             self.sinks.send(alert)
         health["health/stop"] = float(self.section.stop_on_critical and health["health/critical"] > 0)
-        result[HEALTH] = health
+        result[HEALTH_RESULTS] = health
         self.wandb_run.log({**metrics, **health}, step=iteration)
 
     def close(self) -> None:

@@ -24,3 +24,9 @@ ENTRY_POINTS = {
 for _env_id, _entry_point in ENTRY_POINTS.items():
     if _env_id not in gym.registry:
         gym.register(_env_id, entry_point=_entry_point)
+
+
+def driving_env_schema(env_id: str) -> type[DrivingEnvConfig] | None:
+    """The kwargs schema of a driving env id (with or without the `carla_env:` prefix); None
+    for any other env."""
+    return ENV_CONFIGS.get(gym.spec(env_id.rpartition(":")[2]).id)

@@ -172,9 +172,6 @@ class ExternalServer:
                 )
             time.sleep(0.5)
 
-    def alive(self) -> bool:
-        return answers(self.host, self.rpc_port)
-
     def recover(self) -> None:
         if self.restarts >= self.config.max_restarts:
             raise ServerError(

@@ -204,7 +204,8 @@ class HealthSection(Section):
     # |Q max| grew this many times within `window_iters` and passed half the bound: WARN.
     q_growth_factor: float = Field(default=10.0, gt=1.0)
     window_iters: int = Field(default=10, ge=2, description="iterations per trend window")
-    # Recent episode length (return) below this fraction of the run's first window: CRITICAL.
+    # The last window's mean return lost more than (1 - this) of its best window since learning
+    # started: WARN; CRITICAL when the episode length collapsed with it (callbacks/health.py).
     collapse_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     # Warn at start when the effective horizon 1/(1-gamma) and the episode length differ by
     # more than this factor either way.
@@ -309,13 +310,11 @@ def parse_config(data: Any, source: str = "<config>", overrides: list[str] = ())
 def _validate_driving_env(config: ExperimentConfig, source: str) -> None:
     """The driving envs' kwargs have a schema of their own (carla_env/config.py), and CARLA's
     server ports must not clash for the runners and envs asked for."""
-    import gymnasium
-
-    from carla_env import ENV_CONFIGS
+    from carla_env import driving_env_schema
     from carla_env.config import CarlaEnvConfig
     from carla_env.ports import check_no_clashes
 
-    schema = ENV_CONFIGS.get(gymnasium.spec(config.env.id.rpartition(":")[2]).id)
+    schema = driving_env_schema(config.env.id)
     if schema is None:
         return
     try:

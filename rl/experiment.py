@@ -77,13 +77,12 @@ def run_facts(exp: ExperimentConfig) -> RunFacts:
     bounds and episode length; other envs' bounds come from the rewards observed."""
     import gymnasium
 
-    from carla_env import ENV_CONFIGS
+    from carla_env import driving_env_schema
     from carla_env.reward import reward_bounds
 
-    spec = gymnasium.spec(exp.env.id.rpartition(":")[2])
-    schema = ENV_CONFIGS.get(spec.id)
+    schema = driving_env_schema(exp.env.id)
     bounds = tuple(exp.env.reward_bounds) if exp.env.reward_bounds else None
-    max_steps = exp.env.max_episode_steps or spec.max_episode_steps
+    max_steps = exp.env.max_episode_steps or gymnasium.spec(exp.env.id.rpartition(":")[2]).max_episode_steps
     if schema is not None:
         driving = schema.model_validate(exp.env.kwargs)
         bounds, max_steps = bounds or reward_bounds(driving), driving.episode.max_steps

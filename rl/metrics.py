@@ -60,6 +60,8 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The result key under which callbacks/health_callback.py puts its `health/...` metrics.
+HEALTH_RESULTS = "health"
 # Metrics of ended episodes: NaN in an iteration where none ended, and then left out.
 PER_EPISODE = ("episode/", "eval/", "env/episode_end/", "env/reward/")
 
@@ -93,7 +95,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     # grad/<group>/<stat> from the learner; env/... from callbacks/driving_metrics.py.
     out.update(_passed_through(result.get("learners", {}).get(DEFAULT_MODULE_ID), "grad/"))
     out.update(_passed_through(result.get(M.ENV_RUNNER_RESULTS), "env/"))
-    out.update(_passed_through(result.get("health"), "health/"))  # callbacks/health_callback.py
+    out.update(_passed_through(result.get(HEALTH_RESULTS), "health/"))
     return {
         name: value
         for name, value in out.items()
