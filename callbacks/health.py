@@ -1,22 +1,37 @@
 """Training-health rules: each iteration's metrics in, `health/...` metrics and alerts out.
 
-Every failure of the seed report has a rule here (thresholds: `health:` in the experiment YAML,
-rl/config.py HealthSection):
+The rules hold whatever the reward scale and whenever the failure starts: returns are judged
+against what the run's own uniform warm-up got, gradient norms per unit of the run's observed
+reward scale and against their own early level, overestimation against the returns actually
+obtained. Thresholds: `health:` in the experiment YAML (rl/config.py HealthSection); the README's
+"Training health" section says why each has its value. The failure zoo
+(`python -m benchmarks.health_zoo`) is what they were calibrated and are judged on.
 
 | rule | level | fires when |
 |---|---|---|
 | non_finite | CRITICAL | a loss, a Q statistic or a weight is NaN or Inf |
 | missing_metric | CRITICAL | a required metric (losses, Q) is not reported after learning started |
-| q_out_of_bound | CRITICAL | Q leaves [r_min, r_max] / (1 - gamma) by more than `q_bound_slack` of that range |
+| observation_non_finite | CRITICAL | an observation holds NaN or Inf |
+| observation_frozen | CRITICAL | one observation part (e.g. the camera) repeats itself step after step |
+| reward_out_of_bounds | CRITICAL | a reward outside the env's documented range was seen |
+| q_out_of_bound | CRITICAL | Q leaves [r_min, r_max] / (1 - gamma) by more than `q_bound_slack` of that range; the rewards observed bound it when tighter than the documented ones |
 | q_growth | WARN | max abs Q grew `q_growth_factor` times within a window and passed half the bound |
-| overestimation | WARN | Q1(s0, a0) of finished episodes exceeds their discounted return by more than `overestimation_max` of the bound's range, over a window, and more than in the window before |
+| overestimation | WARN | Q1(s0, a0) exceeds the discounted return of finished episodes by more than `overestimation_max` times those returns' size, and by half that more than in the window before |
 | clipping_broken | CRITICAL | a group's post-clip gradient norm is above its limit |
-| return_collapse | WARN | the last window's mean return lost more than (1 - `collapse_fraction`) of its best window since learning started (see `window_collapse`) |
-| episode_collapse | CRITICAL | the return collapsed and so did the episode length (shorter episodes with good returns are a policy reaching its goal sooner) |
-| horizon, learning_rate, tau | WARN | at start: hyperparameters outside sane ranges for the env |
+| gradient_explosion | WARN | a group's pre-clip norm, per unit of reward scale, is `grad_limit_factor` x its reference limit, or `grad_growth_max` x its own early level |
+| actor_saturated | WARN | more than `saturation_max` of the actor's outputs sit at the tanh bounds, over a window |
+| actor_dead | CRITICAL | the actor is saturated and its gradients fell below `dead_grad_ratio` of their early level |
+| targets_frozen | CRITICAL | learner updates ran but the target critic did not move at all |
+| worse_than_warmup | CRITICAL (WARN) | since learning started, training returns and episode lengths clearly below the uniform warm-up's, not climbing, for `warmup_patience_iters` iterations; WARN when only returns are below |
+| return_collapse | WARN | the last window's mean return lost more than (1 - `collapse_fraction`) of its best window since learning started |
+| episode_collapse | CRITICAL | the return collapsed, so did the episode length, and returns are back to the warm-up's level or below |
+| horizon, learning_rate, tau, target_lag | WARN | at start: hyperparameters outside sane ranges for the env and the run's length |
+| horizon, reward_scale | WARN | at the end of the warm-up: the horizon against the episodes seen, the per-step reward scale |
 
-An alert fires once, when its condition starts; when the condition clears, an INFO alert says
-so, and the rule can fire again. The monitor is plain Python: the RLlib callback (callbacks/health_callback.py) feeds it.
+An alert fires once, when its condition starts (and again if it escalates to CRITICAL); when the
+condition has been absent `clear_iters` iterations running, an INFO alert says so, and the rule
+can fire again. The monitor is plain Python: the RLlib callback
+(callbacks/health_callback.py) feeds it live, and `rl.report` replays it over metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -29,11 +44,42 @@ from typing import Any
 
 import numpy as np
 
-from rl.config import HealthSection
+from rl.config import DEFAULT_GRAD_CLIP, HealthSection
 
 INFO, WARN, CRITICAL = "INFO", "WARN", "CRITICAL"
 Q_METRICS = ("q/q1_mean", "q/q2_mean", "q/q1_max", "q/q2_max", "q/q1_min", "q/q1_std", "q/q2_std")
 LOSS_METRICS = ("losses/critic", "losses/actor")
+ACTOR_GROUPS = ("actor.encoder", "actor.head")
+FACTS_FILE = "run_facts.json"  # in the run directory: the RunFacts the live monitor used
+
+# Rules that judge the configuration (at start, and at the end of the warm-up), not the run's
+# course; `reward_scale` is the one meant to depend on the reward scale.
+CONFIG_RULES = ("horizon", "learning_rate", "tau", "target_lag", "reward_scale")
+
+# Every rule, with the check it stands for in the validation report (rl/report.py).
+RULE_TITLES = {
+    "non_finite": "no NaN or Inf in losses, Q values or weights",
+    "missing_metric": "losses and Q reported every iteration since learning started",
+    "observation_non_finite": "observations finite",
+    "observation_frozen": "no observation part frozen (a dead sensor)",
+    "reward_out_of_bounds": "rewards within the env's documented range",
+    "q_out_of_bound": "Q within the discounted return bound",
+    "q_growth": "Q not growing explosively",
+    "overestimation": "overestimation not growing",
+    "clipping_broken": "post-clip gradient norms within their limits",
+    "gradient_explosion": "gradient norms bounded",
+    "actor_saturated": "actor not saturated at its bounds",
+    "actor_dead": "actor still learning (not saturated with vanished gradients)",
+    "targets_frozen": "target networks moving",
+    "worse_than_warmup": "policy better than the uniform random warm-up",
+    "return_collapse": "no return collapse",
+    "episode_collapse": "no episode collapse",
+    "horizon": "gamma's horizon fits the episodes",
+    "learning_rate": "learning rates in range",
+    "tau": "tau in range",
+    "target_lag": "targets can move within the run",
+    "reward_scale": "rewards near unit scale",
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +107,15 @@ class RunFacts:
     tau: float
     reward_bounds: tuple[float, float] | None = None  # documented by the env, if it does
     max_episode_steps: int | None = None
+    planned_updates: float | None = None  # learner updates the whole run will do
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunFacts":
+        bounds = data.get("reward_bounds")
+        return cls(**{**data, "reward_bounds": tuple(bounds) if bounds is not None else None})
 
 
 def _finite(x: float | None) -> bool:
@@ -72,32 +127,68 @@ def above_clip_limit(post_clip_norm: float, limit: float | None) -> bool:
     return limit is not None and post_clip_norm > limit * (1 + 1e-3)
 
 
+@dataclass
+class _Episodes:
+    """Training episodes that ended, per iteration: (count, mean return, mean length)."""
+
+    rows: list[tuple[float, float, float]] = field(default_factory=list)
+
+    def add(self, m: dict) -> None:
+        count = m.get("episode/count", 0.0)
+        if count and _finite(m.get("episode/return_mean")) and _finite(m.get("episode/len_mean")):
+            self.rows.append((count, m["episode/return_mean"], m["episode/len_mean"]))
+
+    @property
+    def count(self) -> float:
+        return sum(n for n, _, _ in self.rows)
+
+    def summary(self, rows=None) -> tuple[float, float, float, float] | None:
+        """(mean return, per-episode return spread, mean length, per-episode length spread),
+        weighted by episodes. The spreads come from the iteration means: n * (m_i - M)^2
+        estimates one episode's variance."""
+        rows = self.rows if rows is None else rows
+        if len(rows) < 2:
+            return None
+        n, ret, length = (np.array(col, float) for col in zip(*rows))
+        mean_ret, mean_len = np.average(ret, weights=n), np.average(length, weights=n)
+        spread_ret = math.sqrt(np.sum(n * (ret - mean_ret) ** 2) / (len(rows) - 1))
+        spread_len = math.sqrt(np.sum(n * (length - mean_len) ** 2) / (len(rows) - 1))
+        return float(mean_ret), spread_ret, float(mean_len), spread_len
+
+    def recent(self, min_episodes: float, min_iterations: int, skip: int = 0):
+        """The newest iterations (leaving out the newest `skip`) holding at least `min_episodes`
+        episodes and `min_iterations` iterations; None when there are not that many."""
+        rows = self.rows[: len(self.rows) - skip]
+        taken, episodes = [], 0.0
+        for row in reversed(rows):
+            taken.append(row)
+            episodes += row[0]
+            if episodes >= min_episodes and len(taken) >= min_iterations:
+                return taken[::-1]
+        return None
+
+
 class HealthMonitor:
     def __init__(self, config: HealthSection, facts: RunFacts):
         self.config, self.facts = config, facts
-        self._active: dict[str, int] = {}  # rule -> iteration its condition started
+        # rule -> (iteration it started, highest level so far, iterations its condition is absent)
+        self._active: dict[str, tuple[int, str, int]] = {}
         self._iters_learning = 0
+        self._warmup, self._learning = _Episodes(), _Episodes()
         self._since_learning: dict[str, list[float]] = {"episode/len_mean": [], "episode/return_mean": []}
         self._q_abs = deque(maxlen=config.window_iters)
-        self._overestimation: list[float] = []  # relative to the bound's range
+        self._overestimation: list[tuple[float, float]] = []  # (Q1(s0) - G0, |G0|)
+        self._grad_norms: dict[str, list[float]] = {}  # group -> pre-clip norm per unit reward scale
+        self._saturation = deque(maxlen=config.window_iters)
+        self._frozen_obs: dict[str, int] = {}  # leaf -> consecutive iterations repeating itself
+        self._below_warmup = 0  # consecutive judged iterations worse than the warm-up
 
     # --- At start ---------------------------------------------------------------------------
 
     def start_checks(self) -> list[Alert]:
         f, alerts = self.facts, []
-        horizon = 1.0 / (1.0 - f.gamma)
-        ratio = self.config.horizon_ratio_max
         if f.max_episode_steps:
-            length = f.max_episode_steps
-            if horizon > ratio * length or length > ratio * horizon:
-                alerts.append(Alert(
-                    WARN, "horizon",
-                    f"gamma={f.gamma} gives an effective horizon of {horizon:.0f} steps, but episodes "
-                    f"last up to {length} steps (more than {ratio:g}x apart). Likely cause: gamma "
-                    f"chosen for another env; with a horizon much longer than the episode, Q mostly "
-                    f"bootstraps on itself; much shorter, the policy cannot plan past {horizon:.0f} steps.",
-                    {"effective_horizon": horizon, "max_episode_steps": float(length)}, 0,
-                ))
+            alerts += self._horizon_check(f.max_episode_steps, "last up to", 0)
         for name, lr in (("actor_lr", f.actor_lr), ("critic_lr", f.critic_lr)):
             if not 1e-6 <= lr <= 1e-2:
                 alerts.append(Alert(
@@ -113,6 +204,49 @@ class HealthMonitor:
                 "stability they exist for; TD3 uses 0.005.",
                 {"tau": f.tau}, 0,
             ))
+        lag, ratio = 1.0 / f.tau, self.config.target_lag_ratio
+        if f.planned_updates and lag * ratio > f.planned_updates:
+            alerts.append(Alert(
+                WARN, "target_lag",
+                f"algo.tau={f.tau:g}: the target networks follow the critic with a lag of "
+                f"{lag:,.0f} updates, but the whole run does {f.planned_updates:,.0f} updates "
+                f"(fewer than {ratio:g} lags): the targets, and so Q, will barely have moved from "
+                "their random start when the run ends. Likely cause: tau too small for this run's "
+                "length (TD3 uses 0.005), or a run too short for it.",
+                {"target_lag_updates": lag, "planned_updates": f.planned_updates}, 0,
+            ))
+        return alerts
+
+    def _horizon_check(self, length: float, seen: str, iteration: int) -> list[Alert]:
+        horizon, ratio = 1.0 / (1.0 - self.facts.gamma), self.config.horizon_ratio_max
+        if horizon <= ratio * length and length <= ratio * horizon:
+            return []
+        return [Alert(
+            WARN, "horizon",
+            f"gamma={self.facts.gamma} gives an effective horizon of {horizon:.0f} steps, but "
+            f"episodes {seen} {length:.0f} steps (more than {ratio:g}x apart). Likely cause: gamma "
+            "chosen for another env; with a horizon much longer than the episodes, Q mostly "
+            f"bootstraps on itself; much shorter, the policy cannot plan past {horizon:.0f} steps.",
+            {"effective_horizon": horizon, "episode_steps": float(length)}, iteration,
+        )]
+
+    def _warmup_checks(self, m: dict, iteration: int) -> list[Alert]:
+        """Once, when learning starts: what the uniform warm-up showed about the env."""
+        alerts = []
+        warm = self._warmup.summary()
+        if warm is not None and not self.facts.max_episode_steps:
+            alerts += self._horizon_check(warm[2], "of the warm-up lasted", iteration)
+        scale = m.get("replay/reward_abs_mean")
+        if _finite(scale) and scale > self.config.reward_scale_max:
+            alerts.append(Alert(
+                WARN, "reward_scale",
+                f"rewards average {scale:,.1f} in size per step during the warm-up (more than "
+                f"{self.config.reward_scale_max:g}): TD targets, critic gradients and Q all grow "
+                "with it, so gradient limits and learning rates tuned for rewards of about 1 act "
+                "very differently here (clipping on every update, or steps far too large). "
+                "Likely cause: reward terms weighted up; scale the rewards to about 1 per step.",
+                {"reward_abs_mean": scale}, iteration,
+            ))
         return alerts
 
     # --- Every iteration --------------------------------------------------------------------
@@ -123,25 +257,39 @@ class HealthMonitor:
         conditions: dict[str, tuple[str, str, dict]] = {}  # rule -> (level, message, evidence)
         learning = metrics.get("env/steps_sampled", 0.0) > self.facts.learning_starts
         self._iters_learning += int(learning)
+        (self._learning if learning else self._warmup).add(metrics)
+        alerts = self._warmup_checks(metrics, iteration) if self._iters_learning == 1 and learning else []
 
         self._check_non_finite(metrics, conditions)
         if self._iters_learning > self.config.grace_iters:
             self._check_missing(metrics, conditions)
+        self._check_observations(metrics, conditions)
+        self._check_rewards(metrics, conditions)
         self._check_q(metrics, health, conditions)
         self._check_clipping(metrics, conditions)
-        self._check_collapse(metrics, health, conditions)
+        self._check_gradients(metrics, health, conditions)
+        self._check_actor(metrics, conditions)
+        self._check_targets(metrics, conditions)
+        if self._iters_learning:  # the random warm-up is not the policy's own level
+            self._check_warmup_baseline(metrics, health, conditions)
+            self._check_collapse(metrics, health, conditions)
 
-        alerts = [
-            Alert(level, rule, message, evidence, iteration)
-            for rule, (level, message, evidence) in conditions.items()
-            if rule not in self._active
-        ]
-        alerts += [
-            Alert(INFO, rule, f"{rule} no longer holds (it started at iteration {since}).", {}, iteration)
-            for rule, since in self._active.items()
-            if rule not in conditions
-        ]
-        self._active = {rule: self._active.get(rule, iteration) for rule in conditions}
+        # A rule alerts when its condition starts, and again if it escalates (WARN to CRITICAL).
+        # It clears (an INFO alert) once its condition has been absent `clear_iters` iterations
+        # running, so a condition flickering at its threshold does not alert over and over.
+        for rule, (level, message, evidence) in conditions.items():
+            since, was, _ = self._active.get(rule, (iteration, None, 0))
+            if was is None or (level == CRITICAL and was != CRITICAL):
+                alerts.append(Alert(level, rule, message, evidence, iteration))
+            self._active[rule] = (since, level if was != CRITICAL else CRITICAL, 0)
+        for rule, (since, level, absent) in list(self._active.items()):
+            if rule in conditions:
+                continue
+            if absent + 1 >= self.config.clear_iters:
+                alerts.append(Alert(INFO, rule, f"{rule} no longer holds (it started at iteration {since}).", {}, iteration))
+                del self._active[rule]
+            else:
+                self._active[rule] = (since, level, absent + 1)
         health["health/alerts_active"] = float(len(conditions))
         health["health/critical"] = float(any(level == CRITICAL for level, _, _ in conditions.values()))
         return health, alerts
@@ -171,10 +319,61 @@ class HealthMonitor:
                 {k: float("nan") for k in missing},
             )
 
+    def _check_observations(self, m: dict, conditions: dict) -> None:
+        if m.get("obs/non_finite", 0.0) > 0:
+            conditions["observation_non_finite"] = (
+                CRITICAL,
+                f"{m['obs/non_finite']:,.0f} NaN or Inf values in this iteration's observations. "
+                "They reach the replay buffer and, through the networks, every weight. Likely "
+                "cause: a sensor or measurement that failed (division by zero, a lost reading).",
+                {"obs/non_finite": m["obs/non_finite"]},
+            )
+        shares = {
+            key[len("obs/") : -len("/repeated_fraction")]: value
+            for key, value in m.items()
+            if key.startswith("obs/") and key.endswith("/repeated_fraction")
+        }
+        frozen = {}
+        for leaf in sorted({*shares, *self._frozen_obs}):
+            repeating = shares.get(leaf, 0.0) >= self.config.frozen_obs_fraction
+            self._frozen_obs[leaf] = self._frozen_obs.get(leaf, 0) + 1 if repeating else 0
+            if self._frozen_obs[leaf] >= 2:
+                frozen[leaf] = shares[leaf]
+        if frozen:
+            text = ", ".join(f"`{leaf}` ({share:.0%} of steps)" for leaf, share in frozen.items())
+            conditions["observation_frozen"] = (
+                CRITICAL,
+                f"observations repeat themselves exactly from one step to the next, two "
+                f"iterations running: {text}. The policy is blind to what that part should show. "
+                "Likely cause: a dead sensor (a camera sending black or stale frames), or an env "
+                "that stopped updating it.",
+                {f"{leaf}/repeated_fraction": share for leaf, share in frozen.items()},
+            )
+
+    def _check_rewards(self, m: dict, conditions: dict) -> None:
+        bounds, low, high = self.facts.reward_bounds, m.get("replay/reward_min"), m.get("replay/reward_max")
+        if bounds is None or not (_finite(low) and _finite(high)):
+            return
+        tolerance = 1e-3 * max(bounds[1] - bounds[0], 1e-6)
+        if low < bounds[0] - tolerance or high > bounds[1] + tolerance:
+            conditions["reward_out_of_bounds"] = (
+                CRITICAL,
+                f"rewards in [{low:g}, {high:g}] were seen, outside the env's documented range "
+                f"[{bounds[0]:g}, {bounds[1]:g}]: the Q bound and every scale the rules use are "
+                "wrong, and the agent may be paid for something else than intended. Likely cause: "
+                "a reward term that changed sign or weight, or `env.reward_bounds` out of date.",
+                {"reward_min": low, "reward_max": high, "documented_min": bounds[0], "documented_max": bounds[1]},
+            )
+
     def _q_bound(self, m: dict) -> tuple[float, float] | None:
+        """[r_min, r_max] / (1 - gamma): the documented reward range, narrowed to the rewards
+        observed (Q is trained only on those, so it cannot rightly leave their bound)."""
         bounds = self.facts.reward_bounds
-        if bounds is None and _finite(m.get("replay/reward_min")) and _finite(m.get("replay/reward_max")):
-            bounds = (m["replay/reward_min"], m["replay/reward_max"])
+        if _finite(m.get("replay/reward_min")) and _finite(m.get("replay/reward_max")):
+            observed = (m["replay/reward_min"], m["replay/reward_max"])
+            bounds = observed if bounds is None else (max(bounds[0], observed[0]), min(bounds[1], observed[1]))
+            if bounds[0] > bounds[1]:  # observed entirely outside the documented range
+                bounds = self.facts.reward_bounds
         if bounds is None:
             return None
         scale = 1.0 / (1.0 - self.facts.gamma)
@@ -187,7 +386,7 @@ class HealthMonitor:
         if q_hi is None or bound is None:
             return
         lower, upper = bound
-        span = max(upper - lower, 1.0)
+        span = max(upper - lower, 1e-6)
         below = (lower - q_lo) if _finite(q_lo) else 0.0
         excess = max(q_hi - upper, below, 0.0) / span
         health.update({"health/q_bound_lower": lower, "health/q_bound_upper": upper, "health/q_excess": excess})
@@ -202,7 +401,7 @@ class HealthMonitor:
                 "(learning rate, tau, or clipping too loose), or rewards larger than documented.",
                 {"q_max": q_hi, "q_min": q_lo, "bound_lower": lower, "bound_upper": upper, "excess": excess},
             )
-        self._check_overestimation(m, span, health, conditions)
+        self._check_overestimation(m, health, conditions)
         self._q_abs.append(abs(q_hi))
         first, now = self._q_abs[0], self._q_abs[-1]
         # Half the bound on the side Q is on; at least a tenth of the range (a bound at 0).
@@ -217,29 +416,32 @@ class HealthMonitor:
                 {"q_abs_start": first, "q_abs_now": now, "half_bound": half_bound},
             )
 
-    def _check_overestimation(self, m: dict, span: float, health: dict, conditions: dict) -> None:
-        """Windows of the iterations whose episodes ended (only they report it): the last
-        window's mean above the limit and above the window before. A critic that starts
-        optimistic (Q near 0, returns negative) comes down; a diverging one climbs."""
-        if _finite(m.get("q/overestimation")):
-            self._overestimation.append(m["q/overestimation"] / span)
-            health["health/overestimation"] = self._overestimation[-1]
+    def _check_overestimation(self, m: dict, health: dict, conditions: dict) -> None:
+        """Windows of the iterations whose episodes ended (only they report it), relative to
+        the size of the returns those episodes got: the last window above the limit and above
+        the window before. A critic that starts optimistic (Q near 0, returns negative) comes
+        down; a diverging one climbs."""
+        if _finite(m.get("q/overestimation")) and _finite(m.get("q/start_return_mean")):
+            self._overestimation.append((m["q/overestimation"], abs(m["q/start_return_mean"])))
         w = self.config.window_iters
         if len(self._overestimation) < 2 * w:
             return
-        recent = float(np.mean(self._overestimation[-w:]))
-        before = float(np.mean(self._overestimation[-2 * w : -w]))
-        if recent > self.config.overestimation_max and recent > before:
+        over, size = (np.array(col) for col in zip(*self._overestimation[-2 * w :]))
+        scale = max(float(size.mean()), float(np.abs(over).mean()) * 1e-3, 1e-9)
+        recent, before = float(over[w:].mean()) / scale, float(over[:w].mean()) / scale
+        health["health/overestimation"] = recent
+        limit = self.config.overestimation_max
+        if recent > limit and recent > before + limit / 2:
             conditions["overestimation"] = (
                 WARN,
                 f"the critic overestimates, more and more: at the starts of finished episodes Q1 "
-                f"exceeded the discounted return they got by {recent:.2f} of the return range on "
-                f"average over the last {w} such iterations ({before:.2f} the {w} before; allowed "
-                f"{self.config.overestimation_max:g}); latest: Q1 "
+                f"exceeded the discounted return they got by {recent:.2f} times the size of those "
+                f"returns ({scale:,.1f}) on average over the last {w} such iterations ({before:.2f} "
+                f"the {w} before; allowed {limit:g}, and a rise of {limit / 2:g}); latest: Q1 "
                 f"{m.get('q/start_estimate_mean', float('nan')):,.1f} against "
                 f"{m.get('q/start_return_mean', float('nan')):,.1f}. Likely cause: the bias clipped "
                 "double-Q should remove is coming back (target noise, tau, learning rates).",
-                {"relative": recent, "relative_window_before": before},
+                {"relative": recent, "relative_window_before": before, "return_scale": scale},
             )
 
     def _check_clipping(self, m: dict, conditions: dict) -> None:
@@ -258,9 +460,148 @@ class HealthMonitor:
                 {f"{g}/post_clip_norm": post for g, (post, _) in broken.items()},
             )
 
-    def _check_collapse(self, m: dict, health: dict, conditions: dict) -> None:
-        if not self._iters_learning:  # the random warm-up is not the policy's own level
+    def reference_limit(self, group: str) -> float:
+        """The gradient norm a group is expected to stay near, for rewards of about 1 a step:
+        `health.grad_reference`, else the group's clip limit, else the module-wise default."""
+        return (
+            self.config.grad_reference.get(group)
+            or self.facts.grad_clip.get(group)
+            or DEFAULT_GRAD_CLIP[group]
+        )
+
+    def _check_gradients(self, m: dict, health: dict, conditions: dict) -> None:
+        """Pre-clip norms, also when clipping is off, per unit of the observed reward scale (TD
+        errors, and so both networks' gradients, grow in proportion to the rewards)."""
+        scale = m.get("replay/reward_abs_mean")
+        if not _finite(scale) or scale <= 0:
             return
+        w, exploding = self.config.window_iters, {}
+        for group in DEFAULT_GRAD_CLIP:
+            pre = m.get(f"grad/{group}/pre_clip_norm")
+            if not _finite(pre):
+                continue
+            norms = self._grad_norms.setdefault(group, [])
+            norms.append(pre / scale)
+            recent = float(np.median(norms[-3:]))
+            early = float(np.median(norms[:w]))
+            limit = self.reference_limit(group) * self.config.grad_limit_factor
+            health[f"health/grad_{group}"] = recent
+            if len(norms) >= 3 and (recent > limit or (len(norms) > w and recent > self.config.grad_growth_max * early)):
+                exploding[group] = (recent, early, limit)
+        if exploding:
+            text = "; ".join(
+                f"{g}: {r:,.3g} per unit of reward (early {e:,.3g}, limit {lim:,.3g})" for g, (r, e, lim) in exploding.items()
+            )
+            conditions["gradient_explosion"] = (
+                WARN,
+                f"gradient norms before clipping exploded ({text}; rewards average {scale:,.3g} a "
+                "step): updates this large tear the features apart, and a clip limit only hides "
+                "it. Likely cause: a learning rate too high, encoder clipping off, or rewards far "
+                "from unit scale.",
+                {f"{g}/pre_clip_per_reward": r for g, (r, _, _) in exploding.items()},
+            )
+
+    def _check_actor(self, m: dict, conditions: dict) -> None:
+        if _finite(m.get("learner/actor_saturation")):
+            self._saturation.append(m["learner/actor_saturation"])
+        if len(self._saturation) < self._saturation.maxlen:
+            return
+        saturation = float(np.mean(self._saturation))
+        if saturation <= self.config.saturation_max:
+            return
+        evidence = {"saturation": saturation}
+        dead = []
+        for group in ACTOR_GROUPS:
+            norms = self._grad_norms.get(group, [])
+            w = self.config.window_iters
+            if len(norms) > w:
+                early, recent = float(np.median(norms[:w])), float(np.median(norms[-w:]))
+                evidence[f"{group}/grad_vs_early"] = recent / max(early, 1e-12)
+                if recent < self.config.dead_grad_ratio * early:
+                    dead.append(f"{group} {recent / max(early, 1e-12):.1e}")
+        text = (
+            f"{saturation:.0%} of the actor's action components sat at the tanh bounds (|a| > "
+            f"0.99) over the last {len(self._saturation)} iterations"
+        )
+        if dead:
+            conditions["actor_dead"] = (
+                CRITICAL,
+                f"the actor is dead: {text}, and its gradients fell to a fraction of their early "
+                f"level ({', '.join(dead)}): tanh passes nothing back, so it cannot learn its way "
+                "out. Likely cause: a critic whose gradients in the action point far outside the "
+                "bounds (diverging Q, rewards far from unit scale, an actor learning rate too high).",
+                evidence,
+            )
+        else:
+            conditions["actor_saturated"] = (
+                WARN,
+                f"{text}. A saturated tanh learns slowly and acts bang-bang. Likely cause: Q "
+                "growing without bound in the action, or an actor learning rate too high.",
+                evidence,
+            )
+
+    def _check_targets(self, m: dict, conditions: dict) -> None:
+        change = m.get("learner/target_change")
+        if _finite(change) and change == 0.0:
+            conditions["targets_frozen"] = (
+                CRITICAL,
+                "the target critic did not move at all during this iteration's updates: the "
+                "targets, and so what Q learns toward, stay where they started. Likely cause: "
+                "the Polyak update is not being applied, or tau so small it rounds to nothing.",
+                {"target_change": change},
+            )
+
+    def _check_warmup_baseline(self, m: dict, health: dict, conditions: dict) -> None:
+        """Since learning started, training episodes clearly worse than the uniform random
+        warm-up's, and not getting better, for `warmup_patience_iters` iterations: a policy
+        collapsed from its first updates never had a "best" to fall from, so this rule judges
+        it against random play. The patience is for the dip of a healthy run: a fresh policy
+        often crashes sooner than random play for several iterations (measured: 7 in the
+        driving zoo run), then climbs out of it."""
+        c = self.config
+        warm = self._warmup.summary()
+        recent = self._learning.recent(c.min_window_episodes, c.min_window_iters)
+        if warm is None or recent is None or self._warmup.count < c.min_window_episodes:
+            return
+        warm_ret, warm_ret_spread, warm_len, warm_len_spread = warm
+        n, ret, length = (np.array(col, float) for col in zip(*recent))
+        now_ret, now_len = float(np.average(ret, weights=n)), float(np.average(length, weights=n))
+        margin = c.warmup_margin * max(warm_ret_spread, 1e-6)
+        health["health/return_vs_warmup"] = (now_ret - warm_ret) / max(warm_ret_spread, 1e-6)
+        if m.get("episode/count", 0.0):  # judged again only when new episodes ended
+            before = self._learning.recent(c.min_window_episodes, c.min_window_iters, skip=len(recent))
+            climbing = before is not None and now_ret > _weighted_return(before) + margin
+            below = now_ret < warm_ret - margin and not climbing
+            self._below_warmup = self._below_warmup + 1 if below else 0
+        health["health/below_warmup_iters"] = float(self._below_warmup)
+        if self._below_warmup < c.warmup_patience_iters:
+            return
+        shorter = now_len < warm_len - c.warmup_margin * max(warm_len_spread, 1e-6)
+        evidence = {"return_recent": now_ret, "return_warmup": warm_ret, "len_recent": now_len, "len_warmup": warm_len}
+        text = (
+            f"for {self._below_warmup} iterations, training episodes have returned less than the "
+            f"uniform random warm-up's, without climbing: {now_ret:,.2f} on average (the last "
+            f"{int(n.sum())} episodes) against {warm_ret:,.2f} (spread {warm_ret_spread:,.2f} per "
+            f"episode), lasting {now_len:.1f} steps against {warm_len:.1f}"
+        )
+        if shorter:
+            conditions["worse_than_warmup"] = (
+                CRITICAL,
+                f"the policy is worse than random: {text}. Likely cause: the actor collapsed onto "
+                "actions that end episodes at once (crashing), from a critic that diverged or "
+                "saturated the actor in its first updates (learning rates, tau, clipping, reward "
+                "scale: see the other alerts).",
+                evidence,
+            )
+        else:
+            conditions["worse_than_warmup"] = (
+                WARN,
+                f"the policy earns less than random play: {text}. Likely cause: the policy is "
+                "learning the wrong thing (reward shaping, a critic far off).",
+                evidence,
+            )
+
+    def _check_collapse(self, m: dict, health: dict, conditions: dict) -> None:
         collapse = {}
         for key in ("episode/len_mean", "episode/return_mean"):
             if _finite(m.get(key)):
@@ -278,12 +619,16 @@ class HealthMonitor:
             f"{returns[0]:,.2f} at its best since learning started (lost more than "
             f"{1 - self.config.collapse_fraction:.0%} of it)"
         )
-        if lengths is not None and lengths[2]:
+        warm = self._warmup.summary()
+        back_to_random = warm is None or returns[1] <= warm[0]
+        if lengths is not None and lengths[2] and back_to_random:
             conditions["episode_collapse"] = (
                 CRITICAL,
                 f"episodes collapsed: {text}, and episodes got short: {lengths[1]:.1f} steps against "
-                f"{lengths[0]:.1f} at best. Likely cause: the policy learned to end episodes at "
-                "once (crashing), typically after Q-values diverged.",
+                f"{lengths[0]:.1f} at best, back to no better than the random warm-up"
+                + (f" ({warm[0]:,.2f})" if warm else "")
+                + ". Likely cause: the policy learned to end episodes at once (crashing), "
+                "typically after Q-values diverged.",
                 {**evidence, "len_recent": lengths[1], "len_best": lengths[0]},
             )
         else:
@@ -293,6 +638,11 @@ class HealthMonitor:
                 "how episodes end.",
                 evidence,
             )
+
+
+def _weighted_return(rows: list[tuple[float, float, float]]) -> float:
+    n, ret, _ = (np.array(col, float) for col in zip(*rows))
+    return float(np.average(ret, weights=n))
 
 
 def window_collapse(values: list[float], window: int, fraction: float) -> tuple[float, float, bool] | None:

@@ -8,10 +8,13 @@ Configured by `TD3Config.monitoring(...)` (rl/experiment.py).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from callbacks.alerts import AlertSinks
-from callbacks.health import HealthMonitor
+from callbacks.health import FACTS_FILE, HealthMonitor
 from callbacks.wandb_run import WandbRun
 from rl.config import HealthSection, WandbSection
 from rl.metrics import HEALTH_RESULTS, summarize
@@ -22,6 +25,8 @@ class HealthCallback(RLlibCallback):
         config = algorithm.config
         self.section = HealthSection.model_validate(config.health_config)
         self.monitor = HealthMonitor(self.section, config.run_facts)
+        # For `rl.report`, which replays the rules over metrics.jsonl with the same facts.
+        (Path(config.run_dir) / FACTS_FILE).write_text(json.dumps(config.run_facts.to_dict(), indent=2) + "\n")
         self.wandb_run = WandbRun(
             WandbSection.model_validate(config.wandb_config),
             config.run_dir,

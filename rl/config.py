@@ -193,29 +193,68 @@ class EvaluationSection(Section):
 
 
 class HealthSection(Section):
-    """Training-health rules (callbacks/health.py): thresholds, and what a CRITICAL alert does."""
+    """Training-health rules (callbacks/health.py): thresholds, and what a CRITICAL alert does.
+    Why each default has its value: README, "Training health"."""
 
     stop_on_critical: bool = True
     # Q outside [r_min, r_max] / (1 - gamma) by more than this fraction of that range: CRITICAL.
     q_bound_slack: float = Field(default=0.5, ge=0.0)
     # Q1 at episode starts above the discounted return obtained from them, by more than this
-    # fraction of the return bound's range (the TD3 paper's overestimation measure): WARN.
-    overestimation_max: float = Field(default=0.25, gt=0.0)
+    # many times the size of those returns, and more than the window before: WARN.
+    overestimation_max: float = Field(default=0.5, gt=0.0)
     # |Q max| grew this many times within `window_iters` and passed half the bound: WARN.
     q_growth_factor: float = Field(default=10.0, gt=1.0)
     window_iters: int = Field(default=10, ge=2, description="iterations per trend window")
     # The last window's mean return lost more than (1 - this) of its best window since learning
     # started: WARN; CRITICAL when the episode length collapsed with it (callbacks/health.py).
     collapse_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Returns since learning started, over the newest iterations holding at least
+    # `min_window_episodes` episodes and `min_window_iters` iterations, below the uniform
+    # warm-up's mean by more than `warmup_margin` of its per-episode spread and not climbing,
+    # for `warmup_patience_iters` iterations: WARN; CRITICAL when episode lengths are below the
+    # warm-up's by as much too.
+    warmup_margin: float = Field(default=0.5, gt=0.0)
+    min_window_episodes: int = Field(default=10, ge=1)
+    min_window_iters: int = Field(default=3, ge=1)
+    warmup_patience_iters: int = Field(default=12, ge=1)
+    # Pre-clip gradient norm per unit of reward scale (mean |r| a step) above this many times
+    # the group's reference limit, or this many times its own early level: WARN.
+    grad_limit_factor: float = Field(default=100.0, gt=1.0)
+    grad_growth_max: float = Field(default=100.0, gt=1.0)
+    # Reference limit per gradient group for rewards of about 1 a step; a group left out uses
+    # its `algo.grad_clip` limit, or the module-wise default (1 actor, 10 critic) when unclipped.
+    grad_reference: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    # More than this share of the actor's outputs at the tanh bounds, over `window_iters`: WARN;
+    # CRITICAL when its gradients fell below `dead_grad_ratio` of their early level as well.
+    saturation_max: float = Field(default=0.95, gt=0.0, le=1.0)
+    dead_grad_ratio: float = Field(default=0.01, gt=0.0, lt=1.0)
+    # An observation part (camera, state) equal to the previous step's in at least this share of
+    # steps, two iterations running: CRITICAL (a dead sensor).
+    frozen_obs_fraction: float = Field(default=0.95, gt=0.0, le=1.0)
     # Warn at start when the effective horizon 1/(1-gamma) and the episode length differ by
     # more than this factor either way.
     horizon_ratio_max: float = Field(default=20.0, gt=1.0)
+    # Warn at start when the target lag 1/tau times this exceeds the run's planned updates.
+    target_lag_ratio: float = Field(default=10.0, gt=0.0)
+    # Warn after the warm-up when rewards average more than this in size per step.
+    reward_scale_max: float = Field(default=10.0, gt=0.0)
     # Must be reported every iteration once learning has started (the seed had no losses).
     required_metrics: list[str] = Field(
         default_factory=lambda: ["losses/critic", "losses/actor", "q/q1_mean", "q/q1_max"]
     )
     # Iterations after learning starts before a missing required metric is an alert.
     grace_iters: int = Field(default=2, ge=1)
+    # A condition absent this many iterations running has cleared (an INFO alert); until then a
+    # return of it is the same alert, not a new one.
+    clear_iters: int = Field(default=3, ge=1)
+
+    @field_validator("grad_reference")
+    @classmethod
+    def _known_groups(cls, limits: dict) -> dict:
+        unknown = sorted(set(limits) - set(DEFAULT_GRAD_CLIP))
+        if unknown:
+            raise ValueError(f"unknown gradient group(s) {unknown}; groups: {list(DEFAULT_GRAD_CLIP)}")
+        return limits
 
 
 class WandbSection(Section):

@@ -95,6 +95,8 @@ def run_facts(exp: ExperimentConfig) -> RunFacts:
         tau=exp.algo.tau,
         reward_bounds=bounds,
         max_episode_steps=max_steps,
+        planned_updates=max(exp.experiment.stop_env_steps - exp.algo.learning_starts, 0)
+        * exp.algo.updates_per_env_step,
     )
 
 

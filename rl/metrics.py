@@ -16,6 +16,7 @@ from rl.td3 import td3_learner as L
 from rl.td3.td3 import (
     OVERESTIMATION,
     REPLAY_BUFFER_SIZE,
+    REPLAY_REWARD_ABS_MEAN,
     REPLAY_REWARD_MAX,
     REPLAY_REWARD_MIN,
     START_Q_MEAN,
@@ -42,6 +43,8 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "q/start_return_mean": (START_RETURN_MEAN,),
     "q/overestimation": (OVERESTIMATION,),
     "learner/non_finite_weights": ("learners", DEFAULT_MODULE_ID, L.NON_FINITE_WEIGHTS),
+    "learner/actor_saturation": ("learners", DEFAULT_MODULE_ID, L.ACTOR_SATURATION),
+    "learner/target_change": ("learners", DEFAULT_MODULE_ID, L.TARGET_CHANGE),
     "q/target_mean": ("learners", DEFAULT_MODULE_ID, L.Q_TARGET_MEAN),
     "q/td_error_mean": ("learners", DEFAULT_MODULE_ID, L.TD_ERROR_MEAN),
     "learner/num_critic_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_CRITIC_UPDATES),
@@ -50,6 +53,7 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "replay/size": (REPLAY_BUFFER_SIZE,),
     "replay/reward_min": (REPLAY_REWARD_MIN,),
     "replay/reward_max": (REPLAY_REWARD_MAX,),
+    "replay/reward_abs_mean": (REPLAY_REWARD_ABS_MEAN,),
     # Seconds per iteration spent in each phase of `TD3.training_step` (RLlib's timers).
     "perf/sample_s": (M.TIMERS, M.ENV_RUNNER_SAMPLING_TIMER),
     "perf/replay_add_s": (M.TIMERS, M.REPLAY_BUFFER_ADD_DATA_TIMER),
@@ -96,6 +100,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     out.update(_passed_through(result.get("learners", {}).get(DEFAULT_MODULE_ID), "grad/"))
     out.update(_passed_through(result.get(M.ENV_RUNNER_RESULTS), "env/"))
     out.update(_passed_through(result.get(HEALTH_RESULTS), "health/"))
+    out.update(_passed_through(result, "obs/"))  # rl/td3/observation_checks.py
     return {
         name: value
         for name, value in out.items()

@@ -4,11 +4,13 @@
 
 writes into RUN_DIR/report/:
     report.md     a PASS/FAIL checklist with the numbers behind each line, and the alerts
-    report.png    Q values (with the return bound), returns, losses, episode length
+    report.png    Q values (with the return bound), returns and lengths (against the random
+                  warm-up), losses, gradient norms per group (against their limits), actor saturation
     metrics.csv   every metric per iteration;  alerts.csv  every alert
 
-The checks are made from metrics.jsonl with the run's own `health:` thresholds (config.yaml),
-so the report can be made for any run, also one whose monitoring was off or that crashed.
+The checklist replays the health rules (callbacks/health.py) over metrics.jsonl with the run's
+own `health:` thresholds (config.yaml) and facts (run_facts.json), so the report can be made for
+any run, also one whose monitoring was off or that crashed.
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ import numpy as np
 import yaml
 
 from callbacks.alerts import read_alerts
-from callbacks.health import above_clip_limit, window_collapse
+from callbacks.health import CRITICAL, FACTS_FILE, INFO, RULE_TITLES, Alert, HealthMonitor, RunFacts
 from rl.config import AlgoSection, HealthSection
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    passed: bool
+    result: str  # PASS, WARN or FAIL
     detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.result != "FAIL"
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict], list[dict], dict]:
@@ -42,10 +48,31 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict], list[dict], dict]:
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a run directory of rl.train?")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash or a full disk: the rest stands
+            print(f"warning: {run_dir / 'metrics.jsonl'} line {n} is not valid JSON; skipped", file=sys.stderr)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return config, rows, read_alerts(run_dir), summary
+
+
+def run_facts(run_dir: Path, config: dict) -> RunFacts:
+    """The facts the live monitor used (run_facts.json); for an older run without that file,
+    the ones the config alone gives (no reward bounds an env documents itself)."""
+    path = run_dir / FACTS_FILE
+    if path.is_file():
+        return RunFacts.from_dict(json.loads(path.read_text()))
+    algo = AlgoSection.model_validate(config.get("algo", {}))
+    bounds = config.get("env", {}).get("reward_bounds")
+    return RunFacts(
+        gamma=algo.gamma, grad_clip=dict(algo.grad_clip), learning_starts=algo.learning_starts,
+        actor_lr=algo.actor_lr, critic_lr=algo.critic_lr, tau=algo.tau,
+        reward_bounds=tuple(bounds) if bounds else None,
+        max_episode_steps=config.get("env", {}).get("max_episode_steps"),
+    )
 
 
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -57,115 +84,120 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(its), np.array(values, dtype=float)
 
 
-def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict) -> list[Check]:
-    # Sections read one by one: the env itself need not be importable where the report runs.
+def replay_monitor(health: HealthSection, facts: RunFacts, rows: list[dict]) -> list[Alert]:
+    """The health rules run again over the recorded metrics: every alert the run had (or would
+    have had, with monitoring off), from the same code as the live monitor."""
+    monitor = HealthMonitor(health, facts)
+    alerts = monitor.start_checks()
+    for row in rows:
+        alerts += monitor.update(int(row["iteration"]), row)[1]
+    return alerts
+
+
+def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict, facts: RunFacts) -> list[Check]:
+    """One line per health rule (FAIL: it raised CRITICAL, WARN: a warning), then the live
+    alerts and how the run ended."""
     health = HealthSection.model_validate(config.get("health", {}))
-    algo = AlgoSection.model_validate(config.get("algo", {}))
-    learning = [r for r in rows if r.get("env/steps_sampled", 0) > algo.learning_starts]
+    replayed = replay_monitor(health, facts, rows)
     out = []
+    for rule, title in RULE_TITLES.items():
+        fired = [a for a in replayed if a.rule == rule and a.level != INFO]
+        if not fired:
+            out.append(Check(title, "PASS", f"`{rule}`: never raised"))
+            continue
+        worst = next((a for a in fired if a.level == CRITICAL), fired[0])
+        result = "FAIL" if worst.level == CRITICAL else "WARN"
+        iterations = ", ".join(str(a.iteration) for a in fired[:5])
+        out.append(Check(title, result, f"`{rule}` at iteration {iterations}: {worst.message}"))
 
-    missing = {k: sum(k not in r for r in learning) for k in health.required_metrics}
+    critical = [a for a in alerts if a["level"] == CRITICAL]
     out.append(Check(
-        "losses and Q reported every iteration since learning started",
-        bool(learning) and not any(missing.values()),
-        f"{len(learning)} learning iterations; missing: "
-        + (", ".join(f"{k} in {n}" for k, n in missing.items() if n) or "none")
-        if learning else "learning never started",
-    ))
-
-    watched = ("losses/critic", "losses/actor", "q/q1_mean", "q/q1_max", "q/q2_max")
-    bad = sorted({k for r in rows for k in watched if k in r and not math.isfinite(r[k])})
-    bad_weights = max((r.get("learner/non_finite_weights", 0) for r in rows), default=0)
-    out.append(Check(
-        "no NaN or Inf in losses, Q values or weights",
-        not bad and bad_weights == 0,
-        f"non-finite: {', '.join(bad) or 'none'}; parameters with NaN/Inf at most: {bad_weights:g}",
-    ))
-
-    _, q_max = series(rows, "q/q1_max")
-    _, q_min = series(rows, "q/q1_min")
-    _, excess = series(rows, "health/q_excess")
-    lower, upper = series(rows, "health/q_bound_lower")[1], series(rows, "health/q_bound_upper")[1]
-    if len(excess):
-        worst = float(np.nanmax(np.where(np.isfinite(excess), excess, np.inf)))
-        out.append(Check(
-            "Q within the discounted return bound",
-            worst <= health.q_bound_slack,
-            f"Q1 in [{np.nanmin(q_min):,.1f}, {np.nanmax(q_max):,.1f}]; bound [{lower[-1]:,.1f}, "
-            f"{upper[-1]:,.1f}]; worst excess {worst:.2f} of the range (allowed {health.q_bound_slack:g})",
-        ))
-    else:
-        out.append(Check("Q within the discounted return bound", not len(q_max), "no Q bound was computed"))
-
-    over = []
-    for group, limit in algo.grad_clip.items():
-        _, post = series(rows, f"grad/{group}/post_clip_norm")
-        if len(post) and above_clip_limit(float(np.nanmax(post)), limit):
-            over.append(f"{group}: {np.nanmax(post):.3g} > {limit:g}")
-    limits = ", ".join(f"{g} {'none' if v is None else f'{v:g}'}" for g, v in algo.grad_clip.items())
-    out.append(Check(
-        "post-clip gradient norms within their limits",
-        not over,
-        ("over: " + "; ".join(over)) if over else f"all within (limits: {limits})",
-    ))
-
-    collapse = {
-        key: window_collapse(
-            [r[key] for r in learning if key in r and math.isfinite(r[key])], health.window_iters, health.collapse_fraction
-        )
-        for key in ("episode/return_mean", "episode/len_mean")
-    }
-    returns, lengths = collapse["episode/return_mean"], collapse["episode/len_mean"]
-    if returns is None:
-        out.append(Check("no return collapse", True, "too few iterations with ended episodes"))
-    else:
-        out.append(Check(
-            "no return collapse",
-            not returns[2],
-            f"best {health.window_iters}-iteration mean since learning started {returns[0]:,.2f}, "
-            f"last {returns[1]:,.2f}"
-            + (f"; episode length best {lengths[0]:,.1f}, last {lengths[1]:,.1f}" if lengths else ""),
-        ))
-
-    critical = [a for a in alerts if a["level"] == "CRITICAL"]
-    out.append(Check(
-        "no CRITICAL health alert",
-        not critical,
+        "no CRITICAL health alert during the run",
+        "FAIL" if critical else "PASS",
         ", ".join(f"{a['rule']} (iteration {a['iteration']})" for a in critical) or "none",
     ))
     status = summary.get("status", "unknown (no summary.json: the run did not finish)")
-    out.append(Check("run completed", status == "completed", f"status: {status}"))
+    out.append(Check("run completed", "PASS" if status == "completed" else "FAIL", f"status: {status}"))
     return out
 
 
-def plot(rows: list[dict], alerts: list[dict], path: Path) -> None:
+def at_a_glance(rows: list[dict], facts: RunFacts) -> list[str]:
+    """The numbers a reader checks first, each next to what it is compared with."""
+    lines = []
+    learning = [r for r in rows if r.get("env/steps_sampled", 0) > facts.learning_starts]
+    warmup = [r for r in rows if r not in learning]
+
+    def mean_of(rs, key):
+        values = [r[key] for r in rs if key in r and math.isfinite(r[key])]
+        return f"{np.mean(values):,.2f}" if values else "n/a"
+
+    lines.append(
+        f"- training return: warm-up (uniform random) {mean_of(warmup, 'episode/return_mean')}, "
+        f"last 10 learning iterations {mean_of(learning[-10:], 'episode/return_mean')}; episode length "
+        f"{mean_of(warmup, 'episode/len_mean')} -> {mean_of(learning[-10:], 'episode/len_mean')}"
+    )
+    _, q_max = series(rows, "q/q1_max")
+    _, q_min = series(rows, "q/q1_min")
+    if len(q_max):
+        lines.append(f"- Q1 range over the run: [{np.nanmin(q_min):,.1f}, {np.nanmax(q_max):,.1f}]")
+    for group, limit in facts.grad_clip.items():
+        _, pre = series(rows, f"grad/{group}/pre_clip_norm")
+        if len(pre):
+            lines.append(
+                f"- `{group}` gradient norm before clipping: median {np.nanmedian(pre):,.3g}, max "
+                f"{np.nanmax(pre):,.3g} (clip limit: {'none' if limit is None else f'{limit:g}'})"
+            )
+    _, saturation = series(rows, "learner/actor_saturation")
+    if len(saturation):
+        lines.append(f"- actor outputs at the bounds: {np.nanmean(saturation[-10:]):.0%} over the last 10 iterations")
+    return lines
+
+
+def plot(rows: list[dict], alerts: list[dict], facts: RunFacts, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    fig, axes = plt.subplots(3, 2, figsize=(13, 11), sharex=True)
     panels = [
-        (axes[0, 0], "Q values", ["q/q1_mean", "q/q1_max", "q/q1_min", "health/q_bound_upper", "health/q_bound_lower"]),
-        (axes[0, 1], "Episode return", ["episode/return_mean", "eval/return_mean"]),
-        (axes[1, 0], "Losses", ["losses/critic", "losses/actor"]),
-        (axes[1, 1], "Episode length", ["episode/len_mean", "eval/len_mean"]),
+        (axes[0, 0], "Q values", ["q/q1_mean", "q/q1_max", "q/q1_min", "health/q_bound_upper", "health/q_bound_lower"], "symlog"),
+        (axes[0, 1], "Training episode return (eval: deterministic)", ["episode/return_mean", "eval/return_mean"], "linear"),
+        (axes[1, 0], "Losses", ["losses/critic", "losses/actor"], "symlog"),
+        (axes[1, 1], "Episode length", ["episode/len_mean", "eval/len_mean"], "linear"),
+        (axes[2, 0], "Gradient norm before clipping (dotted: clip limit)", [f"grad/{g}/pre_clip_norm" for g in facts.grad_clip], "log"),
+        (axes[2, 1], "Actor outputs at the tanh bounds (share)", ["learner/actor_saturation"], "linear"),
     ]
-    for ax, title, keys in panels:
+    warmup = [r for r in rows if r.get("env/steps_sampled", 0) <= facts.learning_starts]
+    for ax, title, keys, scale in panels:
         for key in keys:
             its, values = series(rows, key)
             if len(its):
                 style = "--" if key.startswith("health/") else "-"
-                ax.plot(its, values, style, label=key, marker="o" if key.startswith("eval/") else None, markersize=3)
+                line, = ax.plot(its, values, style, label=key, marker="o" if key.startswith("eval/") else None, markersize=3)
+                group = key.split("/")[1] if key.startswith("grad/") else None
+                if group and facts.grad_clip.get(group) is not None:
+                    ax.axhline(facts.grad_clip[group], color=line.get_color(), ls=":", lw=1)
+        if keys[0].startswith("episode/") and warmup:
+            _, level = series(warmup, keys[0])
+            if len(level):
+                ax.axhline(float(np.mean(level)), color="grey", ls="--", lw=1, label="uniform warm-up")
+        if warmup:
+            ax.axvspan(0, warmup[-1]["iteration"], color="grey", alpha=0.08)
         for alert in alerts:
             ax.axvline(alert["iteration"], color="red" if alert["level"] == "CRITICAL" else "orange", alpha=0.5, lw=1)
-        if title in ("Q values", "Losses"):
+        if scale == "log" and ax.lines:
+            ax.set_yscale("log")
+        elif scale == "symlog":
             ax.set_yscale("symlog")
-        ax.set_title(title)
+        if keys == ["learner/actor_saturation"]:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes[1]:
-        ax.set_xlabel("training iteration (red/orange lines: CRITICAL/WARN alerts)")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    for ax in axes[2]:
+        ax.set_xlabel("training iteration (grey: warm-up; red/orange lines: CRITICAL/WARN alerts)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -186,13 +218,15 @@ def write_csvs(rows: list[dict], alerts: list[dict], out: Path) -> None:
 def write_report(run_dir: Path) -> tuple[bool, Path]:
     """Writes RUN_DIR/report/; returns (passed, path of report.md)."""
     config, rows, alerts, summary = load_run(run_dir)
-    results = checks(config, rows, alerts, summary)
+    facts = run_facts(run_dir, config)
+    results = checks(config, rows, alerts, summary, facts)
     passed = all(c.passed for c in results)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    plot(rows, alerts, out / "report.png")
+    plot(rows, alerts, facts, out / "report.png")
     write_csvs(rows, alerts, out)
     failed = [c.name for c in results if not c.passed]
+    warned = [c.name for c in results if c.result == "WARN"]
     lines = [
         f"# Validation report: {config['experiment']['name']}",
         "",
@@ -202,13 +236,22 @@ def write_report(run_dir: Path) -> tuple[bool, Path]:
         "",
         f"## Verdict: {'PASS' if passed else 'FAIL'}",
         "",
-        ("All checks passed." if passed else "Failed: " + "; ".join(failed) + "."),
+        ("All checks passed." if passed else "Failed: " + "; ".join(failed) + ".")
+        + (f" Warnings: {'; '.join(warned)}." if warned else ""),
+        "",
+        "## At a glance",
+        "",
+        *at_a_glance(rows, facts),
+        "",
+        "## Checklist",
+        "",
+        "Every health rule, replayed over `metrics.jsonl` with this run's thresholds.",
         "",
         "| check | result | evidence |",
         "|---|---|---|",
-        *[f"| {c.name} | {'PASS' if c.passed else '**FAIL**'} | {c.detail} |" for c in results],
+        *[f"| {c.name} | {'**FAIL**' if c.result == 'FAIL' else c.result} | {c.detail} |" for c in results],
         "",
-        "![Q values, returns, losses, episode length](report.png)",
+        "![Q values, returns, losses, episode length, gradient norms, actor saturation](report.png)",
         "",
         "## Alerts",
         "",

@@ -60,9 +60,23 @@ def test_q_leaving_its_return_bound_is_critical_once_with_the_numbers():
 
 def test_an_alert_fires_again_only_after_its_condition_cleared_which_is_reported_as_info():
     bad = {**HEALTHY, "q/q1_max": 30.0}
-    _, alerts = run(monitor(), [bad, bad, HEALTHY, bad])
-    assert [(a.level, a.iteration) for a in alerts] == [(CRITICAL, 0), (INFO, 2), (CRITICAL, 3)]
+    # Clear for 1 iteration (clear_iters 2): the same alert goes on, nothing new is sent.
+    _, alerts = run(monitor(clear_iters=2), [bad, bad, HEALTHY, bad])
+    assert [(a.level, a.iteration) for a in alerts] == [(CRITICAL, 0)]
+    # Clear for 2: an INFO says so, and the condition coming back is a new alert.
+    _, alerts = run(monitor(clear_iters=2), [bad, bad, HEALTHY, HEALTHY, bad])
+    assert [(a.level, a.iteration) for a in alerts] == [(CRITICAL, 0), (INFO, 3), (CRITICAL, 4)]
     assert alerts[1].message == "q_out_of_bound no longer holds (it started at iteration 0)."
+
+
+def test_a_warning_that_becomes_critical_alerts_again():
+    # Returns below the warm-up only (WARN), then episodes short as well (CRITICAL).
+    warm = [{**HEALTHY, "env/steps_sampled": 50.0, "episode/count": 5.0, "episode/return_mean": r, "episode/len_mean": n}
+            for r, n in ((-10, 10), (-30, 12), (-20, 11), (-10, 9), (-30, 10))]
+    low = [{**HEALTHY, "episode/count": 5.0, "episode/return_mean": -60.0, "episode/len_mean": 11.0}] * 4
+    short = [{**HEALTHY, "episode/count": 5.0, "episode/return_mean": -60.0, "episode/len_mean": 3.0}] * 3
+    _, alerts = run(monitor(min_window_episodes=5, min_window_iters=1, warmup_patience_iters=3), warm + low + short)
+    assert [(a.level, a.rule) for a in alerts] == [(WARN, "worse_than_warmup"), (CRITICAL, "worse_than_warmup")]
 
 
 def test_without_documented_bounds_the_observed_rewards_bound_q():
@@ -165,16 +179,68 @@ def test_start_checks_warn_about_a_horizon_far_from_the_episode_length_and_odd_r
 
 
 def test_a_critic_overestimating_more_and_more_warns_but_one_starting_optimistic_does_not():
-    def over(values):
-        return [{**HEALTHY, "q/overestimation": v} for v in values]
+    def over(values, returns=-30.0):
+        return [{**HEALTHY, "q/overestimation": v, "q/start_return_mean": returns} for v in values]
 
-    # Range 30. Climbing: 0.1 then 0.3 of the range per window (window 3).
-    health, alerts = run(monitor(overestimation_max=0.25), over([3.0] * 3 + [9.0] * 3))
+    # Returns of size 30. Climbing: 0.1 then 0.9 of that size per window (window 3); the limit
+    # 0.5 is passed, and by more than 0.25 above the window before.
+    health, alerts = run(monitor(overestimation_max=0.5), over([3.0] * 3 + [27.0] * 3))
     assert [(a.level, a.rule) for a in alerts] == [(WARN, "overestimation")]
-    assert health["health/overestimation"] == pytest.approx(0.3)
-    # Starting optimistic (Q ~ 0, returns ~ -20 at first) and coming down: no alert.
-    _, alerts = run(monitor(overestimation_max=0.25), over([20.0] * 3 + [12.0] * 3))
+    assert health["health/overestimation"] == pytest.approx(0.9)
+    # Starting optimistic (Q ~ 0, returns ~ -30 at first) and coming down: no alert.
+    _, alerts = run(monitor(overestimation_max=0.5), over([30.0] * 3 + [20.0] * 3))
+    assert alerts == []
+    # High but level (0.6 then 0.7: not rising by half the limit): no alert.
+    _, alerts = run(monitor(overestimation_max=0.5), over([18.0] * 3 + [21.0] * 3))
     assert alerts == []
     # Iterations without finished episodes report nothing and do not count.
-    _, alerts = run(monitor(overestimation_max=0.25), over([3.0] * 3) + [HEALTHY] * 5 + over([9.0] * 3))
+    _, alerts = run(monitor(overestimation_max=0.5), over([3.0] * 3) + [HEALTHY] * 5 + over([27.0] * 3))
     assert [a.rule for a in alerts] == ["overestimation"]
+
+
+def test_overestimation_is_judged_against_the_returns_obtained_not_the_theoretical_bound():
+    # Documented rewards [-200, 1] a step (big penalty terms): the bound's range is ~4000, so
+    # Q 90 above returns of -110 was 0.02 of it and passed. Against the returns: 0.8.
+    facts = RunFacts(**{**FACTS.__dict__, "reward_bounds": (-200.0, 1.0)})
+    mon = HealthMonitor(HealthSection(window_iters=3), facts)
+    rows = [{**HEALTHY, "q/overestimation": o, "q/start_return_mean": -110.0} for o in (5, 5, 5, 90, 90, 90)]
+    _, alerts = run(mon, rows)
+    assert [a.rule for a in alerts] == ["overestimation"]
+    assert "0.82 times the size of those returns (110.0)" in alerts[0].message
+
+
+def test_a_camera_repeating_its_frame_two_iterations_running_is_a_dead_sensor():
+    frozen = {**HEALTHY, "obs/image/repeated_fraction": 1.0, "obs/state/repeated_fraction": 0.0}
+    _, alerts = run(monitor(), [HEALTHY, frozen, frozen])
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "observation_frozen", 2)]
+    assert "`image` (100% of steps)" in alerts[0].message
+    # One iteration of a stopped car is not a dead camera.
+    _, alerts = run(monitor(), [frozen, HEALTHY, frozen, HEALTHY])
+    assert alerts == []
+
+
+def test_nan_in_an_observation_is_critical_at_once():
+    _, alerts = run(monitor(), [{**HEALTHY, "obs/non_finite": 12.0}])
+    assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "observation_non_finite")]
+    assert "12 NaN or Inf values" in alerts[0].message
+
+
+def test_a_reward_outside_the_documented_range_is_critical():
+    # Documented [-2, 1]: a sign flip turns the -2 penalty into +2.
+    flipped = {**HEALTHY, "replay/reward_min": -2.0, "replay/reward_max": 2.0}
+    _, alerts = run(monitor(), [HEALTHY, flipped])
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "reward_out_of_bounds", 1)]
+    assert "rewards in [-2, 2] were seen, outside the env's documented range [-2, 1]" in alerts[0].message
+
+
+def test_observed_rewards_far_inside_the_documented_range_narrow_the_q_bound():
+    # Documented [-2, 1] (Q in [-20, 10]); observed [-0.1, 0.1]: Q in [-1, 1], range 2.
+    observed = {**HEALTHY, "replay/reward_min": -0.1, "replay/reward_max": 0.1, "q/q1_max": 3.5, "q/q2_max": 3.5, "q/q1_min": 0.0}
+    health, alerts = run(monitor(), [observed])
+    assert (health["health/q_bound_lower"], health["health/q_bound_upper"]) == pytest.approx((-1.0, 1.0))
+    assert [a.rule for a in alerts] == ["q_out_of_bound"]  # 2.5 past it: 1.25 of the range
+
+
+def test_target_networks_that_do_not_move_during_updates_are_critical():
+    _, alerts = run(monitor(), [{**HEALTHY, "learner/target_change": 1e-4}, {**HEALTHY, "learner/target_change": 0.0}])
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "targets_frozen", 1)]

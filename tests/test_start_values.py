@@ -50,3 +50,18 @@ def test_a_truncated_episode_gets_the_critics_value_of_where_it_stopped():
         tail_q = module.critic(tail, module.actor(tail))[0]
     assert q_start == pytest.approx(expected_q0.numpy(), rel=1e-5)
     assert returns == pytest.approx(1.0 + 0.9 + 0.81 * tail_q.numpy(), rel=1e-5)
+
+
+def test_float64_observations_like_mujocos_are_evaluated_in_the_critics_float32():
+    # HalfCheetah crashed here: "mat1 and mat2 must have the same dtype" (Double and Float).
+    learner = td3_learner(vector_space(3))
+    starts = EpisodeStarts(gamma=0.9)
+    obs = [np.full(3, 0.1 * i, np.float64) for i in range(3)]
+    acts = [np.array([0.2, 0.5], np.float32)] * 2
+    (finished,) = starts.add([chunk("M", 0, obs, acts, [1.0, 1.0], truncated=True)])
+    q64, _ = start_values(learner, [finished])
+    (finished,) = EpisodeStarts(gamma=0.9).add(
+        [chunk("M", 0, [o.astype(np.float32) for o in obs], acts, [1.0, 1.0], truncated=True)]
+    )
+    q32, _ = start_values(learner, [finished])
+    assert q64 == pytest.approx(q32)

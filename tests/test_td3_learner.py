@@ -6,7 +6,7 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-from rl.td3.td3_learner import NUM_ACTOR_UPDATES, NUM_CRITIC_UPDATES
+from rl.td3.td3_learner import ACTOR_SATURATION, NUM_ACTOR_UPDATES, NUM_CRITIC_UPDATES, TARGET_CHANGE
 from tests.helpers import as_batch, td3_learner, transition_columns, vector_space
 
 BATCH = 32
@@ -77,3 +77,35 @@ def test_targets_start_as_exact_copies():
     ):
         assert _same(_params(main), _params(target))
         assert not any(p.requires_grad for p in target.parameters())
+
+
+def test_the_target_critics_move_is_measured_per_learner_call_and_is_exactly_zero_when_it_did_not_move():
+    learner = _learner(policy_delay=1)
+    module = learner.module[DEFAULT_MODULE_ID]
+    learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)  # first call: the reference
+    before = torch.nn.utils.parameters_to_vector(module.target_critic.parameters()).clone()
+    stats = learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)[DEFAULT_MODULE_ID]
+    after = torch.nn.utils.parameters_to_vector(module.target_critic.parameters())
+    expected = torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before)
+    assert stats[TARGET_CHANGE].peek() == pytest.approx(float(expected), rel=1e-5)
+    assert stats[TARGET_CHANGE].peek() > 0
+    # A policy-delay call without a policy step (delay 3, the 2nd update) leaves the targets be.
+    learner = _learner(policy_delay=3)
+    learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)  # update 1
+    stats = learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)[DEFAULT_MODULE_ID]
+    assert stats[TARGET_CHANGE].peek() == 0.0
+
+
+def test_actor_saturation_is_the_share_of_action_components_at_the_tanh_bounds():
+    learner = _learner(policy_delay=1)
+    actor_head = learner.module[DEFAULT_MODULE_ID].actor.head
+    last = [m for m in actor_head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(10.0)  # tanh(10) = 0.99999998: every action at the bound
+    stats = learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)[DEFAULT_MODULE_ID]
+    assert stats[ACTOR_SATURATION].peek() == 1.0
+    with torch.no_grad():
+        last.bias.fill_(0.0)
+    stats = learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)[DEFAULT_MODULE_ID]
+    assert stats[ACTOR_SATURATION].peek() < 0.5

@@ -47,6 +47,7 @@ class TransitionReplayBuffer:
         self._next = 0  # where the next transition goes
         self._size = 0
         self._reward_range = (np.inf, -np.inf)
+        self._reward_abs_sum, self._rewards_seen = 0.0, 0
 
     def __len__(self) -> int:
         return self._size
@@ -55,6 +56,11 @@ class TransitionReplayBuffer:
     def reward_range(self) -> tuple[float, float]:
         """The lowest and highest reward ever added (also of transitions since overwritten)."""
         return self._reward_range
+
+    @property
+    def reward_abs_mean(self) -> float:
+        """The mean |reward| per step over every transition ever added: the run's reward scale."""
+        return self._reward_abs_sum / max(self._rewards_seen, 1)
 
     @property
     def bytes_per_transition(self) -> int:
@@ -85,6 +91,8 @@ class TransitionReplayBuffer:
         rewards = batch[Columns.REWARDS]
         low, high = self._reward_range
         self._reward_range = (min(low, float(rewards.min())), max(high, float(rewards.max())))
+        self._reward_abs_sum += float(np.abs(rewards).sum())
+        self._rewards_seen += n
         if n > self.capacity:  # only the newest `capacity` transitions can stay
             batch = tree.map_structure(lambda x: x[-self.capacity :], batch)
             n = self.capacity
@@ -149,6 +157,7 @@ class TransitionReplayBuffer:
             "next": self._next,
             "size": self._size,
             "reward_range": self._reward_range,
+            "reward_abs": (self._reward_abs_sum, self._rewards_seen),
             "rng": self._rng.bit_generator.state,
         }
 
@@ -168,6 +177,7 @@ class TransitionReplayBuffer:
             )
         self._next, self._size = state["next"], state["size"]
         self._reward_range = tuple(state["reward_range"])
+        self._reward_abs_sum, self._rewards_seen = state.get("reward_abs", (0.0, 0))
         self._rng.bit_generator.state = state["rng"]
 
     def sample(self, num_items: int) -> dict[str, Any]:

@@ -79,7 +79,12 @@ def start_values(learner, starts: list[FinishedStart]) -> tuple[np.ndarray, np.n
     device = next(module.parameters()).device
 
     def to_torch(x):
-        return tree.map_structure(lambda a: torch.as_tensor(a).to(device), x)
+        # float64 observations (MuJoCo's) as float32, like the learner's batches; uint8 stays.
+        def leaf(a):
+            t = torch.as_tensor(a)
+            return (t.float() if t.is_floating_point() else t).to(device)
+
+        return tree.map_structure(leaf, x)
 
     with torch.no_grad():
         q_start = module.critic(to_torch(_stack([s.obs for s in starts])), to_torch(_stack([s.action for s in starts])))[0]

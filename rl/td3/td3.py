@@ -32,6 +32,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from rl.config import DEFAULT_GRAD_CLIP, ModelSection
+from rl.td3.observation_checks import observation_stats
 from rl.td3.replay_buffer import TransitionReplayBuffer
 from rl.td3.start_values import EpisodeStarts, start_values
 
@@ -39,6 +40,7 @@ REPLAY_BUFFER_SIZE = "replay_buffer_size"
 # The lowest and highest reward seen so far: the observed return bound the health checks use
 # when an env documents none.
 REPLAY_REWARD_MIN, REPLAY_REWARD_MAX = "replay_reward_min", "replay_reward_max"
+REPLAY_REWARD_ABS_MEAN = "replay_reward_abs_mean"  # the reward scale the health rules divide by
 # The overestimation diagnostic (rl/td3/start_values.py), on episodes finished this iteration.
 START_Q_MEAN, START_RETURN_MEAN = "start_q_mean", "start_return_mean"
 OVERESTIMATION = "overestimation"
@@ -193,11 +195,14 @@ class TD3(Algorithm):
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
             new_steps = self.replay_buffer.add_episodes(episodes)
         finished = self._episode_starts.add(episodes)
+        for name, value in observation_stats(episodes).items():
+            self.metrics.log_value(name, value, window=1)
         self.metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
         if len(self.replay_buffer):
             low, high = self.replay_buffer.reward_range
             self.metrics.log_value(REPLAY_REWARD_MIN, low, window=1)
             self.metrics.log_value(REPLAY_REWARD_MAX, high, window=1)
+            self.metrics.log_value(REPLAY_REWARD_ABS_MEAN, self.replay_buffer.reward_abs_mean, window=1)
 
         # One update per env step sampled after `learning_starts` (the reference code's loop).
         lifetime_steps = self.metrics.peek(

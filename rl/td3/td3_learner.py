@@ -29,6 +29,13 @@ Q_TARGET_MEAN = "q_target_mean"
 TD_ERROR_MEAN = "td_error_mean"
 NUM_CRITIC_UPDATES = "num_critic_updates"
 NUM_ACTOR_UPDATES = "num_actor_updates"
+# Share of the actor's action components at the tanh bounds on its training batches: a tanh
+# that saturates passes back no gradient, and the actor stops learning (the seed's dead actor).
+ACTOR_SATURATION = "actor_saturation"
+SATURATED = 0.99
+# How far the target critic moved during one learner call, relative to its size: exactly 0 with
+# updates done means the Polyak update never ran (a bug, or tau rounding to nothing).
+TARGET_CHANGE = "target_change"
 
 
 def grad_metric(group: str, stat: str) -> str:
@@ -73,6 +80,8 @@ class TD3TorchLearner(TorchLearner):
         }
         # Critic updates done so far, per module: decides the delayed actor/target steps.
         self._num_critic_updates: dict[ModuleID, int] = defaultdict(int)
+        # The target critic's weights after the last learner call, per module (TARGET_CHANGE).
+        self._last_target: dict[ModuleID, torch.Tensor] = {}
         self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
@@ -118,8 +127,11 @@ class TD3TorchLearner(TorchLearner):
         actor_loss = None
         if self.is_policy_step(module_id):
             features = fwd_out[CRITIC_FEATURES].detach()
-            actor_loss = -module.critic.q1(features, module.actor(obs)).mean()
+            action = module.actor(obs)
+            actor_loss = -module.critic.q1(features, action).mean()
             self.metrics.log_value((module_id, ACTOR_LOSS), actor_loss.detach(), reduce="mean")
+            saturated = (action.detach().abs() > SATURATED).float().mean()
+            self.metrics.log_value((module_id, ACTOR_SATURATION), saturated, reduce="mean")
             self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), 1, reduce="lifetime_sum")
 
         self._log_critic_metrics(module_id, critic_loss, q1, q2, q_target)
@@ -244,6 +256,18 @@ class TD3TorchLearner(TorchLearner):
                     int(not torch.isfinite(p).all()) for p in self.module[module_id].parameters()
                 )
             self.metrics.log_value((module_id, NON_FINITE_WEIGHTS), bad, window=1)
+            self._log_target_change(module_id)
+
+    @torch.no_grad()
+    def _log_target_change(self, module_id: ModuleID) -> None:
+        target = torch.nn.utils.parameters_to_vector(
+            self.module[module_id].unwrapped().target_critic.parameters()
+        )
+        before = self._last_target.get(module_id)
+        if before is not None:
+            change = torch.linalg.vector_norm(target - before) / (torch.linalg.vector_norm(before) + 1e-12)
+            self.metrics.log_value((module_id, TARGET_CHANGE), change, window=1)
+        self._last_target[module_id] = target.clone()
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)

@@ -1,0 +1,348 @@
+"""The failure zoo: real short training runs, healthy ones and ones that go bad in different ways,
+and what the health monitor said about each.
+
+    python -m benchmarks.health_zoo                      # every scenario (about 30 min on 2 cores)
+    python -m benchmarks.health_zoo --only seed_replay,frozen_camera
+    python -m benchmarks.health_zoo --ci                 # the fast subset that CI runs
+
+Writes benchmarks/results/health_zoo/ (one run directory per scenario, with its report) and
+prints the table that benchmarks/README.md shows: scenario, expected verdict, rules fired,
+iterations from the failure's visible onset to the first alert of an expected rule, and the
+WARN / CRITICAL counts. A failure counts as caught when one of its expected rules fires within
+`MAX_LATENCY` iterations of onset; a healthy run passes with no CRITICAL and at most one WARN.
+
+Faults are injected in this process (the runs use no remote env runners): env faults wrap
+`DrivingEnv.step` from a given env step on; learner faults patch the TD3 learner from a given
+env step on. Nothing here is used by training itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from callbacks.alerts import read_alerts
+from rl.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESULTS = Path(__file__).resolve().parent / "results" / "health_zoo"
+MAX_LATENCY = 5  # iterations from visible onset to the first alert of an expected rule
+
+# The CI driving test's size (tests/test_train_driving.py): small camera and CNN.
+DRIVING_SMALL = (
+    "env.kwargs.camera={width: 48, height: 48, frame_stack: 2}",
+    "model.cnn={channels: [16, 32], kernel_sizes: [8, 4], strides: [4, 2], feature_dim: 32}",
+    "model.actor_hidden=[64, 64]",
+    "model.critic_hidden=[64, 64]",
+    "algo.actor_lr=1e-3",
+    "algo.critic_lr=1e-3",
+    "algo.learning_starts=1000",
+    "evaluation.interval_iters=0",
+    "evaluation.episodes=3",
+    "experiment.stop_env_steps=6000",
+)
+# The seed report's settings (../shared/seed/5K_RUN_VALIDATION_REPORT.md): gamma 0.9, tau 0.001,
+# lr 3e-4, batch 256, clipping that did not act, and rewards of ~15 a step (~700 over ~50 steps).
+SEED_SETTINGS = (
+    "algo.gamma=0.9",
+    "algo.tau=0.001",
+    "algo.actor_lr=3e-4",
+    "algo.critic_lr=3e-4",
+    "algo.train_batch_size=256",
+    "algo.grad_clip={actor.encoder: null, actor.head: null, critic.encoder: null, critic.head: null}",
+)
+
+
+def reward_weights(scale: float) -> str:
+    """The driving reward terms, each `scale` times its default weight."""
+    defaults = {"progress": 1.0, "lane_centering": 0.3, "collision": 10.0, "off_route": 10.0, "comfort": 0.1}
+    terms = ", ".join(f"{k}: {v * scale:g}" for k, v in defaults.items())
+    return f"env.kwargs.reward={{{terms}}}"
+
+
+# --- Faults --------------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Env steps taken in this process: env faults start when it reaches their step."""
+
+    steps = 0
+
+
+@contextlib.contextmanager
+def env_fault(transform: Callable, at_step: int) -> Iterator[None]:
+    """Wraps DrivingEnv.step: from env step `at_step` on, (obs, reward) -> transform(obs, reward)."""
+    from carla_env.driving_env import DrivingEnv
+
+    real_step = DrivingEnv.step
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = real_step(self, action)
+        StepClock.steps += 1
+        if StepClock.steps >= at_step:
+            obs, reward = transform(obs, reward)
+        return obs, reward, terminated, truncated, info
+
+    StepClock.steps = 0
+    DrivingEnv.step = step
+    try:
+        yield
+    finally:
+        DrivingEnv.step = real_step
+
+
+def frozen_camera(obs, reward):
+    """A dead camera: every frame black (the stack fills with zeros)."""
+    return {**obs, "image": np.zeros_like(obs["image"])}, reward
+
+
+def nan_state(obs, reward):
+    """A measurement that broke: NaN in the state vector."""
+    state = obs["state"].copy()
+    state[0] = np.nan
+    return {**obs, "state": state}, reward
+
+
+def flipped_reward(obs, reward):
+    """The reward's sign flipped (a refactoring slip): the agent is now paid to crash."""
+    return obs, -reward
+
+
+@contextlib.contextmanager
+def learner_fault(kind: str, at_step: int, factor: float = 1.0) -> Iterator[None]:
+    """From env step `at_step` on: `lr_spike` multiplies both learning rates by `factor`;
+    `frozen_targets` skips the Polyak update (the target networks never move again)."""
+    from rl.td3.td3 import TD3
+    from rl.td3.td3_learner import TD3TorchLearner
+
+    state = {"active": False}
+    real_learn, real_apply, real_polyak = TD3._learn, TD3TorchLearner.apply_gradients, TD3TorchLearner._polyak_update_targets
+
+    def learn(self, num_updates, lifetime_steps):
+        state["active"] = lifetime_steps >= at_step
+        return real_learn(self, num_updates, lifetime_steps)
+
+    def apply_gradients(self, gradients_dict):
+        spiked = kind == "lr_spike" and state["active"]
+        groups = [g for optimizer in self._optimizer_parameters for g in optimizer.param_groups]
+        for group in groups if spiked else []:
+            group["lr"] *= factor
+        try:
+            return real_apply(self, gradients_dict)
+        finally:  # RLlib's schedule owns the lr between steps
+            for group in groups if spiked else []:
+                group["lr"] /= factor
+
+    def polyak(self, module_id):
+        if not (kind == "frozen_targets" and state["active"]):
+            real_polyak(self, module_id)
+
+    TD3._learn, TD3TorchLearner.apply_gradients = learn, apply_gradients
+    TD3TorchLearner._polyak_update_targets = polyak
+    try:
+        yield
+    finally:
+        TD3._learn, TD3TorchLearner.apply_gradients = real_learn, real_apply
+        TD3TorchLearner._polyak_update_targets = real_polyak
+
+
+# --- Scenarios -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    what: str
+    config: str
+    overrides: tuple[str, ...]
+    expected: tuple[str, ...] = ()  # rules that count as catching it; () = a healthy run
+    fault: Callable[[], contextlib.AbstractContextManager] | None = None
+    onset_step: int | None = None  # env step the failure starts; None: when learning starts
+    ci: bool = False
+    needs: tuple[str, ...] = field(default=())  # python modules the scenario needs (mujoco)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.expected
+
+
+DRIVING = "driving_embedded_td3.yaml"
+COLLAPSE_RULES = ("worse_than_warmup", "episode_collapse", "return_collapse")
+
+SCENARIOS = [
+    Scenario("pendulum", "Pendulum-v1, reference TD3", "pendulum_td3.yaml",
+             ("experiment.stop_env_steps=12000", "experiment.seed=0", "evaluation.interval_iters=0",
+              "evaluation.episodes=3"), ci=True),
+    Scenario("halfcheetah", "HalfCheetah-v5, reference TD3, 25k steps", "halfcheetah_td3.yaml",
+             ("experiment.stop_env_steps=25000", "algo.learning_starts=5000", "experiment.seed=1",
+              "evaluation.interval_iters=0", "evaluation.episodes=3"), needs=("mujoco",)),
+    Scenario("driving_small", "embedded driving, the CI test's size", DRIVING,
+             (*DRIVING_SMALL, "experiment.seed=2")),
+    Scenario("driving_main", "embedded driving, the main config (84x84x4), 5k steps", DRIVING,
+             ("experiment.stop_env_steps=5000", "evaluation.interval_iters=0", "evaluation.episodes=3",
+              "experiment.seed=3")),
+    Scenario("seed_replay", "the seed report's settings, rewards ~15 a step", DRIVING,
+             (*DRIVING_SMALL, *SEED_SETTINGS, reward_weights(15.0)),
+             expected=(*COLLAPSE_RULES, "actor_saturated"), ci=True),
+    Scenario("rewards_x100", "the seed's settings, rewards x100 and lr 1e-3", DRIVING,
+             (*DRIVING_SMALL, *SEED_SETTINGS, reward_weights(100.0), "algo.actor_lr=1e-3", "algo.critic_lr=1e-3"),
+             expected=(*COLLAPSE_RULES, "actor_saturated", "gradient_explosion", "overestimation")),
+    Scenario("lr_spike", "both learning rates x300 from step 3000", DRIVING, DRIVING_SMALL,
+             expected=("q_out_of_bound", "q_growth", "gradient_explosion", "non_finite", *COLLAPSE_RULES,
+                       "actor_saturated"),
+             fault=lambda: learner_fault("lr_spike", 3000, factor=300.0), onset_step=3000),
+    Scenario("encoder_clip_off", "encoders unclipped, critic lr 1e-2", DRIVING,
+             (*DRIVING_SMALL, "algo.critic_lr=1e-2",
+              "algo.grad_clip={actor.encoder: null, actor.head: 1.0, critic.encoder: null, critic.head: 10.0}"),
+             expected=("gradient_explosion", "q_out_of_bound", "q_growth", *COLLAPSE_RULES, "actor_saturated")),
+    Scenario("frozen_camera", "the camera sends black frames from step 2500", DRIVING, DRIVING_SMALL,
+             expected=("observation_frozen",), fault=lambda: env_fault(frozen_camera, 2500), onset_step=2500,
+             ci=True),
+    Scenario("nan_observation", "NaN in the state vector from step 2500", DRIVING, DRIVING_SMALL,
+             expected=("observation_non_finite", "non_finite"), fault=lambda: env_fault(nan_state, 2500),
+             onset_step=2500),
+    Scenario("reward_sign_flip", "the reward's sign flips at step 3000", DRIVING, DRIVING_SMALL,
+             expected=("reward_out_of_bounds",), fault=lambda: env_fault(flipped_reward, 3000), onset_step=3000),
+    Scenario("frozen_targets", "the Polyak update stops at step 2000", DRIVING, DRIVING_SMALL,
+             expected=("targets_frozen",), fault=lambda: learner_fault("frozen_targets", 2000), onset_step=2000),
+    Scenario("tiny_tau", "tau 1e-5: targets that barely move", "pendulum_td3.yaml",
+             ("experiment.stop_env_steps=6000", "algo.tau=1e-5", "evaluation.interval_iters=0",
+              "evaluation.episodes=3"), expected=("target_lag",)),
+]
+
+
+# --- Running and judging -------------------------------------------------------------------------
+
+
+def onset_iteration(rows: list[dict], scenario: Scenario, learning_starts: int) -> int | None:
+    """The first iteration in which the failure can be seen: its first step sampled, or the
+    first iteration with learner updates."""
+    step = scenario.onset_step if scenario.onset_step is not None else learning_starts + 1
+    return next((r["iteration"] for r in rows if r.get("env/steps_sampled", 0) >= step), None)
+
+
+def judge(scenario: Scenario, run_dir: Path, learning_starts: int) -> dict:
+    from rl.report import write_report
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    alerts = [a for a in read_alerts(run_dir) if a["level"] != "INFO"]
+    passed_report, _ = write_report(run_dir)
+    warns = sum(a["level"] == "WARN" for a in alerts)
+    criticals = sum(a["level"] == "CRITICAL" for a in alerts)
+    fired = [f"{a['level'][0]}:{a['rule']}@{a['iteration']}" for a in alerts]
+    row = {
+        "scenario": scenario.name,
+        "what": scenario.what,
+        "expected": "healthy" if scenario.healthy else " / ".join(scenario.expected),
+        "fired": fired,
+        "warn": warns,
+        "critical": criticals,
+        "iterations": len(rows),
+        "report": "PASS" if passed_report else "FAIL",
+    }
+    if scenario.healthy:
+        row["latency"] = None
+        row["ok"] = criticals == 0 and warns <= 1 and passed_report
+        return row
+    onset = onset_iteration(rows, scenario, learning_starts)
+    # An expected alert before onset (a start check) counts too: its latency is negative.
+    caught = [a for a in alerts if a["rule"] in scenario.expected]
+    latency = (caught[0]["iteration"] - onset) if caught and onset is not None else None
+    row["onset"] = onset
+    row["latency"] = latency
+    row["ok"] = latency is not None and latency <= MAX_LATENCY and not passed_report
+    return row
+
+
+def run_scenario(scenario: Scenario, out: Path, observe: bool = False) -> dict:
+    from rl.train import train
+
+    run_dir = out / scenario.name
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    exp = load_config(
+        CONFIGS / scenario.config,
+        overrides=[*scenario.overrides, f"experiment.output_dir={out}", "wandb.enabled=false",
+                   "experiment.checkpoint_every_iters=1000", *(["health.stop_on_critical=false"] if observe else [])],
+    )
+    start = time.monotonic()
+    with scenario.fault() if scenario.fault else contextlib.nullcontext():
+        train(exp, run_dir=run_dir, show_progress=False)
+    row = judge(scenario, run_dir, exp.algo.learning_starts)
+    row["wall_s"] = round(time.monotonic() - start)
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| scenario | what | expected | rules fired (level:rule@iteration) | onset -> first expected alert (iterations) | WARN | CRITICAL | report | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        latency = "-" if r.get("latency") is None else f"{r['onset']} -> {r['onset'] + r['latency']} (**{r['latency']}**)"
+        if r["expected"] == "healthy":
+            verdict = "clean" if r["ok"] else "**FALSE ALARM**"
+        else:
+            verdict = "caught" if r["ok"] else "**MISSED**"
+        lines.append(
+            f"| {r['scenario']} | {r['what']} | {r['expected']} | {', '.join(r['fired']) or 'none'} | "
+            f"{latency} | {r['warn']} | {r['critical']} | {r['report']} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.health_zoo", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="comma-separated scenario names")
+    parser.add_argument("--ci", action="store_true", help="only the scenarios CI runs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--observe", action="store_true",
+        help="runs go to their end despite CRITICAL alerts (to see how a failure, or a dip, goes on)",
+    )
+    args = parser.parse_args(argv)
+    chosen = [s for s in SCENARIOS if (not args.ci or s.ci) and (not args.only or s.name in args.only.split(","))]
+    unknown = set((args.only or "").split(",")) - {s.name for s in SCENARIOS} - {""}
+    if unknown:
+        print(f"error: unknown scenario(s) {sorted(unknown)}; known: {[s.name for s in SCENARIOS]}", file=sys.stderr)
+        return 2
+
+    import importlib.util
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for scenario in chosen:
+            missing = [m for m in scenario.needs if importlib.util.find_spec(m) is None]
+            if missing:
+                print(f"skip {scenario.name}: needs {missing} (pip install -e .[bench])", flush=True)
+                continue
+            print(f"--- {scenario.name}: {scenario.what}", flush=True)
+            row = run_scenario(scenario, args.out, args.observe)
+            print(f"    {row}", flush=True)
+            rows.append(row)
+    finally:
+        ray.shutdown()
+    table = markdown_table(rows)
+    (args.out / "table.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
