@@ -12,7 +12,7 @@ obtained. Thresholds: `health:` in the experiment YAML (rl/config.py HealthSecti
 | non_finite | CRITICAL | a loss, a Q statistic or a weight is NaN or Inf |
 | missing_metric | CRITICAL | a required metric (losses, Q) is not reported after learning started |
 | observation_non_finite | CRITICAL | an observation holds NaN or Inf |
-| observation_frozen | CRITICAL | one observation part (e.g. the camera) repeats itself step after step |
+| observation_frozen | CRITICAL | one observation part (e.g. the camera) held one value at every step, across resets, two judged iterations running |
 | reward_out_of_bounds | CRITICAL | a reward outside the env's documented range was seen |
 | q_out_of_bound | CRITICAL | Q leaves [r_min, r_max] / (1 - gamma) by more than `q_bound_slack` of that range; the rewards observed bound it when tighter than the documented ones |
 | q_growth | WARN | max abs Q grew `q_growth_factor` times within a window and passed half the bound |
@@ -180,7 +180,7 @@ class HealthMonitor:
         self._overestimation: list[tuple[float, float]] = []  # (Q1(s0) - G0, |G0|)
         self._grad_norms: dict[str, list[float]] = {}  # group -> pre-clip norm per unit reward scale
         self._saturation = deque(maxlen=config.window_iters)
-        self._frozen_obs: dict[str, int] = {}  # leaf -> consecutive iterations repeating itself
+        self._frozen_obs: dict[str, int] = {}  # part -> judged iterations running it was frozen
         self._below_warmup = 0  # consecutive judged iterations worse than the warm-up
 
     # --- At start ---------------------------------------------------------------------------
@@ -294,6 +294,11 @@ class HealthMonitor:
         health["health/critical"] = float(any(level == CRITICAL for level, _, _ in conditions.values()))
         return health, alerts
 
+    def replay(self, rows: list[dict]) -> list[Alert]:
+        """Runs the rules over recorded metrics rows (metrics.jsonl): the report's checklist,
+        and a resumed run's monitor catching up on the run so far (its warm-up above all)."""
+        return [alert for row in rows for alert in self.update(int(row["iteration"]), row)[1]]
+
     def _check_non_finite(self, m: dict, conditions: dict) -> None:
         bad = {k: m[k] for k in (*LOSS_METRICS, *Q_METRICS) if k in m and not math.isfinite(m[k])}
         if m.get("learner/non_finite_weights", 0.0) > 0:
@@ -328,26 +333,22 @@ class HealthMonitor:
                 "cause: a sensor or measurement that failed (division by zero, a lost reading).",
                 {"obs/non_finite": m["obs/non_finite"]},
             )
-        shares = {
-            key[len("obs/") : -len("/repeated_fraction")]: value
-            for key, value in m.items()
-            if key.startswith("obs/") and key.endswith("/repeated_fraction")
-        }
-        frozen = {}
-        for leaf in sorted({*shares, *self._frozen_obs}):
-            repeating = shares.get(leaf, 0.0) >= self.config.frozen_obs_fraction
-            self._frozen_obs[leaf] = self._frozen_obs.get(leaf, 0) + 1 if repeating else 0
-            if self._frozen_obs[leaf] >= 2:
-                frozen[leaf] = shares[leaf]
+        frozen = []
+        for key, value in m.items():
+            if key.startswith("obs/") and key.endswith("/frozen") and _finite(value):
+                part = key[len("obs/") : -len("/frozen")]
+                self._frozen_obs[part] = self._frozen_obs.get(part, 0) + 1 if value == 1.0 else 0
+                if self._frozen_obs[part] >= 2:
+                    frozen.append(part)
         if frozen:
-            text = ", ".join(f"`{leaf}` ({share:.0%} of steps)" for leaf, share in frozen.items())
             conditions["observation_frozen"] = (
                 CRITICAL,
-                f"observations repeat themselves exactly from one step to the next, two "
-                f"iterations running: {text}. The policy is blind to what that part should show. "
-                "Likely cause: a dead sensor (a camera sending black or stale frames), or an env "
-                "that stopped updating it.",
-                {f"{leaf}/repeated_fraction": share for leaf, share in frozen.items()},
+                f"the observation's {', '.join(f'`{p}`' for p in frozen)} held one single value "
+                f"at every step, across episode resets, for {max(self._frozen_obs[p] for p in frozen)} "
+                "iterations running: the policy is blind to what it should show. Likely cause: a "
+                "dead sensor (a camera sending black or stale frames), or an env that stopped "
+                "updating it.",
+                {f"{p}/frozen_iterations": float(self._frozen_obs[p]) for p in frozen},
             )
 
     def _check_rewards(self, m: dict, conditions: dict) -> None:
@@ -520,7 +521,7 @@ class HealthMonitor:
                 if recent < self.config.dead_grad_ratio * early:
                     dead.append(f"{group} {recent / max(early, 1e-12):.1e}")
         text = (
-            f"{saturation:.0%} of the actor's action components sat at the tanh bounds (|a| > "
+            f"{saturation:.0%} of the actor's action components sat at the tanh bounds (abs(a) > "
             f"0.99) over the last {len(self._saturation)} iterations"
         )
         if dead:

@@ -47,6 +47,11 @@ class HealthCallback(RLlibCallback):
         result[HEALTH_RESULTS] = health
         self.wandb_run.log({**metrics, **health}, step=iteration)
 
+    def resume(self, rows: list[dict]) -> None:
+        """A resumed run: the monitor catches up on the iterations already done (their alerts
+        were sent then), so its warm-up baseline and trend windows go on where they were."""
+        self.monitor.replay(rows)
+
     def close(self) -> None:
         """Flushes and closes the W&B run (the offline files are complete after this)."""
         self.wandb_run.finish()

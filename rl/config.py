@@ -228,9 +228,6 @@ class HealthSection(Section):
     # CRITICAL when its gradients fell below `dead_grad_ratio` of their early level as well.
     saturation_max: float = Field(default=0.95, gt=0.0, le=1.0)
     dead_grad_ratio: float = Field(default=0.01, gt=0.0, lt=1.0)
-    # An observation part (camera, state) equal to the previous step's in at least this share of
-    # steps, two iterations running: CRITICAL (a dead sensor).
-    frozen_obs_fraction: float = Field(default=0.95, gt=0.0, le=1.0)
     # Warn at start when the effective horizon 1/(1-gamma) and the episode length differ by
     # more than this factor either way.
     horizon_ratio_max: float = Field(default=20.0, gt=1.0)

@@ -66,8 +66,9 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 
 # The result key under which callbacks/health_callback.py puts its `health/...` metrics.
 HEALTH_RESULTS = "health"
-# Metrics of ended episodes: NaN in an iteration where none ended, and then left out.
-PER_EPISODE = ("episode/", "eval/", "env/episode_end/", "env/reward/")
+# Metrics of ended episodes (NaN in an iteration where none ended), and of observations
+# (`obs/<part>/frozen`: NaN in an iteration holding a single episode), then left out.
+NAN_WHEN_ABSENT = ("episode/", "eval/", "env/episode_end/", "env/reward/", "obs/")
 
 
 def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
@@ -104,5 +105,5 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     return {
         name: value
         for name, value in out.items()
-        if value is not None and not (math.isnan(value) and name.startswith(PER_EPISODE))
+        if value is not None and not (math.isnan(value) and name.startswith(NAN_WHEN_ABSENT))
     }

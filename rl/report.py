@@ -88,10 +88,7 @@ def replay_monitor(health: HealthSection, facts: RunFacts, rows: list[dict]) -> 
     """The health rules run again over the recorded metrics: every alert the run had (or would
     have had, with monitoring off), from the same code as the live monitor."""
     monitor = HealthMonitor(health, facts)
-    alerts = monitor.start_checks()
-    for row in rows:
-        alerts += monitor.update(int(row["iteration"]), row)[1]
-    return alerts
+    return monitor.start_checks() + monitor.replay(rows)
 
 
 def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict, facts: RunFacts) -> list[Check]:
@@ -121,6 +118,15 @@ def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict, fa
     return out
 
 
+def episode_mean(rows: list[dict], key: str) -> float | None:
+    """An episode metric's mean over episodes: iterations weighted by the episodes that ended in
+    them (as the health monitor weighs them)."""
+    pairs = [(r[key], r.get("episode/count", 1.0)) for r in rows if key in r and math.isfinite(r[key])]
+    if not pairs or not sum(n for _, n in pairs):
+        return None
+    return float(np.average([v for v, _ in pairs], weights=[n for _, n in pairs]))
+
+
 def at_a_glance(rows: list[dict], facts: RunFacts) -> list[str]:
     """The numbers a reader checks first, each next to what it is compared with."""
     lines = []
@@ -128,8 +134,8 @@ def at_a_glance(rows: list[dict], facts: RunFacts) -> list[str]:
     warmup = [r for r in rows if r not in learning]
 
     def mean_of(rs, key):
-        values = [r[key] for r in rs if key in r and math.isfinite(r[key])]
-        return f"{np.mean(values):,.2f}" if values else "n/a"
+        mean = episode_mean(rs, key)
+        return "n/a" if mean is None else f"{mean:,.2f}"
 
     lines.append(
         f"- training return: warm-up (uniform random) {mean_of(warmup, 'episode/return_mean')}, "
@@ -178,10 +184,9 @@ def plot(rows: list[dict], alerts: list[dict], facts: RunFacts, path: Path) -> N
                 group = key.split("/")[1] if key.startswith("grad/") else None
                 if group and facts.grad_clip.get(group) is not None:
                     ax.axhline(facts.grad_clip[group], color=line.get_color(), ls=":", lw=1)
-        if keys[0].startswith("episode/") and warmup:
-            _, level = series(warmup, keys[0])
-            if len(level):
-                ax.axhline(float(np.mean(level)), color="grey", ls="--", lw=1, label="uniform warm-up")
+        level = episode_mean(warmup, keys[0]) if keys[0].startswith("episode/") else None
+        if level is not None:
+            ax.axhline(level, color="grey", ls="--", lw=1, label="uniform warm-up")
         if warmup:
             ax.axvspan(0, warmup[-1]["iteration"], color="grey", alpha=0.08)
         for alert in alerts:
@@ -249,7 +254,7 @@ def write_report(run_dir: Path) -> tuple[bool, Path]:
         "",
         "| check | result | evidence |",
         "|---|---|---|",
-        *[f"| {c.name} | {'**FAIL**' if c.result == 'FAIL' else c.result} | {c.detail} |" for c in results],
+        *[f"| {c.name} | {'**FAIL**' if c.result == 'FAIL' else c.result} | {c.detail.replace('|', '/')} |" for c in results],
         "",
         "![Q values, returns, losses, episode length, gradient norms, actor saturation](report.png)",
         "",

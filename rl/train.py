@@ -13,6 +13,7 @@ Starts Ray (or joins the cluster in RAY_ADDRESS, as under `ray job submit`), tra
         checkpoints/     RLlib checkpoints: the newest `experiment.keep_checkpoints`, and `final`
         summary.json     final evaluation return, steps, updates, wall time, status
         alerts.jsonl     health alerts (callbacks/health.py), one JSON object per line
+        run_facts.json   the facts the health rules use (rl.report replays them)
         wandb/           the W&B run (offline files when no WANDB_API_KEY is set)
 """
 
@@ -78,10 +79,11 @@ def _init_ray() -> None:
         ray.init(include_dashboard=False)
 
 
-def restore(algo, run_dir: Path) -> dict:
+def restore(algo, run_dir: Path) -> list[dict]:
     """Loads the run's newest periodic checkpoint into `algo` (model, optimizers, replay buffer,
     counters) and sets aside the metrics rows written after it (into metrics.after_<iteration>
-    .jsonl: kept, not mixed with the rows the resumed run writes). Returns that checkpoint's row."""
+    .jsonl: kept, not mixed with the rows the resumed run writes). Returns the rows up to that
+    checkpoint (at least one, naming its iteration)."""
     checkpoint = _newest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints has no iter_* checkpoint to resume from")
@@ -93,7 +95,7 @@ def restore(algo, run_dir: Path) -> dict:
     if len(kept) < len(rows):
         (run_dir / f"metrics.after_{iteration:06d}.jsonl").write_text("\n".join(rows[len(kept):]) + "\n")
         metrics.write_text("".join(r + "\n" for r in kept))
-    return json.loads(kept[-1]) if kept else {"iteration": iteration}
+    return [json.loads(r) for r in kept] or [{"iteration": iteration}]
 
 
 def train(
@@ -123,7 +125,11 @@ def train(
     algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
-        row = restore(algo, run_dir)
+        rows = restore(algo, run_dir)
+        for callback in algo.callbacks:
+            if isinstance(callback, HealthCallback):
+                callback.resume(rows)
+        row = rows[-1]
         env_steps = row.get("env/steps_sampled", 0.0)
         updates, iteration = row.get("learner/num_critic_updates", 0.0), row["iteration"]
     progress = TrainingProgress(exp.experiment.stop_env_steps) if show_progress else None

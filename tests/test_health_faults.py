@@ -52,11 +52,12 @@ def assert_stopped_by(summary: dict, rule: str, run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_rewards_larger_than_documented_drive_q_out_of_its_bound(ray_local, tmp_path):
+def test_rewards_larger_than_documented_are_caught_at_the_first_iteration_before_q_diverges(ray_local, tmp_path):
     exp = pendulum(tmp_path, f"env.id={fault_envs.register()}")  # rewards x1000, bounds as documented
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
-    assert_stopped_by(summary, "q_out_of_bound", tmp_path / "run")
-    assert "Q within the discounted return bound | **FAIL**" in (tmp_path / "run" / "report" / "report.md").read_text()
+    assert_stopped_by(summary, "reward_out_of_bounds", tmp_path / "run")
+    assert summary["iterations"] == 1 and summary["learner_updates"] == 0
+    assert "rewards within the env's documented range | **FAIL**" in (tmp_path / "run" / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -96,7 +97,9 @@ def test_unclipped_encoders_with_a_huge_learning_rate_diverge_and_are_stopped(ra
         CONFIGS / "pendulum_td3.yaml",
         overrides=[
             f"env.id={register_image_reach()}",
-            "env.reward_bounds=[-1.5, 0.0]",  # -distance in the unit square
+            # -distance: position in [-1, 1]^2, target in [-0.8, 0.8]^2, at most 1.8 * sqrt(2) apart
+            # (the -1.5 once written here was caught by reward_out_of_bounds)
+            "env.reward_bounds=[-2.5456, 0.0]",
             "experiment.stop_env_steps=4000",
             f"experiment.output_dir={tmp_path}",
             f"algo.learning_starts={LEARNING_STARTS}",
@@ -121,13 +124,16 @@ def test_unclipped_encoders_with_a_huge_learning_rate_diverge_and_are_stopped(ra
 @pytest.mark.slow
 def test_metrics_and_alerts_reach_the_offline_wandb_run(ray_local, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    exp = pendulum(tmp_path, f"env.id={fault_envs.register()}", "wandb.group=faults", "wandb.tags=[test]")
+    # Not stopped at the first CRITICAL, so that the learner's metrics reach W&B too.
+    exp = pendulum(tmp_path, f"env.id={fault_envs.register()}", "wandb.group=faults", "wandb.tags=[test]",
+                   "health.stop_on_critical=false", "experiment.stop_env_steps=1280")
     train(exp, run_dir=tmp_path / "run", show_progress=False)
     history, alerts = read_run(tmp_path / "run")
     assert len(history) >= LEARNING_STARTS // 64
     last = history[-1]
-    for name in ("losses/critic", "q/q1_max", "health/q_excess", "health/critical", "grad/critic.head/post_clip_norm"):
+    for name in ("losses/critic", "q/q1_max", "health/q_excess", "health/critical", "grad/critic.head/post_clip_norm",
+                 "learner/actor_saturation", "obs/non_finite"):
         assert name in last, sorted(last)
     assert last["health/critical"] == 1.0
     critical = [(title, level) for title, _, level in alerts if title.startswith("CRITICAL")]
-    assert critical == [("CRITICAL: q_out_of_bound", "ERROR")]
+    assert critical[0] == ("CRITICAL: reward_out_of_bounds", "ERROR"), critical

@@ -209,14 +209,18 @@ def test_overestimation_is_judged_against_the_returns_obtained_not_the_theoretic
     assert "0.82 times the size of those returns (110.0)" in alerts[0].message
 
 
-def test_a_camera_repeating_its_frame_two_iterations_running_is_a_dead_sensor():
-    frozen = {**HEALTHY, "obs/image/repeated_fraction": 1.0, "obs/state/repeated_fraction": 0.0}
+def test_a_camera_frozen_across_resets_two_iterations_running_is_a_dead_sensor():
+    frozen = {**HEALTHY, "obs/image/frozen": 1.0, "obs/state/frozen": 0.0}
     _, alerts = run(monitor(), [HEALTHY, frozen, frozen])
     assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "observation_frozen", 2)]
-    assert "`image` (100% of steps)" in alerts[0].message
-    # One iteration of a stopped car is not a dead camera.
-    _, alerts = run(monitor(), [frozen, HEALTHY, frozen, HEALTHY])
+    assert "the observation's `image` held one single value" in alerts[0].message
+    # One frozen iteration between live ones is not a dead camera; an iteration that could
+    # not be judged (one episode: no `frozen` metric) neither breaks nor extends the count.
+    live = {**HEALTHY, "obs/image/frozen": 0.0}
+    _, alerts = run(monitor(), [frozen, live, frozen, live])
     assert alerts == []
+    _, alerts = run(monitor(), [frozen, HEALTHY, frozen])
+    assert [a.rule for a in alerts] == ["observation_frozen"]
 
 
 def test_nan_in_an_observation_is_critical_at_once():
@@ -244,3 +248,17 @@ def test_observed_rewards_far_inside_the_documented_range_narrow_the_q_bound():
 def test_target_networks_that_do_not_move_during_updates_are_critical():
     _, alerts = run(monitor(), [{**HEALTHY, "learner/target_change": 1e-4}, {**HEALTHY, "learner/target_change": 0.0}])
     assert [(a.level, a.rule, a.iteration) for a in alerts] == [(CRITICAL, "targets_frozen", 1)]
+
+
+def test_a_monitor_replaying_the_rows_so_far_goes_on_like_one_that_saw_them_live():
+    # What a resumed run does (rl/train.py): the warm-up and trend windows are not lost.
+    rows = [{**HEALTHY, "env/steps_sampled": 50.0, "episode/count": 5.0, "episode/return_mean": r, "episode/len_mean": 10.0}
+            for r in (-10, -30, -20, -10, -30)]
+    rows += [{**HEALTHY, "episode/count": 5.0, "episode/return_mean": -60.0, "episode/len_mean": 3.0}] * 6
+    rows = [{**r, "iteration": i} for i, r in enumerate(rows)]
+    config = {"min_window_episodes": 5, "min_window_iters": 1, "warmup_patience_iters": 3}
+    live = monitor(**config).replay(rows)
+    resumed = monitor(**config)
+    resumed.replay(rows[:7])
+    assert [(a.rule, a.iteration) for a in resumed.replay(rows[7:])] == [(a.rule, a.iteration) for a in live if a.iteration >= 7]
+    assert [(a.level, a.rule) for a in live] == [(CRITICAL, "worse_than_warmup")]

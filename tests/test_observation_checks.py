@@ -16,20 +16,20 @@ def chunk(images, states):
     ).to_numpy()  # as env runners send them
 
 
-def test_a_frozen_camera_repeats_while_the_state_moves_and_nan_is_counted():
+def test_a_camera_frozen_across_a_reset_while_the_state_moves_and_nan_is_counted():
     rng = np.random.default_rng(0)
-    black = [np.zeros((2, 8, 8), np.uint8)] * 5  # 4 steps, each frame equal to the one before
-    live = [rng.integers(0, 256, (2, 8, 8), dtype=np.uint8) for _ in range(5)]
+    black = [np.zeros((2, 8, 8), np.uint8)] * 5
     states = [np.array([float(t), 1.0], np.float32) for t in range(5)]
     states[2] = np.array([np.nan, np.inf], np.float32)
-    stats = observation_stats([chunk(black, states), chunk(live, states)])
-    assert stats["obs/image/repeated_fraction"] == 0.5  # 4 of the 8 steps
-    assert stats["obs/state/repeated_fraction"] == 0.0
-    assert stats["obs/non_finite"] == 4.0  # 2 values, in both chunks
+    stats = observation_stats([chunk(black, states), chunk(black, states)])
+    assert stats == {"obs/image/frozen": 1.0, "obs/state/frozen": 0.0, "obs/non_finite": 4.0}
+    live = [rng.integers(0, 256, (2, 8, 8), dtype=np.uint8) for _ in range(5)]
+    assert observation_stats([chunk(black, states), chunk(live, states)])["obs/image/frozen"] == 0.0
 
 
-def test_a_plain_box_observation_is_one_leaf_named_obs():
-    episode = SingleAgentEpisode(
-        observations=[np.ones(3, np.float32)] * 3, actions=[np.zeros(1)] * 2, rewards=[0.0] * 2, len_lookback_buffer=0
-    ).to_numpy()
-    assert observation_stats([episode]) == {"obs/obs/repeated_fraction": 1.0, "obs/non_finite": 0.0}
+def test_a_goal_image_constant_within_an_episode_is_not_frozen_and_one_episode_is_not_judged():
+    goal_a, goal_b = np.zeros((1, 4, 4), np.uint8), np.full((1, 4, 4), 255, np.uint8)
+    states = [np.array([float(t)], np.float32) for t in range(4)]
+    stats = observation_stats([chunk([goal_a] * 4, states), chunk([goal_b] * 4, states)])
+    assert stats["obs/image/frozen"] == 0.0
+    assert observation_stats([chunk([goal_a] * 4, states)]) == {"obs/non_finite": 0.0}

@@ -59,7 +59,7 @@ def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_l
     # Restored state equals the checkpoint's.
     algo = build_td3_config(exp).build_algo()
     try:
-        row = restore(algo, run_dir)
+        row = restore(algo, run_dir)[-1]
         assert row["iteration"] == algo.training_iteration == 10
         assert len(algo.replay_buffer) == row["replay/size"] == 640
         learner = algo.learner_group._learner

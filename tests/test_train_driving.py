@@ -70,6 +70,8 @@ def test_td3_with_cnn_learns_to_drive_on_the_embedded_backend(ray_local, tmp_pat
     assert last["env/reward/progress"] > 0, last
 
     # A healthy run: no CRITICAL alert, and its validation report says PASS.
-    assert not [a for a in read_alerts(tmp_path / "run") if a["level"] == "CRITICAL"]
+    alerts = read_alerts(tmp_path / "run")
+    assert not [a for a in alerts if a["level"] == "CRITICAL"], alerts
+    assert len([a for a in alerts if a["level"] == "WARN"]) <= 1, alerts
     passed, report = write_report(tmp_path / "run")
     assert passed, report.read_text()
