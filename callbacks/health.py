@@ -18,7 +18,8 @@ obtained. Thresholds: `health:` in the experiment YAML (rl/config.py HealthSecti
 | q_growth | WARN | max abs Q grew `q_growth_factor` times within a window and passed half the bound |
 | overestimation | WARN | Q1(s0, a0) exceeds the discounted return of finished episodes by more than `overestimation_max` times those returns' size, and by half that more than in the window before |
 | clipping_broken | CRITICAL | a group's post-clip gradient norm is above its limit |
-| gradient_explosion | WARN | a group's pre-clip norm, per unit of reward scale, is `grad_limit_factor` x its reference limit, or `grad_growth_max` x its own early level |
+| gradient_explosion | WARN | a group's pre-clip norm, per unit of reward scale, is `grad_limit_factor` x its reference limit, or `grad_growth_max` x its largest in the first `window_iters` learning iterations |
+| gradients_vanished | CRITICAL | a group's pre-clip gradient norm was exactly 0 three iterations running: its parameters no longer learn |
 | actor_saturated | WARN | more than `saturation_max` of the actor's outputs sit at the tanh bounds, over a window |
 | actor_dead | CRITICAL | the actor is saturated and its gradients fell below `dead_grad_ratio` of their early level |
 | targets_frozen | CRITICAL | learner updates ran but the target critic did not move at all |
@@ -51,6 +52,7 @@ Q_METRICS = ("q/q1_mean", "q/q2_mean", "q/q1_max", "q/q2_max", "q/q1_min", "q/q1
 LOSS_METRICS = ("losses/critic", "losses/actor")
 ACTOR_GROUPS = ("actor.encoder", "actor.head")
 FACTS_FILE = "run_facts.json"  # in the run directory: the RunFacts the live monitor used
+TRAINING_ERROR = "training_error"  # the alert rl.train sends when training raised
 
 # Rules that judge the configuration (at start, and at the end of the warm-up), not the run's
 # course; `reward_scale` is the one meant to depend on the reward scale.
@@ -68,6 +70,7 @@ RULE_TITLES = {
     "overestimation": "overestimation not growing",
     "clipping_broken": "post-clip gradient norms within their limits",
     "gradient_explosion": "gradient norms bounded",
+    "gradients_vanished": "no parameter group with vanished gradients",
     "actor_saturated": "actor not saturated at its bounds",
     "actor_dead": "actor still learning (not saturated with vanished gradients)",
     "targets_frozen": "target networks moving",
@@ -179,6 +182,7 @@ class HealthMonitor:
         self._q_abs = deque(maxlen=config.window_iters)
         self._overestimation: list[tuple[float, float]] = []  # (Q1(s0) - G0, |G0|)
         self._grad_norms: dict[str, list[float]] = {}  # group -> pre-clip norm per unit reward scale
+        self._zero_grads: dict[str, int] = {}  # group -> iterations running its gradient was exactly 0
         self._saturation = deque(maxlen=config.window_iters)
         self._frozen_obs: dict[str, int] = {}  # part -> judged iterations running it was frozen
         self._below_warmup = 0  # consecutive judged iterations worse than the warm-up
@@ -235,6 +239,8 @@ class HealthMonitor:
         alerts = []
         warm = self._warmup.summary()
         if warm is not None and not self.facts.max_episode_steps:
+            # Without a time limit, the episodes seen are what gamma's horizon is measured
+            # against (with one, the start check already did; no episode outlasts it).
             alerts += self._horizon_check(warm[2], "of the warm-up lasted", iteration)
         scale = m.get("replay/reward_abs_mean")
         if _finite(scale) and scale > self.config.reward_scale_max:
@@ -471,20 +477,32 @@ class HealthMonitor:
         )
 
     def _check_gradients(self, m: dict, health: dict, conditions: dict) -> None:
-        """Pre-clip norms, also when clipping is off, per unit of the observed reward scale (TD
-        errors, and so both networks' gradients, grow in proportion to the rewards)."""
+        """Pre-clip norms, also when clipping is off: exactly 0 (a dead network), and per unit of
+        the observed reward scale (TD errors, and so both networks' gradients, grow in proportion
+        to the rewards) against a reference and against their own early level."""
+        pre_clip = {g: m[f"grad/{g}/pre_clip_norm"] for g in DEFAULT_GRAD_CLIP if _finite(m.get(f"grad/{g}/pre_clip_norm"))}
+        for group, pre in pre_clip.items():
+            self._zero_grads[group] = self._zero_grads.get(group, 0) + 1 if pre == 0.0 else 0
+        vanished = sorted(g for g, n in self._zero_grads.items() if n >= 3)
+        if vanished:
+            conditions["gradients_vanished"] = (
+                CRITICAL,
+                f"the gradients of {', '.join(vanished)} have been exactly 0 for "
+                f"{max(self._zero_grads[g] for g in vanished)} iterations: those parameters no "
+                "longer learn, and nothing in TD3 revives them. Likely cause: dead ReLUs or a "
+                "saturated tanh after a step far too large (a learning-rate spike, an exploding "
+                "critic).",
+                {f"{g}/zero_grad_iterations": float(self._zero_grads[g]) for g in vanished},
+            )
         scale = m.get("replay/reward_abs_mean")
         if not _finite(scale) or scale <= 0:
             return
         w, exploding = self.config.window_iters, {}
-        for group in DEFAULT_GRAD_CLIP:
-            pre = m.get(f"grad/{group}/pre_clip_norm")
-            if not _finite(pre):
-                continue
+        for group, pre in pre_clip.items():
             norms = self._grad_norms.setdefault(group, [])
             norms.append(pre / scale)
             recent = float(np.median(norms[-3:]))
-            early = float(np.median(norms[:w]))
+            early = max(norms[:w])  # the largest, not typical: an early dead phase is not the norm
             limit = self.reference_limit(group) * self.config.grad_limit_factor
             health[f"health/grad_{group}"] = recent
             if len(norms) >= 3 and (recent > limit or (len(norms) > w and recent > self.config.grad_growth_max * early)):
@@ -577,7 +595,10 @@ class HealthMonitor:
         health["health/below_warmup_iters"] = float(self._below_warmup)
         if self._below_warmup < c.warmup_patience_iters:
             return
-        shorter = now_len < warm_len - c.warmup_margin * max(warm_len_spread, 1e-6)
+        len_margin = c.warmup_margin * max(warm_len_spread, 1e-6)
+        shorter, longer = now_len < warm_len - len_margin, now_len > warm_len + len_margin
+        if longer:  # lasting longer for less: reward shaping to look at, not a collapse
+            return
         evidence = {"return_recent": now_ret, "return_warmup": warm_ret, "len_recent": now_len, "len_warmup": warm_len}
         text = (
             f"for {self._below_warmup} iterations, training episodes have returned less than the "

@@ -14,7 +14,7 @@ from pathlib import Path
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from callbacks.alerts import AlertSinks
-from callbacks.health import FACTS_FILE, HealthMonitor
+from callbacks.health import CRITICAL, FACTS_FILE, TRAINING_ERROR, Alert, HealthMonitor
 from callbacks.wandb_run import WandbRun
 from rl.config import HealthSection, WandbSection
 from rl.metrics import HEALTH_RESULTS, summarize
@@ -51,6 +51,15 @@ class HealthCallback(RLlibCallback):
         """A resumed run: the monitor catches up on the iterations already done (their alerts
         were sent then), so its warm-up baseline and trend windows go on where they were."""
         self.monitor.replay(rows)
+
+    def report_error(self, iteration: int, error: str) -> None:
+        """Training raised: a CRITICAL alert that says so, through the same sinks as the rules."""
+        self.sinks.send(Alert(
+            CRITICAL, TRAINING_ERROR,
+            f"training stopped on an error in iteration {iteration}: {error}. The metrics and "
+            "checkpoints written before it are intact; the newest checkpoint is from before it.",
+            {}, iteration,
+        ))
 
     def close(self) -> None:
         """Flushes and closes the W&B run (the offline files are complete after this)."""

@@ -32,7 +32,7 @@ from typing import Callable
 import yaml
 
 from callbacks.alerts import read_alerts
-from callbacks.health import CRITICAL
+from callbacks.health import CRITICAL, TRAINING_ERROR
 from callbacks.health_callback import HealthCallback
 from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
@@ -77,6 +77,11 @@ def _init_ray() -> None:
         ray.init()  # join the cluster this driver was submitted to
     else:
         ray.init(include_dashboard=False)
+
+
+def monitor(algo) -> HealthCallback:
+    """The run's health callback (every run of `train` has one: it has a run directory)."""
+    return next(c for c in algo.callbacks if isinstance(c, HealthCallback))
 
 
 def restore(algo, run_dir: Path) -> list[dict]:
@@ -126,9 +131,7 @@ def train(
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
         rows = restore(algo, run_dir)
-        for callback in algo.callbacks:
-            if isinstance(callback, HealthCallback):
-                callback.resume(rows)
+        monitor(algo).resume(rows)
         row = rows[-1]
         env_steps = row.get("env/steps_sampled", 0.0)
         updates, iteration = row.get("learner/num_critic_updates", 0.0), row["iteration"]
@@ -137,10 +140,17 @@ def train(
     start = time.monotonic()
     resumed_steps, resumed_updates = env_steps, updates
     stopped_by: list[str] = []  # the CRITICAL alerts that stopped the run, if any
+    error_text = None  # what an exception that ended training said
     try:
         with open(run_dir / "metrics.jsonl", "a") as metrics_file:
             while env_steps < exp.experiment.stop_env_steps:
-                result = algo.train()
+                try:
+                    result = algo.train()
+                except Exception as error:  # the run cannot go on: say why, keep what was written
+                    error_text = f"{type(error).__name__}: {error}"
+                    monitor(algo).report_error(iteration + 1, error_text)
+                    stopped_by = [TRAINING_ERROR]
+                    break
                 iteration += 1
                 metrics = summarize(result)
                 interval = exp.evaluation.interval_iters
@@ -185,9 +195,7 @@ def train(
     finally:
         if progress:
             progress.close()
-        for callback in algo.callbacks:
-            if isinstance(callback, HealthCallback):
-                callback.close()
+        monitor(algo).close()
         algo.stop()
 
     summary = {
@@ -203,8 +211,10 @@ def train(
         "final_checkpoint": str(final_checkpoint) if final_checkpoint else None,
         # "stopped_unhealthy": a CRITICAL alert ended the run (alerts.jsonl says why); the
         # final checkpoint is then the newest one written while the run was healthy.
-        "status": "stopped_unhealthy" if stopped_by else "completed",
+        # "crashed": training raised (the `training_error` alert and `error` say what).
+        "status": "crashed" if error_text else "stopped_unhealthy" if stopped_by else "completed",
         "stopped_by": stopped_by,
+        "error": error_text,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if exp.experiment.storage_uri:
@@ -245,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary["status"] == "crashed":
+        print(
+            f"\nTraining failed after {summary['env_steps']:,.0f} env steps: {summary['error']}\n"
+            f"Results so far: {summary['run_dir']} (alerts.jsonl, metrics.jsonl)\n"
+            f"  newest checkpoint: {summary['final_checkpoint']}",
+            file=sys.stderr,
+        )
+        return 4
     if summary["status"] == "stopped_unhealthy":
         print(
             f"\nStopped after {summary['env_steps']:,.0f} env steps by CRITICAL health alerts: "

@@ -48,3 +48,32 @@ def _crashing_pendulum(marker: str, crash_at_step: int = 300, how: str = "raise"
 # Registered on import: a remote env runner imports this module through the id's prefix.
 if CRASHING_PENDULUM.split(":")[1] not in gym.registry:
     gym.register(CRASHING_PENDULUM.split(":")[1], entry_point=_crashing_pendulum, max_episode_steps=200)
+
+
+NAN_PENDULUM = "NanObservationPendulum-v0"
+
+
+class NanObservationPendulum(gym.Wrapper):
+    """Pendulum whose observation turns NaN from env step `nan_at_step` on (a broken sensor)."""
+
+    def __init__(self, nan_at_step: int = 900):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.nan_at_step, self.steps = nan_at_step, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        if self.steps >= self.nan_at_step:
+            obs = obs.copy()
+            obs[1] = float("nan")
+        return obs, reward, terminated, truncated, info
+
+
+def _nan_pendulum(nan_at_step: int = 900) -> NanObservationPendulum:
+    return NanObservationPendulum(nan_at_step)
+
+
+def register_nan_pendulum() -> str:
+    if NAN_PENDULUM not in gym.registry:
+        gym.register(NAN_PENDULUM, entry_point=_nan_pendulum, max_episode_steps=200)
+    return NAN_PENDULUM

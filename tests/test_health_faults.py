@@ -137,3 +137,16 @@ def test_metrics_and_alerts_reach_the_offline_wandb_run(ray_local, tmp_path, mon
     assert last["health/critical"] == 1.0
     critical = [(title, level) for title, _, level in alerts if title.startswith("CRITICAL")]
     assert critical[0] == ("CRITICAL: reward_out_of_bounds", "ERROR"), critical
+
+
+@pytest.mark.slow
+def test_nan_observations_stop_training_with_an_alert_that_names_them_and_keep_the_checkpoints(ray_local, tmp_path):
+    exp = pendulum(tmp_path, f"env.id={fault_envs.register_nan_pendulum()}")  # NaN from env step 900
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    assert summary["status"] == "crashed" and summary["stopped_by"] == ["training_error"], summary
+    assert "non-finite actions: the observation holds NaN or Inf in `obs`" in summary["error"]
+    alerts = [json.loads(line) for line in (tmp_path / "run" / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["level"], a["rule"]) for a in alerts] == [("CRITICAL", "training_error")]
+    assert summary["final_checkpoint"].endswith("iter_000010")  # written before the NaN (step 900)
+    passed, _ = write_report(tmp_path / "run")
+    assert not passed

@@ -207,3 +207,29 @@ def test_the_end_of_the_warmup_checks_the_reward_scale_and_the_horizon_against_t
     ]
     assert "episodes of the warm-up lasted 9 steps" in alerts[0].message
     assert "rewards average 15.0 in size per step" in alerts[1].message
+
+
+def test_gradients_recovering_from_an_early_near_dead_phase_are_not_an_explosion():
+    # Healthy driving (zoo, seed 0): the fresh actor saturated for 8 iterations (gradients 1e-4),
+    # then recovered to ~1. Against its early *largest* norm (0.07) that is no explosion.
+    norms = [0.02, 0.05, 0.07, 1e-4, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 5e-3] + [1.0] * 10
+    rows = warmup(1.0) + learning(1.0, WARMUP_ITERS, len(norms), ret=-40.0, length=9.0,
+                                  extra={"grad/actor.head/pre_clip_norm": lambda k: norms[k]})
+    assert [a for a in run(rows) if a.rule == "gradient_explosion"] == []
+
+
+def test_a_group_whose_gradients_are_exactly_zero_three_iterations_running_is_dead():
+    # The learning-rate spike of the zoo: the critic's CNN died (all ReLUs off) at once.
+    rows = warmup(1.0) + learning(1.0, WARMUP_ITERS, 6, ret=-40.0, length=9.0,
+                                  extra={"grad/critic.encoder/pre_clip_norm": lambda k: 50.0 if k < 2 else 0.0})
+    alerts = [a for a in run(rows) if a.rule == "gradients_vanished"]
+    assert [(a.level, a.iteration) for a in alerts] == [(CRITICAL, WARMUP_ITERS + 4)]
+    assert "the gradients of critic.encoder have been exactly 0 for 3 iterations" in alerts[0].message
+
+
+def test_episodes_lasting_longer_for_less_reward_are_not_judged_worse_than_random():
+    # Healthy driving, seed 0: after its dip the policy drove slowly, 45 steps (random: 12) for
+    # a return a little below random's. Shaping to look at, not a collapse.
+    rows = warmup(1.0) + learning(1.0, WARMUP_ITERS, 20, ret=-120.0, length=45.0, count=12.0)
+    assert [a for a in run(rows) if a.rule == "worse_than_warmup"] == []
+

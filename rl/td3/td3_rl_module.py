@@ -15,6 +15,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+import tree
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI
@@ -34,6 +35,25 @@ def exploration_action(action: torch.Tensor, noise_std: float) -> torch.Tensor:
 def uniform_action(like: torch.Tensor) -> torch.Tensor:
     """Uniform random actions in [-1, 1], the TD3 warm-up policy."""
     return torch.rand_like(like) * 2.0 - 1.0
+
+
+def finite_actions(action: torch.Tensor, obs: Any) -> torch.Tensor:
+    """The actor's actions, or a ValueError naming where NaN/Inf came from: an env fed NaN
+    actions fails somewhere far from the cause (or silently repairs them)."""
+    if bool(torch.isfinite(action).all()):
+        return action
+    bad = [
+        "/".join(str(p) for p in path) or "obs"
+        for path, part in tree.flatten_with_path(obs)
+        if torch.is_floating_point(part) and not bool(torch.isfinite(part).all())
+    ]
+    cause = (
+        f"the observation holds NaN or Inf in {', '.join(f'`{b}`' for b in bad)}: a sensor or "
+        "measurement of the env failed"
+        if bad
+        else "the observations are finite, so the actor's weights are not: training diverged"
+    )
+    raise ValueError(f"the TD3 actor produced non-finite actions: {cause}")
 
 
 class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
@@ -80,11 +100,11 @@ class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
     # Acting never needs a graph (RLlib's own defaults also run these under no_grad).
     @torch.no_grad()
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return {Columns.ACTIONS: self.actor(batch[Columns.OBS])}
+        return {Columns.ACTIONS: finite_actions(self.actor(batch[Columns.OBS]), batch[Columns.OBS])}
 
     @torch.no_grad()
     def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
-        action = self.actor(batch[Columns.OBS])
+        action = finite_actions(self.actor(batch[Columns.OBS]), batch[Columns.OBS])
         if t < self.model_config["learning_starts"]:
             return {Columns.ACTIONS: uniform_action(action)}
         return {
