@@ -31,14 +31,17 @@ from typing import Callable, Iterator
 import numpy as np
 
 from callbacks.alerts import read_alerts
+from callbacks.health import CONFIG_RULES
 from rl.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RESULTS = Path(__file__).resolve().parent / "results" / "health_zoo"
 MAX_LATENCY = 5  # iterations from visible onset to the first alert of an expected rule
+STEPS_PER_ITERATION = 64  # the configs' rollout_fragment_length, one env runner
 
-# The CI driving test's size (tests/test_train_driving.py): small camera and CNN.
-DRIVING_SMALL = (
+# The embedded driving env at the CI test's size (tests/test_train_driving.py uses it too):
+# a small camera and CNN, learning after 1,000 uniform random steps.
+DRIVING_CI_SIZE = (
     "env.kwargs.camera={width: 48, height: 48, frame_stack: 2}",
     "model.cnn={channels: [16, 32], kernel_sizes: [8, 4], strides: [4, 2], feature_dim: 32}",
     "model.actor_hidden=[64, 64]",
@@ -47,9 +50,8 @@ DRIVING_SMALL = (
     "algo.critic_lr=1e-3",
     "algo.learning_starts=1000",
     "evaluation.interval_iters=0",
-    "evaluation.episodes=3",
-    "experiment.stop_env_steps=6000",
 )
+DRIVING_SMALL = (*DRIVING_CI_SIZE, "evaluation.episodes=3", "experiment.stop_env_steps=6000")
 # The seed report's settings (../shared/seed/5K_RUN_VALIDATION_REPORT.md): gamma 0.9, tau 0.001,
 # lr 3e-4, batch 256, clipping that did not act, and rewards of ~15 a step (~700 over ~50 steps).
 SEED_SETTINGS = (
@@ -72,32 +74,31 @@ def reward_weights(scale: float) -> str:
 # --- Faults --------------------------------------------------------------------------------------
 
 
-class StepClock:
-    """Env steps taken in this process: env faults start when it reaches their step."""
-
-    steps = 0
-
-
 @contextlib.contextmanager
 def env_fault(transform: Callable, at_step: int) -> Iterator[None]:
-    """Wraps DrivingEnv.step: from env step `at_step` on, (obs, reward) -> transform(obs, reward)."""
+    """Wraps DrivingEnv.step and .reset: from the process's env step `at_step` on, every
+    observation and reward passes through transform(obs, reward) (a reset's reward: None)."""
     from carla_env.driving_env import DrivingEnv
 
-    real_step = DrivingEnv.step
+    real_step, real_reset, steps = DrivingEnv.step, DrivingEnv.reset, 0
 
     def step(self, action):
+        nonlocal steps
         obs, reward, terminated, truncated, info = real_step(self, action)
-        StepClock.steps += 1
-        if StepClock.steps >= at_step:
+        steps += 1
+        if steps >= at_step:
             obs, reward = transform(obs, reward)
         return obs, reward, terminated, truncated, info
 
-    StepClock.steps = 0
-    DrivingEnv.step = step
+    def reset(self, *, seed=None, options=None):
+        obs, info = real_reset(self, seed=seed, options=options)
+        return (transform(obs, None)[0] if steps >= at_step else obs), info
+
+    DrivingEnv.step, DrivingEnv.reset = step, reset
     try:
         yield
     finally:
-        DrivingEnv.step = real_step
+        DrivingEnv.step, DrivingEnv.reset = real_step, real_reset
 
 
 def frozen_camera(obs, reward):
@@ -114,7 +115,7 @@ def nan_state(obs, reward):
 
 def flipped_reward(obs, reward):
     """The reward's sign flipped (a refactoring slip): the agent is now paid to crash."""
-    return obs, -reward
+    return obs, None if reward is None else -reward
 
 
 @contextlib.contextmanager
@@ -233,7 +234,10 @@ def onset_iteration(rows: list[dict], scenario: Scenario, learning_starts: int) 
     """The first iteration in which the failure can be seen: its first step sampled, or the
     first iteration with learner updates."""
     step = scenario.onset_step if scenario.onset_step is not None else learning_starts + 1
-    return next((r["iteration"] for r in rows if r.get("env/steps_sampled", 0) >= step), None)
+    onset = next((r["iteration"] for r in rows if r.get("env/steps_sampled", 0) >= step), None)
+    if onset is None and rows and rows[-1].get("env/steps_sampled", 0) + STEPS_PER_ITERATION >= step:
+        onset = rows[-1]["iteration"] + 1  # the iteration the failure broke, unrecorded
+    return onset
 
 
 def judge(scenario: Scenario, run_dir: Path, learning_starts: int) -> dict:
@@ -260,13 +264,18 @@ def judge(scenario: Scenario, run_dir: Path, learning_starts: int) -> dict:
         row["ok"] = criticals == 0 and warns <= 1 and passed_report
         return row
     onset = onset_iteration(rows, scenario, learning_starts)
-    # An expected alert before onset (a start check) counts too: its latency is negative.
-    caught = [a for a in alerts if a["rule"] in scenario.expected]
+    # Before onset, only a configuration check naming the cause of a failure present from the
+    # start counts (its latency is negative); anything else then is not about this failure.
+    caught = [
+        a for a in alerts
+        if a["rule"] in scenario.expected and onset is not None
+        and (a["iteration"] >= onset or (scenario.onset_step is None and a["rule"] in CONFIG_RULES))
+    ]
     critical = [a for a in alerts if a["level"] == "CRITICAL"]
     row["onset"] = onset
     row["latency"] = (caught[0]["iteration"] - onset) if caught and onset is not None else None
     row["critical_latency"] = (critical[0]["iteration"] - onset) if critical and onset is not None else None
-    row["ok"] = row["latency"] is not None and row["latency"] <= MAX_LATENCY and not passed_report
+    row["ok"] = row["latency"] is not None and row["latency"] <= MAX_LATENCY
     return row
 
 

@@ -130,6 +130,12 @@ def above_clip_limit(post_clip_norm: float, limit: float | None) -> bool:
     return limit is not None and post_clip_norm > limit * (1 + 1e-3)
 
 
+def means(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(mean return, mean length) of (count, mean return, mean length) rows, over episodes."""
+    n, ret, length = (np.array(col, float) for col in zip(*rows))
+    return float(np.average(ret, weights=n)), float(np.average(length, weights=n))
+
+
 @dataclass
 class _Episodes:
     """Training episodes that ended, per iteration: (count, mean return, mean length)."""
@@ -145,27 +151,31 @@ class _Episodes:
     def count(self) -> float:
         return sum(n for n, _, _ in self.rows)
 
-    def summary(self, rows=None) -> tuple[float, float, float, float] | None:
+    def summary(self) -> tuple[float, float, float, float] | None:
         """(mean return, per-episode return spread, mean length, per-episode length spread),
         weighted by episodes. The spreads come from the iteration means: n * (m_i - M)^2
         estimates one episode's variance."""
-        rows = self.rows if rows is None else rows
-        if len(rows) < 2:
+        if len(self.rows) < 2:
             return None
-        n, ret, length = (np.array(col, float) for col in zip(*rows))
-        mean_ret, mean_len = np.average(ret, weights=n), np.average(length, weights=n)
-        spread_ret = math.sqrt(np.sum(n * (ret - mean_ret) ** 2) / (len(rows) - 1))
-        spread_len = math.sqrt(np.sum(n * (length - mean_len) ** 2) / (len(rows) - 1))
-        return float(mean_ret), spread_ret, float(mean_len), spread_len
+        n, ret, length = (np.array(col, float) for col in zip(*self.rows))
+        mean_ret, mean_len = means(self.rows)
+        spread_ret = math.sqrt(np.sum(n * (ret - mean_ret) ** 2) / (len(self.rows) - 1))
+        spread_len = math.sqrt(np.sum(n * (length - mean_len) ** 2) / (len(self.rows) - 1))
+        return mean_ret, spread_ret, mean_len, spread_len
 
     def recent(self, min_episodes: float, min_iterations: int, skip: int = 0):
-        """The newest iterations (leaving out the newest `skip`) holding at least `min_episodes`
-        episodes and `min_iterations` iterations; None when there are not that many."""
+        """The newest `min_episodes` episodes, over at least `min_iterations` iterations (leaving
+        out the newest `skip` iterations); None when there are not that many. The oldest
+        iteration counts only with the episodes still needed: after a burst of short episodes
+        (a crash phase) the few long ones that follow are not drowned by it."""
         rows = self.rows[: len(self.rows) - skip]
         taken, episodes = [], 0.0
-        for row in reversed(rows):
-            taken.append(row)
-            episodes += row[0]
+        for count, ret, length in reversed(rows):
+            if len(taken) >= min_iterations and episodes + count > min_episodes:
+                count = max(min_episodes - episodes, 0.0)
+            if count:
+                taken.append((count, ret, length))
+                episodes += count
             if episodes >= min_episodes and len(taken) >= min_iterations:
                 return taken[::-1]
         return None
@@ -583,13 +593,12 @@ class HealthMonitor:
         if warm is None or recent is None or self._warmup.count < c.min_window_episodes:
             return
         warm_ret, warm_ret_spread, warm_len, warm_len_spread = warm
-        n, ret, length = (np.array(col, float) for col in zip(*recent))
-        now_ret, now_len = float(np.average(ret, weights=n)), float(np.average(length, weights=n))
+        now_ret, now_len = means(recent)
         margin = c.warmup_margin * max(warm_ret_spread, 1e-6)
         health["health/return_vs_warmup"] = (now_ret - warm_ret) / max(warm_ret_spread, 1e-6)
         if m.get("episode/count", 0.0):  # judged again only when new episodes ended
             before = self._learning.recent(c.min_window_episodes, c.min_window_iters, skip=len(recent))
-            climbing = before is not None and now_ret > _weighted_return(before) + margin
+            climbing = before is not None and now_ret > means(before)[0] + margin
             below = now_ret < warm_ret - margin and not climbing
             self._below_warmup = self._below_warmup + 1 if below else 0
         health["health/below_warmup_iters"] = float(self._below_warmup)
@@ -603,7 +612,7 @@ class HealthMonitor:
         text = (
             f"for {self._below_warmup} iterations, training episodes have returned less than the "
             f"uniform random warm-up's, without climbing: {now_ret:,.2f} on average (the last "
-            f"{int(n.sum())} episodes) against {warm_ret:,.2f} (spread {warm_ret_spread:,.2f} per "
+            f"{sum(r[0] for r in recent):.0f} episodes) against {warm_ret:,.2f} (spread {warm_ret_spread:,.2f} per "
             f"episode), lasting {now_len:.1f} steps against {warm_len:.1f}"
         )
         if shorter:
@@ -660,11 +669,6 @@ class HealthMonitor:
                 "how episodes end.",
                 evidence,
             )
-
-
-def _weighted_return(rows: list[tuple[float, float, float]]) -> float:
-    n, ret, _ = (np.array(col, float) for col in zip(*rows))
-    return float(np.average(ret, weights=n))
 
 
 def window_collapse(values: list[float], window: int, fraction: float) -> tuple[float, float, bool] | None:

@@ -233,3 +233,18 @@ def test_episodes_lasting_longer_for_less_reward_are_not_judged_worse_than_rando
     rows = warmup(1.0) + learning(1.0, WARMUP_ITERS, 20, ret=-120.0, length=45.0, count=12.0)
     assert [a for a in run(rows) if a.rule == "worse_than_warmup"] == []
 
+
+
+def test_after_a_burst_of_short_crashes_the_window_is_the_newest_episodes_not_the_burst():
+    # The healthy driving run of the zoo (seed 0), as recorded: (episodes, mean return, mean
+    # length) per iteration. Warm-up about -1 over 11 steps; then 9 iterations of ~18 crashes
+    # each (4 steps), then 1-5 long episodes an iteration at about random's return. Judged on
+    # whole iterations, the burst filled the window until the patience ran out (a WARN at 31).
+    warm = [(6, -4.1, 7.8), (5, 0.6, 14.6), (4, 2.5, 15.5), (6, -1.3, 12.2), (10, -5.3, 6.0), (5, -0.5, 12.4),
+            (7, -2.3, 9.7), (6, -3.4, 8.7), (5, 2.2, 15.0), (5, 0.1, 12.4), (4, 2.8, 17.0), (6, -1.7, 10.7),
+            (5, -2.4, 9.6), (5, 1.1, 14.2), (4, 2.1, 17.0), (8, -3.6, 8.1)]
+    learn = [(5, 0.4, 12.2), (4, 1.0, 15.8)] + [(17, -7.2, 3.7)] * 9 + [
+        (5, -0.98, 10.8), (1, 7.21, 61), (1, -1.59, 45), (2, -2.59, 46), (1, -1.45, 46), (1, -1.61, 43),
+        (2, -0.004, 44.5), (1, -0.28, 45), (2, -2.31, 45.5), (1, 0.0, 45), (2, -1.6, 44)]
+    rows = [row(k, 1.0, r, n, c, {}) for k, (c, r, n) in enumerate(warm + learn)]
+    assert [a for a in run(rows) if a.rule == "worse_than_warmup"] == []

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from benchmarks.health_zoo import DRIVING_CI_SIZE
 from callbacks.alerts import read_alerts
 from rl.config import load_config
 from rl.report import write_report
@@ -19,17 +20,7 @@ from rl.train import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "driving_embedded_td3.yaml"
 STEPS = 8000
-SMALL = [
-    "env.kwargs.camera={width: 48, height: 48, frame_stack: 2}",
-    "model.cnn={channels: [16, 32], kernel_sizes: [8, 4], strides: [4, 2], feature_dim: 32}",
-    "model.actor_hidden=[64, 64]",
-    "model.critic_hidden=[64, 64]",
-    "algo.actor_lr=1e-3",
-    "algo.critic_lr=1e-3",
-    "algo.learning_starts=1000",
-    "evaluation.interval_iters=0",
-    "evaluation.episodes=10",
-]
+SMALL = [*DRIVING_CI_SIZE, "evaluation.episodes=10"]
 
 
 def _random_policy(env_id: str, env_kwargs: dict, episodes: int = 20) -> tuple[float, float]:
