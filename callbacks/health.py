@@ -585,8 +585,8 @@ class HealthMonitor:
         warm-up's, and not getting better, for `warmup_patience_iters` iterations: a policy
         collapsed from its first updates never had a "best" to fall from, so this rule judges
         it against random play. The patience is for the dip of a healthy run: a fresh policy
-        often crashes sooner than random play for several iterations (measured: 7 in the
-        driving zoo run), then climbs out of it."""
+        often crashes sooner than random play for several iterations (measured: 7 and 9 in
+        the driving zoo's healthy runs), then climbs out of it."""
         c = self.config
         warm = self._warmup.summary()
         recent = self._learning.recent(c.min_window_episodes, c.min_window_iters)
