@@ -54,6 +54,10 @@ def test_defaults_are_the_td3_reference_hyperparameters():
         ("model.share_encoder=maybe", "model.share_encoder: Input should be a valid boolean"),
         ("env.id=Pendulum-v9", "env.id: Value error, not a registered gymnasium env"),
         ("algo.buffer_size=100", "algo.train_batch_size must not exceed algo.buffer_size"),
+        ("health.grad_reference={critic.cnn: 10.0}", "health.grad_reference: Value error, unknown gradient group(s) ['critic.cnn']"),
+        ("health.grad_reference={critic.encoder: 0}", "health.grad_reference.critic.encoder: Input should be greater than 0"),
+        ("health.saturation_max=1.5", "health.saturation_max: Input should be less than or equal to 1"),
+        ("health.warmup_patience_iters=0", "health.warmup_patience_iters: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_values_name_the_key_and_what_was_expected(override, message):
