@@ -1,19 +1,20 @@
 """The failure zoo: real short training runs, healthy ones and ones that go bad in different ways,
 and what the health monitor said about each.
 
-    python -m benchmarks.health_zoo                      # every scenario (about 30 min on 2 cores)
+    python -m benchmarks.health_zoo                      # every scenario (about 35 min on 2 cores)
     python -m benchmarks.health_zoo --only seed_replay,frozen_camera
     python -m benchmarks.health_zoo --ci                 # the fast subset that CI runs
 
 Writes benchmarks/results/health_zoo/ (one run directory per scenario, with its report) and
 prints the table that benchmarks/README.md shows: scenario, expected verdict, rules fired,
-iterations from the failure's visible onset to the first alert of an expected rule, and the
-WARN / CRITICAL counts. A failure counts as caught when one of its expected rules fires within
-`MAX_LATENCY` iterations of onset; a healthy run passes with no CRITICAL and at most one WARN.
+iterations from the failure's visible onset to the first alert of an expected rule and to the
+first CRITICAL, and the WARN / CRITICAL counts. A failure counts as caught when one of its
+expected rules fires (WARN or CRITICAL) within `MAX_LATENCY` iterations of onset; a healthy run
+passes with no CRITICAL, at most one WARN and a PASS report.
 
 Faults are injected in this process (the runs use no remote env runners): env faults wrap
-`DrivingEnv.step` from a given env step on; learner faults patch the TD3 learner from a given
-env step on. Nothing here is used by training itself.
+`DrivingEnv.step` and `.reset` from a given env step on; learner faults patch the TD3 learner
+from a given env step on. Nothing here is used by training itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from callbacks.alerts import read_alerts
 from callbacks.health import CONFIG_RULES
 from rl.config import load_config
 
@@ -240,10 +241,10 @@ def onset_iteration(rows: list[dict], scenario: Scenario, learning_starts: int) 
 
 
 def judge(scenario: Scenario, run_dir: Path, learning_starts: int) -> dict:
-    from rl.report import write_report
+    from rl.report import load_run, write_report
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    alerts = [a for a in read_alerts(run_dir) if a["level"] != "INFO"]
+    _, rows, alerts, _ = load_run(run_dir)
+    alerts = [a for a in alerts if a["level"] != "INFO"]
     passed_report, _ = write_report(run_dir)
     warns = sum(a["level"] == "WARN" for a in alerts)
     criticals = sum(a["level"] == "CRITICAL" for a in alerts)
@@ -283,8 +284,6 @@ def run_scenario(scenario: Scenario, out: Path, observe: bool = False) -> dict:
 
     run_dir = out / scenario.name
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     exp = load_config(
         CONFIGS / scenario.config,
