@@ -4,8 +4,9 @@ the simulator backend is doing. Envs without these (Pendulum) simply report none
     env/episode_end/<reason>   fraction of the last 100 episodes that ended so
                                (collision, off_route, stuck, time_limit, backend_failure)
     env/reward/<term>          per-episode sum of each reward term, mean over the last 100
-    env/server_restarts, env/tick_timeouts, env/sensor_timeouts
-                               lifetime totals over all env runners
+    env/server_restarts, env/tick_timeouts, env/sensor_timeouts, env/reset_failures,
+    env/step_failures, env/connect_failures, env/client_failures
+                               lifetime totals over all env runners (carla_env/supervised.py)
     env/sim_fps, env/sim_speedup
                                server ticks, and simulated seconds, per wall-clock second
 """
@@ -17,9 +18,10 @@ from collections import defaultdict
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from carla_env.reward import TERMS
+from carla_env.supervised import LOSS_COUNTERS
 
 EPISODE_ENDS = ("collision", "off_route", "stuck", "time_limit", "backend_failure")
-BACKEND_COUNTERS = ("server_restarts", "tick_timeouts", "sensor_timeouts")
+BACKEND_COUNTERS = ("server_restarts", *LOSS_COUNTERS)
 # Episodes averaged over, as RLlib's own episode_return_mean (metrics_num_episodes_for_smoothing).
 EPISODE_WINDOW = 100
 

@@ -1,22 +1,28 @@
 """The CARLA backend (carla 0.9.16 client): a synchronous-mode world measured for the contract.
 
 One `CarlaSimulator` drives one server. Per episode it spawns the ego car (a map spawn point),
-`npc_vehicles` cars on Traffic Manager autopilot and `walkers` pedestrians, an RGB camera and
-collision and lane-invasion sensors, and plans a route along the map's waypoints. Every tick
-is the server's (`world.tick()` in synchronous mode, `fixed_delta_seconds = 1/simulation_hz`),
+`npc_vehicles` cars on Traffic Manager autopilot and `walkers` pedestrians, an RGB camera and a
+collision sensor, and plans a route along the map's waypoints from the ego's spawn point. Every
+tick is the server's (`world.tick()` in synchronous mode, `fixed_delta_seconds = 1/simulation_hz`),
 and every sensor reading is matched to the frame it belongs to: a camera image that does not
 arrive for this frame within `tick_timeout_s` is a failure, never an older image.
 
-Everything spawned is destroyed at the next reset and at close, also after an exception. When
-the server crashes or hangs, the server handle (carla_env/servers.py) restarts or waits for it,
-the client reconnects, and the lost episode ends as truncated (SimulatorInterrupted).
+A failed call to the server (a tick or camera timeout, a dropped connection, an error while
+connecting) raises `ServerLost`; this class never reconnects by itself. The CARLA client keeps
+process-wide state bound to the first server it met (the Traffic Manager of a port, whose own
+thread aborts the process when that server is gone: carla#4577, #6748), so a new connection
+needs a new process: carla_env/client_process.py runs this class in one, and
+carla_env/supervised.py replaces process and server after a loss.
+
+Everything spawned is destroyed at the next reset and at close, also after an exception.
+Real CARLA semantics this code relies on, with their evidence, are in carla_env/README.md.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import queue
+import threading
 import time
 from typing import Any
 
@@ -24,23 +30,14 @@ import numpy as np
 
 from carla_env.config import CarlaEnvConfig
 from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes, wrap_angle
-from carla_env.driving_env import SimulatorInterrupted
-from carla_env.servers import ServerError
+from carla_env.servers import ServerError, ServerLost, import_carla
 
 ROUTE_SPACING_M = 2.0
 CAMERA_MOUNT = {"x": 1.5, "z": 2.4}  # above the windscreen, metres from the car's origin
 NPC_LENGTH_M = 4.5  # gaps are measured bumper to bumper, approximately
 BGR_TO_GRAY = np.array([0.114, 0.587, 0.299])  # CARLA images are BGRA
-
-
-def import_carla():
-    try:
-        return importlib.import_module("carla")
-    except ImportError:
-        raise ImportError(
-            "the CARLA backend needs the CARLA client: pip install 'carla==0.9.16' "
-            "(or pip install -e '.[carla]')"
-        ) from None
+EGO_ROLE = "hero"  # CARLA's convention for the ego car
+OUR_ROLE = "carla_td3"  # every other actor we spawn: found and removed if a crashed client left it
 
 
 def _xy(location) -> np.ndarray:
@@ -48,119 +45,138 @@ def _xy(location) -> np.ndarray:
 
 
 class CarlaSimulator:
-    def __init__(self, config: CarlaEnvConfig, server, tm_port: int, carla_module=None):
-        self.config, self.server, self.tm_port = config, server, tm_port
+    def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None):
+        self.config, self.host, self.rpc_port, self.tm_port = config, host, rpc_port, tm_port
         self.carla = carla_module or import_carla()
         self._rng = np.random.default_rng()
         self._actor_ids: list[int] = []  # vehicles and walkers, destroyed in one batch
         self._sensors: list[Any] = []
         self._controllers: list[Any] = []
-        self._stats = {"ticks": 0, "tick_timeouts": 0, "sensor_timeouts": 0, "lane_invasions": 0}
-        self._sim_seconds = self._wall_seconds = 0.0
-        self._connect()
+        self._ticks, self._sim_seconds, self._wall_seconds = 0, 0.0, 0.0
+        self._lost("connect_failures", self._connect)
 
     # --- Connection ---------------------------------------------------------------------
 
     def _connect(self) -> None:
-        carla, cfg = self.carla, self.config
-        self.client = carla.Client(self.server.host, self.server.rpc_port)
-        self.client.set_timeout(cfg.server.tick_timeout_s)
+        carla, cfg, server = self.carla, self.config, self.config.server
+        # The client's own threads: by default one per host CPU, not per pod CPU.
+        self.client = carla.Client(self.host, self.rpc_port, server.client_worker_threads)
+        # Connecting, loading a map and spawning can take a minute on a cold server; ticks
+        # pass their own, shorter timeout (tick_timeout_s).
+        self.client.set_timeout(float(server.connect_timeout_s))
         maps = {m.rsplit("/", 1)[-1] for m in self.client.get_available_maps()}
         if cfg.town not in maps:
             raise ServerError(
-                f"town {cfg.town!r} is not on the server {self.server.host}:{self.server.rpc_port}; "
+                f"town {cfg.town!r} is not on the server {self.host}:{self.rpc_port}; "
                 f"it has: {', '.join(sorted(maps))}"
             )
         world = self.client.get_world()
         if world.get_map().name.rsplit("/", 1)[-1] != cfg.town:
-            world = self.client.load_world(cfg.town)
+            world = self.client.load_world(cfg.town)  # resets the settings: apply them after
         self.world, self.map = world, world.get_map()
+        self._destroy_leftovers()
         settings = world.get_settings()
         settings.synchronous_mode = True
         settings.fixed_delta_seconds = 1.0 / cfg.simulation_hz
         world.apply_settings(settings)
         world.set_weather(getattr(carla.WeatherParameters, cfg.weather))
         self.traffic_manager = self.client.get_trafficmanager(self.tm_port)
-        self.traffic_manager.set_synchronous_mode(True)
+        self.traffic_manager.set_synchronous_mode(True)  # after the world's (CARLA's docs)
+        self._frame = world.get_snapshot().frame
 
-    def _recover(self) -> None:
-        """The server failed: forget its actors (gone with it, or destroyed if it lives),
-        restart or wait for it, reconnect."""
+    def _destroy_leftovers(self) -> None:
+        """Actors a previous client of ours left on this server (it died without cleaning up:
+        a shared server lives on)."""
+        ours = [
+            a.id for a in self.world.get_actors()
+            if str(a.attributes.get("role_name", "")) in (EGO_ROLE, OUR_ROLE)
+        ]
+        if ours:
+            self.client.apply_batch_sync([self.carla.command.DestroyActor(int(i)) for i in ours], False)
+
+    def _lost(self, counter: str, call, *args):
+        """Runs a call to the server; a client error (timeout, connection) means the server is lost."""
         try:
-            self._destroy_actors()
-        except RuntimeError:
-            self._actor_ids, self._sensors, self._controllers = [], [], []
-        self.server.recover()
-        self._connect()
+            return call(*args)
+        except (ServerError, ServerLost):
+            raise
+        except RuntimeError as e:
+            raise ServerLost(counter, str(e)) from e
 
     # --- Episode ------------------------------------------------------------------------
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, Measurements]:
+        return self._lost("reset_failures", self._start_episode, seed)
+
+    def _start_episode(self, seed: int | None) -> tuple[np.ndarray, Measurements]:
+        self._destroy_actors()
         if seed is not None:
             self._rng = np.random.default_rng(seed)
-            self.traffic_manager.set_random_device_seed(seed)
-        try:
-            return self._start_episode()
-        except SimulatorInterrupted:
-            return self._start_episode()  # the server was recovered: one more try
-
-    def _start_episode(self) -> tuple[np.ndarray, Measurements]:
-        self._destroy_actors()
-        self._spawn_ego()
+            self.traffic_manager.set_random_device_seed(int(seed))
+            if self.config.walkers:
+                self.world.set_pedestrians_seed(int(seed))
+        spawn_point = self._spawn_ego()
         self._spawn_npcs()
         self._spawn_walkers()
         self._attach_sensors()
-        self._route = self._plan_route(self.map.get_waypoint(self.ego.get_transform().location))
+        # Planned from the spawn point: until the next tick the client reports a new actor at
+        # the origin (its state comes with the tick's snapshot).
+        self._route = self._plan_route(self.map.get_waypoint(spawn_point.location))
         self._route_index = 0
         frame = self._tick()
-        return self._camera_frame(frame), self._measure(frame)
+        self._episode_start_frame = frame  # contacts while spawning are not the policy's
+        return self._camera_frame(frame), self._measure()
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
         throttle_brake = float(action[THROTTLE_BRAKE])
-        self.ego.apply_control(
-            self.carla.VehicleControl(
-                steer=float(action[STEER]),
-                throttle=max(throttle_brake, 0.0),
-                brake=max(-throttle_brake, 0.0),
-            )
+        control = self.carla.VehicleControl(
+            throttle=max(throttle_brake, 0.0), steer=float(action[STEER]), brake=max(-throttle_brake, 0.0)
         )
-        start_frame = self._frame
+        self._lost("step_failures", self.ego.apply_control, control)
         for _ in range(self.config.physics_steps_per_control_step):
             frame = self._tick()
-        return self._camera_frame(frame), self._measure(frame, since=start_frame)
+        return self._camera_frame(frame), self._lost("step_failures", self._measure)
 
     def health(self) -> dict[str, float]:
-        wall = self._wall_seconds
-        return {
-            **self._stats,
-            "server_restarts": self.server.restarts,
-            "sim_fps": self._stats["ticks"] / wall if wall else 0.0,  # ticks per wall second
-            "sim_speedup": self._sim_seconds / wall if wall else 0.0,  # sim s per wall s
-        }
+        """Cumulative ticks, and the wall and simulated seconds they took."""
+        return {"ticks": self._ticks, "wall_seconds": self._wall_seconds, "sim_seconds": self._sim_seconds}
 
     def close(self) -> None:
+        """Leaves the server as found: our actors gone, the Traffic Manager shut down while the
+        server can still answer its destructor's call, then the world back to asynchronous.
+        Best effort: after a server loss each step may fail, and the rest is skipped."""
         try:
             self._destroy_actors()
+            self.traffic_manager.shut_down()
             settings = self.world.get_settings()
-            settings.synchronous_mode = False  # leave a shared server running freely
+            settings.synchronous_mode = False  # a shared server runs freely again
+            settings.fixed_delta_seconds = None
             self.world.apply_settings(settings)
-            self.traffic_manager.set_synchronous_mode(False)
-        finally:
-            self.server.stop()
+        except RuntimeError:
+            pass
 
     # --- Spawning and cleanup -----------------------------------------------------------
 
-    def _spawn_ego(self) -> None:
+    def _choice(self, n: int) -> int:
+        # A Python int: Boost.Python refuses numpy integers as indices and ids.
+        return int(self._rng.integers(n))
+
+    def _spawn_ego(self):
         blueprint = self.world.get_blueprint_library().find("vehicle.tesla.model3")
-        blueprint.set_attribute("role_name", "hero")
+        blueprint.set_attribute("role_name", EGO_ROLE)
         points = self.map.get_spawn_points()
         for i in self._rng.permutation(len(points)):
-            self.ego = self.world.try_spawn_actor(blueprint, points[i])
+            self.ego = self.world.try_spawn_actor(blueprint, points[int(i)])
             if self.ego is not None:
                 self._actor_ids.append(self.ego.id)
-                self._ego_spawn_index = i
-                return
-        raise RuntimeError(f"no free spawn point for the ego car in {self.config.town}")
+                self._ego_spawn_index = int(i)
+                return points[int(i)]
+        raise ServerLost("reset_failures", f"no free spawn point for the ego car in {self.config.town}")
+
+    def _tagged(self, blueprint):
+        if blueprint.has_attribute("role_name"):
+            blueprint.set_attribute("role_name", OUR_ROLE)
+        return blueprint
 
     def _spawn_npcs(self) -> None:
         command = self.carla.command
@@ -169,67 +185,80 @@ class CarlaSimulator:
             if int(bp.get_attribute("number_of_wheels")) == 4
         ]
         points = self.map.get_spawn_points()
-        free = [i for i in self._rng.permutation(len(points)) if i != self._ego_spawn_index]
-        chosen = free[: self.config.npc_vehicles]
+        free = [int(i) for i in self._rng.permutation(len(points)) if i != self._ego_spawn_index]
         batch = [
-            command.SpawnActor(blueprints[self._rng.integers(len(blueprints))], points[i]).then(
+            command.SpawnActor(self._tagged(blueprints[self._choice(len(blueprints))]), points[i]).then(
                 command.SetAutopilot(command.FutureActor, True, self.tm_port)
             )
-            for i in chosen
+            for i in free[: self.config.npc_vehicles]
         ]
         self._npc_ids = self._apply_spawn_batch(batch)
+        self._actor_ids.extend(self._npc_ids)
 
     def _spawn_walkers(self) -> None:
+        """As CARLA's generate_traffic.py: walkers at navigation points, one AI controller each,
+        a tick so the controllers see their walkers, then a destination and a speed."""
         if not self.config.walkers:
             return
         command, library = self.carla.command, self.world.get_blueprint_library()
         walker_bps = library.filter("walker.pedestrian.*")
-        places = [self.world.get_random_location_from_navigation() for _ in range(self.config.walkers)]
-        walkers = self._apply_spawn_batch(
-            [
-                command.SpawnActor(walker_bps[self._rng.integers(len(walker_bps))], self.carla.Transform(p))
-                for p in places if p is not None
-            ]
-        )
+        walkers, speeds = [], []
+        for _ in range(self.config.walkers):
+            place = self.world.get_random_location_from_navigation()
+            if place is None:  # no navigation point found this time: one walker fewer
+                continue
+            bp = self._tagged(walker_bps[self._choice(len(walker_bps))])
+            if bp.has_attribute("is_invincible"):
+                bp.set_attribute("is_invincible", "false")
+            speeds.append(float(bp.get_attribute("speed").recommended_values[1]))  # walking
+            walkers.append((command.SpawnActor(bp, self.carla.Transform(place)), speeds[-1]))
+        walker_ids, walker_speeds = [], []
+        for response, (_, speed) in zip(self.client.apply_batch_sync([w for w, _ in walkers], False), walkers):
+            if not response.error:
+                walker_ids.append(response.actor_id)
+                walker_speeds.append(speed)
+        self._actor_ids.extend(walker_ids)
         controller_bp = library.find("controller.ai.walker")
-        controllers = self._apply_spawn_batch(
-            [command.SpawnActor(controller_bp, self.carla.Transform(), w) for w in walkers]
+        controller_ids = self._apply_spawn_batch(
+            [command.SpawnActor(controller_bp, self.carla.Transform(), int(w)) for w in walker_ids]
         )
-        self._controllers = list(self.world.get_actors(controllers))
-        self.world.tick()  # controllers need one tick before they take orders
-        for controller in self._controllers:
+        self._controllers = list(self.world.get_actors(controller_ids))
+        self._tick()  # controllers need their walkers in the snapshot before they take orders
+        for controller, speed in zip(self._controllers, walker_speeds):
             controller.start()
-            controller.go_to_location(self.world.get_random_location_from_navigation())
+            destination = self.world.get_random_location_from_navigation()
+            if destination is not None:
+                controller.go_to_location(destination)
+            controller.set_max_speed(speed)
 
     def _apply_spawn_batch(self, batch: list) -> list[int]:
-        ids = []
-        for response in self.client.apply_batch_sync(batch, False):
-            if not response.error:  # an occupied spawn point: one car fewer, not a failure
-                ids.append(response.actor_id)
-        self._actor_ids.extend(ids)
-        return ids
+        """Ids of what spawned; an occupied spawn point is one actor fewer, not a failure."""
+        return [r.actor_id for r in self.client.apply_batch_sync(batch, False) if not r.error]
 
     def _attach_sensors(self) -> None:
         carla, cam = self.carla, self.config.camera
         library = self.world.get_blueprint_library()
-        camera_bp = library.find("sensor.camera.rgb")
+        camera_bp = self._tagged(library.find("sensor.camera.rgb"))
         camera_bp.set_attribute("image_size_x", str(cam.width))
         camera_bp.set_attribute("image_size_y", str(cam.height))
         camera_bp.set_attribute("fov", str(self.config.camera_fov_deg))
         mount = carla.Transform(carla.Location(**CAMERA_MOUNT))
         self._camera_queue: queue.Queue = queue.Queue()
+        # Collision events come on the client's streaming threads, possibly after the step
+        # that covers their frame was measured: each is counted once, at the next measurement.
         self._collision_frames: list[int] = []
+        self._collision_lock = threading.Lock()
         for blueprint, transform, callback in (
             (camera_bp, mount, self._camera_queue.put),
-            (library.find("sensor.other.collision"), carla.Transform(), lambda e: self._collision_frames.append(e.frame)),
-            (library.find("sensor.other.lane_invasion"), carla.Transform(), self._on_lane_invasion),
+            (self._tagged(library.find("sensor.other.collision")), carla.Transform(), self._on_collision),
         ):
             sensor = self.world.spawn_actor(blueprint, transform, attach_to=self.ego)
             self._sensors.append(sensor)
             sensor.listen(callback)
 
-    def _on_lane_invasion(self, event) -> None:
-        self._stats["lane_invasions"] += 1
+    def _on_collision(self, event) -> None:
+        with self._collision_lock:
+            self._collision_frames.append(event.frame)
 
     def _destroy_actors(self) -> None:
         """Sensors first (stop their callbacks), then controllers, then cars and walkers in one
@@ -238,29 +267,24 @@ class CarlaSimulator:
         self._sensors, self._controllers, self._actor_ids = [], [], []
         try:
             for sensor in sensors:
-                if sensor.is_listening:
+                if sensor.is_listening():
                     sensor.stop()
             for controller in controllers:
                 controller.stop()
         finally:
-            command = self.carla.command
-            others = [s.id for s in sensors] + [c.id for c in controllers] + ids
-            if others:
-                self.client.apply_batch_sync([command.DestroyActor(i) for i in others], False)
+            everything = [s.id for s in sensors] + [c.id for c in controllers] + ids
+            if everything:
+                self.client.apply_batch_sync([self.carla.command.DestroyActor(int(i)) for i in everything], False)
 
     # --- Ticking and sensors ------------------------------------------------------------
 
     def _tick(self) -> int:
         start = time.perf_counter()
-        try:
-            self._frame = self.world.tick()
-        except RuntimeError as e:  # the client's timeout, or the connection is gone
-            self._stats["tick_timeouts"] += 1
-            self._recover()
-            raise SimulatorInterrupted(f"tick failed ({e}); server recovered") from e
+        timeout = float(self.config.server.tick_timeout_s)
+        self._frame = self._lost("tick_timeouts", self.world.tick, timeout)
         self._wall_seconds += time.perf_counter() - start
         self._sim_seconds += 1.0 / self.config.simulation_hz
-        self._stats["ticks"] += 1
+        self._ticks += 1
         return self._frame
 
     def _camera_frame(self, frame: int) -> np.ndarray:
@@ -270,11 +294,7 @@ class CarlaSimulator:
             try:
                 image = self._camera_queue.get(timeout=timeout)
             except queue.Empty:
-                self._stats["sensor_timeouts"] += 1
-                self._recover()
-                raise SimulatorInterrupted(
-                    f"no camera image for frame {frame} within {timeout:g} s; server recovered"
-                ) from None
+                raise ServerLost("sensor_timeouts", f"no camera image for frame {frame} within {timeout:g} s") from None
             if image.frame == frame:
                 break
             # An image of an earlier frame (late delivery) is skipped, never used.
@@ -290,10 +310,10 @@ class CarlaSimulator:
             options = route[-1].next(ROUTE_SPACING_M)
             if not options:
                 break
-            route.append(options[self._rng.integers(len(options))])
+            route.append(options[self._choice(len(options))])
         return route
 
-    def _measure(self, frame: int, since: int | None = None) -> Measurements:
+    def _measure(self) -> Measurements:
         transform = self.ego.get_transform()
         position, (forward, right) = _xy(transform.location), car_axes(math.radians(transform.rotation.yaw))
         v = self.ego.get_velocity()
@@ -320,8 +340,9 @@ class CarlaSimulator:
             if along > 0 and abs(np.dot(offset, right)) < waypoint.lane_width / 2:
                 gap = min(gap, max(0.0, along - NPC_LENGTH_M))
 
-        first_new = frame if since is None else since + 1
-        collided = any(first_new <= f <= frame for f in self._collision_frames)
+        with self._collision_lock:  # every event since the last measurement, however late
+            collided = any(f > self._episode_start_frame for f in self._collision_frames)
+            self._collision_frames.clear()
         return Measurements(
             speed_mps=math.sqrt(v.x**2 + v.y**2 + v.z**2),
             lateral_offset_m=lateral,

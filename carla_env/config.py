@@ -112,7 +112,7 @@ class ServerSection(Section):
     """Where the CARLA servers come from (carla_env/servers.py).
 
     managed: each env launches its own `CarlaUE4.sh` on ports derived from its env runner and
-        slot (carla_env/ports.py), on one of `gpus`, and restarts it when it dies or hangs.
+        slot (carla_env/ports.py), on a GPU (`gpus`), and restarts it when it dies or hangs.
     external: servers already running (Kubernetes sidecars, your own), one `host:port` per env;
         a dead one is waited for and reconnected to, not restarted.
     """
@@ -127,12 +127,23 @@ class ServerSection(Section):
     port_stride: int = Field(default=4, ge=3, description="rpc, streaming (+1), secondary (+2)")
     base_tm_port: int = Field(default=8000, ge=1024, le=65000)
     slots_per_process: int = Field(default=4, ge=1, description="CARLA envs one process may hold")
-    gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    # Ports another run holds (a second job or Tune trial on the node) move this run's server
+    # up by whole blocks: block k adds k * run_port_block to every port of the plan.
+    run_port_block: int = Field(default=200, ge=8)
+    max_port_blocks: int = Field(default=8, ge=1)
+    # "ray": the GPU Ray gave the env runner (resources.carla_servers_per_gpu > 0), found among
+    # Vulkan's adapters by PCI bus; none given: adapter 0. A list: adapters by slot, round robin.
+    gpus: Literal["ray"] | list[Annotated[int, Field(ge=0)]] = "ray"
     quality_level: Literal["Low", "Epic"] = "Low"
     log_dir: str = Field(default="/tmp/carla-server-logs", min_length=1, description="one log per server port")
+    log_max_mb: float = Field(default=50.0, gt=0.0, description="per server log; one older file is kept")
     startup_timeout_s: float = Field(default=120.0, gt=0.0)
+    connect_timeout_s: float = Field(default=120.0, gt=0.0, description="client calls but ticks: load_world, spawning")
     tick_timeout_s: float = Field(default=10.0, gt=0.0)
+    probe_timeout_s: float = Field(default=10.0, gt=0.0, description="a game-thread call that says the server lives")
+    client_worker_threads: int = Field(default=2, ge=1, description="the CARLA client's streaming threads")
     max_restarts: int = Field(default=5, ge=0, description="per env, before the error is raised")
+    restart_every_episodes: int = Field(default=0, ge=0, description="managed: fresh server every N episodes (leaks); 0 never")
 
     @model_validator(mode="after")
     def _external_needs_endpoints(self) -> "ServerSection":
@@ -147,7 +158,9 @@ class CarlaEnvConfig(DrivingEnvConfig):
     town: str = "Town03"
     weather: str = "ClearNoon"
     walkers: int = Field(default=0, ge=0)
-    simulation_hz: float = Field(default=20.0, gt=0.0, description="1 / fixed_delta_seconds")
+    # CARLA's physics substeps cover at most 0.1 s (max_substeps 10 x 0.01 s): "Do not use a
+    # time-step greater than 0.1s" (Docs/adv_synchrony_timestep.md).
+    simulation_hz: float = Field(default=20.0, ge=10.0, description="1 / fixed_delta_seconds, at most 0.1 s")
     camera_fov_deg: float = Field(default=90.0, gt=0.0, lt=180.0)
     route_length_m: float = Field(default=500.0, gt=0.0)
     max_route_deviation_m: float = Field(default=3.0, gt=0.0, description="farther: off route")

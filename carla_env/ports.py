@@ -5,10 +5,13 @@ remote env runners, each its own process) and a claim index inside that process 
 and the evaluation env that lives in the driver next to the local env runner's). Then
 
     ordinal         = worker_index * slots_per_process + claim_index
-    rpc             = base_rpc_port + ordinal * port_stride
+    rpc             = base_rpc_port + ordinal * port_stride + block * run_port_block
     streaming       = rpc + 1          (CARLA's default: the RPC port plus one)
-    secondary       = rpc + 2          (multi-GPU secondary port, reserved)
-    traffic_manager = base_tm_port + ordinal
+    secondary       = rpc + 2          (CARLA always binds it, multi-GPU or not)
+    traffic_manager = base_tm_port + ordinal + block * run_port_block
+
+`block` is 0 unless another run on the node holds those ports (a second job, concurrent Tune
+trials): the server handle then moves up one block at a time (carla_env/servers.py).
 
 Remote evaluation env runners would reuse worker indices 1..N, so the experiment keeps
 evaluation in the driver (rl/experiment.py: `evaluation_num_env_runners=0`).
@@ -44,27 +47,36 @@ def slot_ordinal(worker_index: int, claim_index: int, server: ServerSection) -> 
     return worker_index * server.slots_per_process + claim_index
 
 
-def server_ports(ordinal: int, server: ServerSection) -> ServerPorts:
-    rpc = server.base_rpc_port + ordinal * server.port_stride
-    ports = ServerPorts(rpc, rpc + 1, rpc + 2, server.base_tm_port + ordinal)
+def server_ports(ordinal: int, server: ServerSection, block: int = 0) -> ServerPorts:
+    shift = block * server.run_port_block
+    rpc = server.base_rpc_port + ordinal * server.port_stride + shift
+    ports = ServerPorts(rpc, rpc + 1, rpc + 2, server.base_tm_port + ordinal + shift)
     if max(ports.all()) > MAX_PORT:
         raise ValueError(f"CARLA slot {ordinal} would need port {max(ports.all())} > {MAX_PORT}")
     return ports
 
 
 def check_no_clashes(num_slots: int, server: ServerSection) -> None:
-    """Raises if any two of the first `num_slots` slots' ports coincide (e.g. base_tm_port
-    inside the RPC port range): checked once per experiment, before any server starts."""
-    owner: dict[int, int] = {}
-    for ordinal in range(num_slots):
-        for port in server_ports(ordinal, server).all():
-            if port in owner:
-                raise ValueError(
-                    f"port {port} would serve CARLA slots {owner[port]} and {ordinal}: move "
-                    f"server.base_tm_port (now {server.base_tm_port}) out of the RPC range "
-                    f"{server.base_rpc_port}-{server.base_rpc_port + num_slots * server.port_stride}"
-                )
-            owner[port] = ordinal
+    """Raises if any two ports of the first `num_slots` slots, in any block, coincide (e.g.
+    base_tm_port inside the RPC port range): checked once per experiment, before any server
+    starts."""
+    span = num_slots * server.port_stride
+    if span > server.run_port_block:
+        raise ValueError(
+            f"{num_slots} CARLA slots x server.port_stride {server.port_stride} = {span} ports do not "
+            f"fit in server.run_port_block ({server.run_port_block}): raise it"
+        )
+    owner: dict[int, tuple[int, int]] = {}
+    for block in range(server.max_port_blocks):
+        for ordinal in range(num_slots):
+            for port in server_ports(ordinal, server, block).all():
+                if port in owner and owner[port] != (block, ordinal):
+                    raise ValueError(
+                        f"port {port} would serve CARLA slots {owner[port][1]} and {ordinal}: move "
+                        f"server.base_tm_port (now {server.base_tm_port}) out of the RPC range "
+                        f"{server.base_rpc_port}-{server.base_rpc_port + server.max_port_blocks * server.run_port_block}"
+                    )
+                owner[port] = (block, ordinal)
 
 
 class SlotClaims:

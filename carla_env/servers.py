@@ -4,10 +4,17 @@ Each CARLA env runs inside a Ray env runner (an actor Ray restarts if it dies) a
 server handle:
 
 - `ManagedServer` launches `CarlaUE4.sh` off-screen, without sound, on the env's own ports and
-  GPU, waits until its RPC port answers, and restarts it when the process has died or a tick
-  timed out (a hung server is killed first).
+  GPU, waits until the server's game thread answers a call, and restarts it when the process has
+  died or hung (a hung server is killed first). A server left behind by a runner that died
+  without cleaning up (`CarlaUE4.sh` keeps the UE binary as its child, in its own session, so
+  nothing kills it) is recognised by the record it left in `log_dir` and killed before its ports
+  are reused; ports another live run holds are left alone and this server moves up one block.
 - `ExternalServer` connects to a `host:port` that someone else runs (a Kubernetes sidecar);
   when it fails, it waits for the server to answer again instead of restarting it.
+
+"Answers" always means the game thread answered (`world.get_settings()`): a hung server still
+accepts TCP connections and answers the calls CARLA serves off its game thread (map list,
+version), so neither says it is alive.
 
 `claim_external_endpoint` hands each env a different external server, across processes, through
 a named Ray actor: one for the job, or one per node for sidecar servers (Kubernetes: k8s/).
@@ -15,22 +22,47 @@ a named Ray actor: one for the job, or one per node for sidecar servers (Kuberne
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import deque
 from pathlib import Path
 
 from carla_env.config import ServerSection
-from carla_env.ports import ServerPorts
+from carla_env.ports import ServerPorts, server_ports
 
 EXECUTABLE = "CarlaUE4.sh"
 
 
 class ServerError(RuntimeError):
-    """A CARLA server could not be found, started or reached."""
+    """A CARLA server could not be found, started or reached: the env cannot go on."""
+
+
+class ServerLost(RuntimeError):
+    """A call to the server failed (timeout, connection gone): this client is done with it.
+    `counter` names the health counter it adds to (tick_timeouts, sensor_timeouts, ...)."""
+
+    def __init__(self, counter: str, message: str):
+        super().__init__(message)
+        self.counter = counter
+
+    def __reduce__(self):  # crosses the client process's pipe
+        return ServerLost, (self.counter, str(self))
+
+
+def import_carla():
+    try:
+        return importlib.import_module("carla")
+    except ImportError:
+        raise ImportError(
+            "the CARLA backend needs the CARLA client: pip install 'carla==0.9.16' "
+            "(or pip install -e '.[carla]')"
+        ) from None
 
 
 def find_executable(server: ServerSection) -> Path:
@@ -58,7 +90,8 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
+def accepts_connections(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Only that the port is open: true of a hung server too (the kernel accepts for it)."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             return True
@@ -66,18 +99,202 @@ def answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def game_thread_answers(carla, host: str, port: int, timeout_s: float) -> str | None:
+    """None if the server's game thread answered `get_settings`; else why not. A short-lived
+    client with no Traffic Manager, so nothing of it outlives the call."""
+    try:
+        client = carla.Client(host, port, 1)
+        client.set_timeout(float(timeout_s))
+        client.get_world().get_settings()
+        return None
+    except RuntimeError as e:
+        return str(e) or type(e).__name__
+
+
+def wait_until_answers(carla, host: str, port: int, server: ServerSection, died=None) -> None:
+    """Waits until the game thread answers, at most `startup_timeout_s`. `died()` -> an error
+    message stops the wait early (a managed server that exited)."""
+    deadline = time.monotonic() + server.startup_timeout_s
+    why = "the port never opened"
+    while True:
+        if died is not None and (message := died()):
+            raise ServerError(message)
+        if accepts_connections(host, port):
+            probe_s = min(server.probe_timeout_s, max(deadline - time.monotonic(), 0.1))
+            if (why := game_thread_answers(carla, host, port, probe_s)) is None:
+                return
+        if time.monotonic() > deadline:
+            raise ServerError(
+                f"CARLA server {host}:{port} did not answer within {server.startup_timeout_s:g} s ({why})"
+            )
+        time.sleep(0.2)
+
+
+# --- Servers of runners that died: records in log_dir ----------------------------------------
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a pid from its reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    members.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return members
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class ServerRecord:
+    """`carla_<rpc port>.json` in log_dir: which process group serves the port, for whom."""
+
+    def __init__(self, log_dir: Path, rpc_port: int):
+        self.path = log_dir / f"carla_{rpc_port}.json"
+        self.rpc_port = rpc_port
+
+    def write(self, pgid: int) -> None:
+        record = {"pgid": pgid, "owner_pid": os.getpid(), "owner_start": _start_time(os.getpid())}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def kill_if_stale(self) -> bool:
+        """Kills the server this record names if its owner is gone (or is this process, whose
+        envs release a slot only when closed); True if one was killed."""
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return False
+        owner_alive = _start_time(record["owner_pid"]) == record["owner_start"]
+        if owner_alive and record["owner_pid"] != os.getpid():
+            return False  # another live run's server: not ours to kill
+        flag = f"-carla-rpc-port={self.rpc_port}"
+        members = [pid for pid in _group_members(record["pgid"]) if flag in _cmdline(pid)]
+        if members:
+            try:
+                os.killpg(record["pgid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10.0
+            while any(_start_time(pid) is not None and _state(pid) != "Z" for pid in members):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        self.remove()
+        return bool(members)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+# --- Logs and GPUs ------------------------------------------------------------------------
+
+
+class LogPump:
+    """Copies a server's output to its log file, starting a new file past `max_bytes` (one older
+    file kept): CARLA can print errors without end."""
+
+    def __init__(self, stream, path: Path, max_bytes: int):
+        self.stream, self.path, self.max_bytes = stream, path, max_bytes
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"carla-log-{path.name}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        log = open(self.path, "ab")
+        try:
+            while chunk := os.read(self.stream.fileno(), 65536):
+                if log.tell() + len(chunk) > self.max_bytes:
+                    log.close()
+                    self.path.replace(self.path.with_name(self.path.name + ".1"))
+                    log = open(self.path, "ab")
+                log.write(chunk)
+                log.flush()
+        except OSError:
+            pass
+        finally:
+            log.close()
+            self.stream.close()
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        self._thread.join(timeout_s)
+
+
+def graphics_adapter(server: ServerSection, ordinal: int) -> int:
+    """The Vulkan adapter index for `-graphicsadapter`. Vulkan ignores CUDA_VISIBLE_DEVICES, so
+    the GPU Ray gave this process is looked up by PCI bus: NVIDIA's driver lists Vulkan devices
+    in PCI bus order, as `nvidia-smi` does (checked by the smoke test, S11)."""
+    if server.gpus != "ray":
+        return server.gpus[ordinal % len(server.gpus)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not visible or visible in ("NoDevFiles", "-1"):
+        return 0
+    first = visible.split(",")[0].strip()
+    try:
+        rows = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,pci.bus_id", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return int(first) if first.isdigit() else 0
+    gpus = [[field.strip() for field in row.split(",")] for row in rows]
+    by_bus = sorted(gpus, key=lambda g: g[2].lower())
+    for position, (index, uuid, _) in enumerate(by_bus):
+        if first in (index, uuid):
+            return position
+    return 0
+
+
+# --- Server handles ------------------------------------------------------------------------
+
+
 class ManagedServer:
     host = "127.0.0.1"
 
-    def __init__(self, server: ServerSection, ports: ServerPorts, gpu: int, log_path: Path):
-        self.config, self.ports, self.gpu, self.log_path = server, ports, gpu, log_path
+    def __init__(self, server: ServerSection, ordinal: int, carla_module=None):
+        self.config, self.ordinal = server, ordinal
+        self.carla = carla_module or import_carla()
         self.executable = find_executable(server)
+        self.log_dir = Path(server.log_dir)
+        self.gpu = graphics_adapter(server, ordinal)
         self.process: subprocess.Popen | None = None
+        self.ports: ServerPorts | None = None
         self.restarts = 0
+        self._pump: LogPump | None = None
 
     @property
     def rpc_port(self) -> int:
         return self.ports.rpc
+
+    @property
+    def tm_port(self) -> int:
+        return self.ports.traffic_manager
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"carla_{self.ports.rpc}.log"
 
     def command(self) -> list[str]:
         return [
@@ -91,39 +308,59 @@ class ManagedServer:
             f"-quality-level={self.config.quality_level}",
         ]
 
+    def _claim_ports(self) -> ServerPorts:
+        """The first block whose ports are free, after killing servers that runners which
+        died left on them."""
+        cfg, taken = self.config, []
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for block in range(cfg.max_port_blocks):
+            ports = server_ports(self.ordinal, cfg, block)
+            ServerRecord(self.log_dir, ports.rpc).kill_if_stale()
+            busy = [p for p in ports.all() if port_in_use(p)]
+            if not busy:
+                return ports
+            taken.append(f"{ports.rpc}-{ports.secondary}/{ports.traffic_manager} ({', '.join(map(str, busy))} in use)")
+        raise ServerError(
+            f"no free ports for CARLA slot {self.ordinal} in {cfg.max_port_blocks} blocks "
+            f"(server.max_port_blocks): {'; '.join(taken)}; other programs or runs hold them"
+        )
+
     def start(self) -> None:
-        for port in (self.ports.rpc, self.ports.streaming, self.ports.secondary):
-            if port_in_use(port):
-                raise ServerError(
-                    f"port {port} is already in use: another CARLA server or program holds it "
-                    f"(this server's ports: {self.ports}); stop it or change server.base_rpc_port"
-                )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            # Its own session: stopping it also stops the UE4 binary the script launches.
-            self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        self.ports = self._claim_ports()
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        ServerRecord(self.log_dir, self.ports.rpc).write(self.process.pid)
+        self._pump = LogPump(self.process.stdout, self.log_path, int(self.config.log_max_mb * 2**20))
+
+        def exited() -> str | None:
+            if self.process.poll() is None:
+                return None
+            self._pump.join()
+            return (
+                f"CARLA server on port {self.ports.rpc} exited with code {self.process.returncode} "
+                f"while starting; its log ends:\n{self._log_tail()}"
             )
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while not answers(self.host, self.ports.rpc):
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"CARLA server on port {self.ports.rpc} exited with code "
-                    f"{self.process.returncode} while starting; its log ends:\n{self._log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerError(
-                    f"CARLA server on port {self.ports.rpc} did not answer within "
-                    f"{self.config.startup_timeout_s:g} s; its log ends:\n{self._log_tail()}"
-                )
-            time.sleep(0.2)
+
+        try:
+            wait_until_answers(self.carla, self.host, self.ports.rpc, self.config, exited)
+        except ServerError as e:
+            exited_by_itself = self.process.poll() is not None
+            self.stop(graceful=False)
+            if exited_by_itself:
+                raise
+            raise ServerError(f"{e}; its log ends:\n{self._log_tail()}") from None
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def restart(self) -> None:
+        """A fresh server, not a failure: CARLA's memory grows over many episodes."""
+        self.stop()
+        self.start()
+
     def recover(self) -> None:
-        """After a crash or a tick timeout: kill whatever is left and start again."""
+        """After a crash or a hang: kill whatever is left and start again."""
         if self.restarts >= self.config.max_restarts:
             raise ServerError(
                 f"CARLA server on port {self.ports.rpc} failed again after "
@@ -134,19 +371,25 @@ class ManagedServer:
         self.start()
 
     def stop(self, graceful: bool = True) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stops the whole process group: the launcher script and the UE binary it started."""
+        if self.process is None:
             return
         signals = ((signal.SIGTERM, 10.0),) if graceful else ()
         for sig, wait_s in (*signals, (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
-                return
+                break
             try:
                 self.process.wait(wait_s)
-                return
+                # The launcher is gone; the group may still hold the UE binary.
+                if not _group_members(self.process.pid):
+                    break
             except subprocess.TimeoutExpired:
                 continue
+        if self._pump is not None:
+            self._pump.join()
+        ServerRecord(self.log_dir, self.ports.rpc).remove()
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.log_path.is_file():
@@ -156,21 +399,28 @@ class ManagedServer:
 
 
 class ExternalServer:
-    def __init__(self, server: ServerSection, endpoint: str):
-        self.config = server
+    def __init__(self, server: ServerSection, endpoint: str, ordinal: int, carla_module=None):
+        self.config, self.ordinal = server, ordinal
+        self.carla = carla_module or import_carla()
         self.host, port = endpoint.rsplit(":", 1)
         self.rpc_port = int(port)
         self.restarts = 0  # reconnections after a failure; we never restart someone's server
+        self.tm_port = self._free_tm_port()
+
+    def _free_tm_port(self) -> int:
+        """The Traffic Manager listens in our client process: a port another run on this node
+        holds would make ours its remote client, silently sharing its traffic."""
+        for block in range(self.config.max_port_blocks):
+            port = server_ports(self.ordinal, self.config, block).traffic_manager
+            if not port_in_use(port):
+                return port
+        raise ServerError(f"no free Traffic Manager port for CARLA slot {self.ordinal} in {self.config.max_port_blocks} blocks")
 
     def start(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while not answers(self.host, self.rpc_port):
-            if time.monotonic() > deadline:
-                raise ServerError(
-                    f"external CARLA server {self.host}:{self.rpc_port} did not answer within "
-                    f"{self.config.startup_timeout_s:g} s"
-                )
-            time.sleep(0.5)
+        try:
+            wait_until_answers(self.carla, self.host, self.rpc_port, self.config)
+        except ServerError as e:
+            raise ServerError(f"external {e}") from None
 
     def recover(self) -> None:
         if self.restarts >= self.config.max_restarts:
@@ -180,6 +430,9 @@ class ExternalServer:
             )
         self.restarts += 1
         self.start()
+
+    def restart(self) -> None:
+        self.start()  # not ours to restart: only checks that it answers
 
     def stop(self) -> None:
         pass

@@ -1,20 +1,48 @@
-"""A test double of the `carla` 0.9.16 client: the parts carla_env/carla_sim.py uses.
+"""A test double of the `carla` 0.9.16 client: the parts carla_env/ uses, faithful where it matters.
 
 No CARLA server can run on CI machines, so the CARLA backend is tested against this: a straight
-three-lane road along +x (lanes 3.5 m wide, centres at y = 0, 3.5, 7), NPC cars at constant
-speed, a kinematic ego car, sensors that deliver per-frame data through `listen` callbacks.
+three-lane road along +x (lanes 3.5 m wide, centres at y = 0, 3.5, 7), NPC cars the Traffic
+Manager drives at a constant speed, a kinematic ego car, sensors that deliver data through
+`listen` callbacks.
 
-`FakeCarla(tcp=True)` ticks through a real process (tests/fake_carla_server.py) on the client's
-host:port: a killed process refuses, a stopped one times out, as real servers do. Faults for
-tests: `world.drop_camera_frames` (frames whose image never arrives), `world.late_frames`
-(frames whose image arrives after the next frame's), `world.collide_at_frame`.
+Where the real client (0.9.16) behaves in a way our code must handle, the double does too; each
+point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
+
+- an actor's transform and velocity are (0, 0, 0) until the first tick after it spawned (the
+  client reads them from the last received snapshot);
+- Boost.Python refuses numpy scalars: `BlueprintLibrary[np.int64]`, `DestroyActor(np.int64)`,
+  `VehicleControl(steer=np.float32)` raise; `filter()` returns a `BlueprintLibrary`; a missing
+  blueprint or attribute raises IndexError; attributes are `ActorAttribute`s;
+- `Sensor.is_listening` is a method;
+- the Traffic Manager is one object per port *per process* (here: per `FakeCarla`, which stands
+  for one process's `carla` module), bound to the client that first asked for it, ticked by every
+  successful `world.tick()` of that process; one bound to a server that is gone calls it from its
+  own C++ thread and the process aborts (`os.abort()`, as carla#4577/#6748 report);
+- `load_world` takes time (`FakeCarla(load_world_s=...)`) and fails with "failed to connect to
+  newly created map" when the client timeout is shorter;
+- sensor data arrives from another thread, possibly after `tick()` returned; camera images can
+  be late or dropped (`world.late_frames`, `world.drop_camera_frames`); a contact produces one
+  collision event per frame in contact, possibly late (`world.collisions[frame] = n`,
+  `world.collision_delay_ticks`); lane invasion events fire when the ego crosses a lane line;
+- `get_random_location_from_navigation` returns None now and then (every 4th call);
+- world.tick(seconds) takes its own timeout.
+
+`FakeCarla(tcp=True)` talks to a real process (tests/fake_carla_server.py) for everything the
+server's game thread answers (ticks, settings, the Traffic Manager's calls) and for what it
+answers off that thread (map list, version): a killed process refuses, a stopped one times out, a
+process whose game thread hangs still answers the map list, as real servers do.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import heapq
+import itertools
 import math
+import os
 import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -22,6 +50,19 @@ import numpy as np
 
 LANE_WIDTH = 3.5
 MAPS = [f"/Game/Carla/Maps/{t}" for t in ("Town01", "Town02", "Town03", "Town10HD_Opt")]
+NPC_SPEED_MPS = 8.0
+
+
+def _boost(signature: str, **arguments) -> None:
+    """Boost.Python's argument check: Python int for C++ integers, Python float or int for C++
+    doubles; numpy scalars are refused (the real wheel's errors, introspection file)."""
+    for name, (value, kind) in arguments.items():
+        ok = type(value) is int or type(value) is bool if kind is int else type(value) in (int, float, bool)
+        if not ok:
+            raise TypeError(
+                f"Python argument types in\n    {signature}({type(value).__module__}.{type(value).__name__})\n"
+                f"did not match C++ signature ({name})"
+            )
 
 
 @dataclass
@@ -46,12 +87,22 @@ class Transform:
     location: Location = field(default_factory=Location)
     rotation: Rotation = field(default_factory=Rotation)
 
+    def get_forward_vector(self):
+        yaw = math.radians(self.rotation.yaw)
+        return Vector3D(math.cos(yaw), math.sin(yaw), 0.0)
 
-@dataclass
+    def get_right_vector(self):
+        # CARLA is left-handed (UE4): x forward, y right, z up; yaw turns +x towards +y.
+        yaw = math.radians(self.rotation.yaw)
+        return Vector3D(-math.sin(yaw), math.cos(yaw), 0.0)
+
+
 class VehicleControl:
-    throttle: float = 0.0
-    steer: float = 0.0
-    brake: float = 0.0
+    def __init__(self, throttle=0.0, steer=0.0, brake=0.0, hand_brake=False, reverse=False,
+                 manual_gear_shift=False, gear=0):
+        _boost("VehicleControl.__init__", throttle=(throttle, float), steer=(steer, float), brake=(brake, float))
+        self.throttle, self.steer, self.brake = float(throttle), float(steer), float(brake)
+        self.hand_brake, self.reverse, self.manual_gear_shift, self.gear = hand_brake, reverse, manual_gear_shift, gear
 
 
 class WeatherParameters:
@@ -63,39 +114,93 @@ class WeatherParameters:
 @dataclass
 class WorldSettings:
     synchronous_mode: bool = False
+    no_rendering_mode: bool = False
     fixed_delta_seconds: float | None = None
+    substepping: bool = True
+    max_substep_delta_time: float = 0.01
+    max_substeps: int = 10
+
+
+class ActorAttribute:
+    def __init__(self, value: str, recommended_values: list[str] | None = None):
+        self.value, self.recommended_values = value, recommended_values or []
+
+    def __int__(self):
+        return int(self.value)
+
+    def __float__(self):
+        return float(self.value)
+
+    def __str__(self):
+        return self.value
+
+    def as_str(self):
+        return self.value
 
 
 class Blueprint:
     def __init__(self, blueprint_id: str, **attributes):
-        self.id, self.attributes = blueprint_id, {k: str(v) for k, v in attributes.items()}
+        self.id = blueprint_id
+        self.attributes = {k: v if isinstance(v, ActorAttribute) else ActorAttribute(str(v)) for k, v in attributes.items()}
+
+    def has_attribute(self, key):
+        return key in self.attributes
 
     def set_attribute(self, key, value):
-        self.attributes[key] = str(value)
+        if key not in self.attributes:
+            raise IndexError(f"no attribute {key!r} in {self.id}")
+        self.attributes[key] = ActorAttribute(str(value), self.attributes[key].recommended_values)
 
     def get_attribute(self, key):
+        if key not in self.attributes:
+            raise IndexError(f"no attribute {key!r} in {self.id}")
         return self.attributes[key]
+
+    def copy(self):
+        return Blueprint(self.id, **{k: ActorAttribute(v.value, v.recommended_values) for k, v in self.attributes.items()})
+
+
+def _all_blueprints() -> list[Blueprint]:
+    car = {"role_name": "autopilot", "color": "0,0,0"}
+    return [
+        Blueprint("vehicle.tesla.model3", number_of_wheels=4, **car),
+        Blueprint("vehicle.audi.a2", number_of_wheels=4, **car),
+        Blueprint("vehicle.yamaha.yzf", number_of_wheels=2, **car),
+        Blueprint("walker.pedestrian.0001", is_invincible="true", role_name="pedestrian",
+                  speed=ActorAttribute("1.4", ["0.0", "1.4", "2.8"])),
+        Blueprint("walker.pedestrian.0002", is_invincible="true", role_name="pedestrian",
+                  speed=ActorAttribute("1.2", ["0.0", "1.2", "2.4"])),
+        Blueprint("controller.ai.walker"),
+        Blueprint("sensor.camera.rgb", image_size_x=800, image_size_y=600, fov=90, sensor_tick=0.0, role_name="front"),
+        Blueprint("sensor.other.collision", role_name="front"),
+        Blueprint("sensor.other.lane_invasion", role_name="front"),
+    ]
 
 
 class BlueprintLibrary:
-    def __init__(self):
-        self._all = [
-            Blueprint("vehicle.tesla.model3", number_of_wheels=4, role_name="autopilot"),
-            Blueprint("vehicle.audi.a2", number_of_wheels=4, role_name="autopilot"),
-            Blueprint("vehicle.yamaha.yzf", number_of_wheels=2, role_name="autopilot"),
-            Blueprint("walker.pedestrian.0001"),
-            Blueprint("controller.ai.walker"),
-            Blueprint("sensor.camera.rgb", image_size_x=800, image_size_y=600, fov=90),
-            Blueprint("sensor.other.collision"),
-            Blueprint("sensor.other.lane_invasion"),
-        ]
+    """Not a list: `filter` returns another library, indexing takes a Python int only."""
+
+    def __init__(self, blueprints: list[Blueprint] | None = None):
+        self._all = _all_blueprints() if blueprints is None else blueprints
 
     def find(self, blueprint_id):
-        bp = next(b for b in self._all if b.id == blueprint_id)
-        return Blueprint(bp.id, **bp.attributes)
+        for b in self._all:
+            if b.id == blueprint_id:
+                return b.copy()
+        raise IndexError(f"blueprint {blueprint_id!r} not found")
 
     def filter(self, pattern):
-        return [Blueprint(b.id, **b.attributes) for b in self._all if fnmatch.fnmatch(b.id, pattern)]
+        return BlueprintLibrary([b for b in self._all if fnmatch.fnmatch(b.id, pattern)])
+
+    def __len__(self):
+        return len(self._all)
+
+    def __iter__(self):
+        return (b.copy() for b in self._all)
+
+    def __getitem__(self, index):
+        _boost("BlueprintLibrary.__getitem__", index=(index, int))
+        return self._all[index].copy()
 
 
 class Waypoint:
@@ -120,47 +225,110 @@ class Map:
 
 
 class Actor:
-    def __init__(self, world, actor_id, type_id, transform, parent=None):
+    def __init__(self, world, actor_id, type_id, transform, parent=None, attributes=None):
         self.world, self.id, self.type_id, self.parent = world, actor_id, type_id, parent
-        self._transform, self.speed, self.control = transform, 0.0, VehicleControl()
-        self.is_alive, self.autopilot = True, False
+        self.attributes = attributes or {}
+        self._transform = Transform(Location(**vars(transform.location)), Rotation(**vars(transform.rotation)))
+        self.speed, self.control = 0.0, VehicleControl()
+        self.autopilot_port: int | None = None
+        self.in_snapshot = False  # the client knows an actor's state from the next tick on
+        self.is_alive = True
 
     def get_transform(self):
         if self.parent is not None:
             return self.parent.get_transform()
+        if not self.in_snapshot:
+            return Transform()  # real CARLA: a default ActorSnapshot (carla#1424)
         t = self._transform
         return Transform(Location(t.location.x, t.location.y, t.location.z), Rotation(yaw=t.rotation.yaw))
 
+    def get_location(self):
+        return self.get_transform().location
+
     def get_velocity(self):
+        if not self.in_snapshot:
+            return Vector3D()
         yaw = math.radians(self._transform.rotation.yaw)
         return Vector3D(self.speed * math.cos(yaw), self.speed * math.sin(yaw), 0.0)
 
     def apply_control(self, control):
+        if not isinstance(control, VehicleControl):
+            raise TypeError("apply_control needs a carla.VehicleControl")
         self.control = control
+
+    def set_autopilot(self, enabled=True, tm_port=8000):
+        _boost("Vehicle.set_autopilot", tm_port=(tm_port, int))
+        self.autopilot_port = tm_port if enabled else None
 
     def destroy(self):
         return self.world._destroy(self.id)
 
-    # walker controllers
-    def start(self):
-        pass
 
-    def go_to_location(self, location):
-        pass
+class WalkerAIController(Actor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.running, self.destination, self.max_speed = False, None, None
+
+    def start(self):
+        if self.parent is None or not self.parent.in_snapshot:
+            raise RuntimeError("the walker of this controller is not in the episode yet: tick first")
+        self.running = True
+
+    def go_to_location(self, destination):
+        if not isinstance(destination, Vector3D):
+            raise TypeError(
+                "Python argument types in\n    WalkerAIController.go_to_location(WalkerAIController, "
+                f"{type(destination).__name__})\ndid not match C++ signature"
+            )
+        self.destination = destination
+
+    def set_max_speed(self, speed):
+        _boost("WalkerAIController.set_max_speed", speed=(speed, float))
+        self.max_speed = speed
 
     def stop(self):
-        self.listening = False
+        self.running = False
 
 
 class Sensor(Actor):
-    listening = False
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._callback = None
 
-    @property
-    def is_listening(self):
-        return self.listening
+    def is_listening(self):  # a method in 0.9.16, not a property
+        return self._callback is not None
 
     def listen(self, callback):
-        self.callback, self.listening = callback, True
+        self._callback = callback
+
+    def stop(self):
+        self._callback = None
+
+
+class _Streaming:
+    """The client's streaming threads: callbacks run here, in delivery order, after `tick()`
+    has possibly returned. Each item is delivered `delay_s` after it was queued."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._counter = itertools.count()
+        self._cv = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="fake-carla-streaming").start()
+
+    def deliver(self, sensor: Sensor, data, delay_s: float = 0.0) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._counter), sensor, data))
+            self._cv.notify()
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, sensor, data = heapq.heappop(self._heap)
+            callback = sensor._callback
+            if callback is not None:
+                callback(data)
 
 
 class World:
@@ -168,75 +336,110 @@ class World:
         self.client, self.map, self.settings = client, Map(town), WorldSettings()
         self.actors: dict[int, Actor] = {}
         self.frame, self._next_id, self.weather = 0, 100, None
+        self.pedestrians_seed = None
+        # Faults and events a test sets:
         self.drop_camera_frames: set[int] = set()
-        self.late_frames: set[int] = set()
-        self.collide_at_frame: int | None = None
+        self.late_frames: set[int] = set()  # images that arrive after the next frame's
+        self.collisions: dict[int, int] = {}  # frame -> collision events on that frame
+        self.collision_delay_ticks = 0  # events reach the client this many ticks late
+        self.image_delay_s = 0.0  # every image reaches the client this long after its tick
         self._held_images: list = []
-        self._walker_places = 0
-        self._socket = None
+        self._pending_collisions: list[tuple[int, int]] = []  # (deliver at frame, event frame)
+        self._navigation_calls = 0
+        self._streaming = _Streaming()
 
-    # --- API used by the simulator
+    # --- API used by carla_env
     def get_map(self):
         return self.map
 
     def get_settings(self):
-        return WorldSettings(self.settings.synchronous_mode, self.settings.fixed_delta_seconds)
+        self.client._remote("settings")
+        s = self.settings
+        return WorldSettings(s.synchronous_mode, s.no_rendering_mode, s.fixed_delta_seconds)
 
-    def apply_settings(self, settings):
-        self.settings = settings
+    def apply_settings(self, settings, seconds=0.0):
+        self.client._remote("settings")
+        self.settings = WorldSettings(settings.synchronous_mode, settings.no_rendering_mode, settings.fixed_delta_seconds)
         return self.frame
 
     def set_weather(self, weather):
         self.weather = weather
 
+    def set_pedestrians_seed(self, seed):
+        _boost("World.set_pedestrians_seed", seed=(seed, int))
+        self.pedestrians_seed = seed
+
     def get_blueprint_library(self):
         return BlueprintLibrary()
 
     def get_random_location_from_navigation(self):
-        self._walker_places += 1  # on the sidewalk, 7 m apart: never two in one place
-        return Location(7.0 * self._walker_places, -3.0, 0.0)
+        self._navigation_calls += 1
+        if self._navigation_calls % 4 == 0:
+            return None  # boost::optional: no point found
+        return Location(7.0 * self._navigation_calls, -3.0, 0.0)  # on the sidewalk, apart
 
-    def try_spawn_actor(self, blueprint, transform):
-        if any(self._occupied(transform, a) for a in self.actors.values()):
+    def try_spawn_actor(self, blueprint, transform, attach_to=None):
+        if attach_to is None and any(self._occupied(transform, a) for a in self.actors.values()):
             return None
-        return self._spawn(blueprint, transform)
-
-    def spawn_actor(self, blueprint, transform, attach_to=None):
         return self._spawn(blueprint, transform, attach_to)
 
+    def spawn_actor(self, blueprint, transform, attach_to=None):
+        actor = self.try_spawn_actor(blueprint, transform, attach_to)
+        if actor is None:
+            raise RuntimeError("Spawn failed because of collision at spawn position")
+        return actor
+
     def get_actors(self, ids=None):
+        if ids is not None:
+            for i in ids:
+                _boost("World.get_actors", actor_id=(i, int))
         return [a for i, a in self.actors.items() if ids is None or i in ids]
 
-    def tick(self, seconds=None):
-        if not self.settings.synchronous_mode:
-            raise AssertionError("the simulator must tick in synchronous mode")
-        self.frame = self.client._remote_tick() if self.client.tcp else self.frame + 1
-        dt = self.settings.fixed_delta_seconds
+    def get_snapshot(self):
+        self.client._remote("settings")
+        return SimpleNamespace(frame=self.frame)
+
+    def tick(self, seconds=0.0):
+        _boost("World.tick", seconds=(seconds, float))
+        self.frame = self.client._remote_tick(seconds or self.client.timeout) if self.client.tcp else self.frame + 1
+        self.client.fake._tick_traffic_managers()
+        dt = self.settings.fixed_delta_seconds or 0.05
+        ego = self.ego()
+        before = ego._transform.location.y if ego is not None else None
         for actor in list(self.actors.values()):
             if actor.type_id.startswith("vehicle.") and actor.parent is None:
                 self._move(actor, dt)
-        self._deliver_sensor_data()
+            actor.in_snapshot = True
+        self._deliver_sensor_data(ego, before)
         return self.frame
 
     # --- inside the double
     def _spawn(self, blueprint, transform, parent=None):
-        cls = Sensor if blueprint.id.startswith("sensor.") else Actor
-        actor = cls(self, self._next_id, blueprint.id, transform, parent)
-        actor.attributes = dict(blueprint.attributes)
+        if blueprint.id.startswith("sensor."):
+            cls = Sensor
+        elif blueprint.id == "controller.ai.walker":
+            cls = WalkerAIController
+        else:
+            cls = Actor
+        actor = cls(self, self._next_id, blueprint.id, transform, parent, dict(blueprint.attributes))
         self.actors[actor.id], self._next_id = actor, self._next_id + 1
         return actor
 
     def _destroy(self, actor_id):
-        return self.actors.pop(actor_id, None) is not None
+        actor = self.actors.pop(actor_id, None)
+        if actor is not None:
+            actor.is_alive = False
+        return actor is not None
 
     @staticmethod
     def _occupied(transform, actor):
-        p = actor.get_transform().location
+        p = actor._transform.location
         return math.dist((p.x, p.y), (transform.location.x, transform.location.y)) < 2.0
 
     def _move(self, car, dt):
-        if car.autopilot:
-            car.speed = 8.0
+        if car.autopilot_port is not None:
+            tm = self.client.fake.traffic_managers.get(car.autopilot_port)
+            car.speed = NPC_SPEED_MPS if tm is not None and tm.synchronous else 0.0
         else:
             c = car.control
             car.speed = max(0.0, car.speed + (4.0 * c.throttle - 8.0 * c.brake) * dt)
@@ -246,143 +449,250 @@ class World:
         car._transform.location.y += car.speed * math.sin(yaw) * dt
 
     def ego(self):
-        return next(a for a in self.actors.values() if a.attributes.get("role_name") == "hero")
+        return next((a for a in self.actors.values() if str(a.attributes.get("role_name", "")) == "hero"), None)
 
-    def _deliver_sensor_data(self):
-        ego = self.ego()
-        for sensor in [a for a in self.actors.values() if isinstance(a, Sensor) and a.listening]:
+    def _deliver_sensor_data(self, ego, y_before):
+        sensors = [a for a in self.actors.values() if isinstance(a, Sensor) and a.is_listening()]
+        for sensor in sensors:
             if sensor.type_id == "sensor.camera.rgb":
                 image = self._image(sensor, ego)
                 held, self._held_images = self._held_images, []
                 if self.frame in self.late_frames:
                     self._held_images = [image]
                 elif self.frame not in self.drop_camera_frames:
-                    sensor.callback(image)
+                    self._streaming.deliver(sensor, image, self.image_delay_s)
                 for late in held:
-                    sensor.callback(late)
-            elif sensor.type_id == "sensor.other.collision" and self.frame == self.collide_at_frame:
-                sensor.callback(SimpleNamespace(frame=self.frame, other_actor=None))
+                    self._streaming.deliver(sensor, late, self.image_delay_s)
+            elif sensor.type_id == "sensor.other.collision":
+                for _ in range(self.collisions.get(self.frame, 0)):
+                    self._pending_collisions.append((self.frame + self.collision_delay_ticks, self.frame))
+                due = [p for p in self._pending_collisions if p[0] <= self.frame]
+                self._pending_collisions = [p for p in self._pending_collisions if p[0] > self.frame]
+                for _, event_frame in due:
+                    event = SimpleNamespace(frame=event_frame, actor=sensor.parent, other_actor=None,
+                                            normal_impulse=Vector3D(1000.0, 0.0, 0.0))
+                    self._streaming.deliver(sensor, event)
+            elif sensor.type_id == "sensor.other.lane_invasion" and ego is not None:
+                # Client-side sensor: its callback runs in the ticking thread.
+                y_after = ego._transform.location.y
+                lines = lambda y: math.floor((y + LANE_WIDTH / 2) / LANE_WIDTH)  # noqa: E731
+                if lines(y_before) != lines(y_after):
+                    sensor._callback(SimpleNamespace(frame=self.frame, actor=ego, crossed_lane_markings=[]))
 
     def _image(self, sensor, ego):
         w, h = int(sensor.attributes["image_size_x"]), int(sensor.attributes["image_size_y"])
         # A picture that depends on where the car is, so that a stale image would show.
-        shade = int(ego.get_transform().location.x * 10) % 200
+        shade = int(ego._transform.location.x * 10) % 200 if ego is not None else 0
         bgra = np.full((h, w, 4), shade, np.uint8)
-        bgra[:, : w // 2, 2] = 255  # red left half
+        bgra[:, : w // 2, 2] = 255  # red left half (BGRA: index 2 is red)
         return SimpleNamespace(frame=self.frame, width=w, height=h, raw_data=bgra.tobytes())
 
 
 class TrafficManager:
-    def __init__(self, port):
-        self.port, self.synchronous, self.seed = port, False, None
+    """One per port per process; its thread calls the server of the client that created it."""
+
+    def __init__(self, fake, client, port):
+        self.fake, self.client, self.port = fake, client, port
+        self.synchronous, self.seed, self.alive = False, None, True
 
     def set_synchronous_mode(self, on):
+        self.client._remote("tm")
         self.synchronous = on
 
     def set_random_device_seed(self, seed):
+        _boost("TrafficManager.set_random_device_seed", seed=(seed, int))
+        self.client._remote("tm")  # resets the traffic lights of its world
         self.seed = seed
 
     def get_port(self):
         return self.port
 
+    def shut_down(self):
+        self.client._remote("tm")  # DestroyTrafficManager RPC: needs a live server
+        self.fake.traffic_managers.pop(self.port, None)
+        self.alive = False
+
+    def _tick(self):
+        try:
+            self.client._remote("tm")
+        except RuntimeError:
+            # TrafficManagerLocal::Run has no try/catch: std::terminate.
+            os.write(2, f"terminate called: traffic manager on port {self.port} lost its server\n".encode())
+            os.abort()
+
 
 class _SpawnActor:
-    def __init__(self, blueprint, transform, parent=None):
-        self.blueprint, self.transform, self.parent, self.then_cmd = blueprint, transform, parent, None
+    def __init__(self, blueprint=None, transform=None, parent_id=None):
+        if parent_id is not None:
+            _boost("SpawnActor.__init__", parent_id=(parent_id, int))
+        self.blueprint, self.transform, self.parent_id = blueprint, transform, parent_id
+        self.attachment_type, self.socket_name, self._then = "Rigid", "", []
 
     def then(self, command):
-        self.then_cmd = command
-        return self
+        spawn = _SpawnActor(self.blueprint, self.transform, self.parent_id)
+        spawn._then = [*self._then, command]
+        return spawn
+
+
+class _SetAutopilot:
+    def __init__(self, actor, enabled, tm_port=8000):
+        _boost("SetAutopilot.__init__", tm_port=(tm_port, int))
+        self.actor_id, self.enabled, self.tm_port = actor, enabled, tm_port
+
+
+class _DestroyActor:
+    def __init__(self, actor):
+        _boost("DestroyActor.__init__", actor_id=(actor, int))
+        self.actor_id = actor
+
+
+class _Response:
+    def __init__(self, actor_id=0, error=""):
+        self.actor_id, self.error = actor_id, error
+
+    def has_error(self):
+        return bool(self.error)
 
 
 class _Command:
-    FutureActor = object()
+    FutureActor = 0
     SpawnActor = _SpawnActor
-
-    @staticmethod
-    def SetAutopilot(actor, enabled, port):
-        return SimpleNamespace(kind="autopilot", enabled=enabled, port=port)
-
-    @staticmethod
-    def DestroyActor(actor_id):
-        return SimpleNamespace(kind="destroy", actor_id=actor_id)
+    SetAutopilot = _SetAutopilot
+    DestroyActor = _DestroyActor
+    Response = _Response
 
 
 class Client:
-    def __init__(self, fake, host, port):
+    def __init__(self, fake, host="127.0.0.1", port=2000, worker_threads=0):
+        _boost("Client.__init__", port=(port, int), worker_threads=(worker_threads, int))
         self.fake, self.host, self.port, self.tcp = fake, host, port, fake.tcp
+        self.worker_threads = worker_threads
         self.timeout, self._socket, self.world = 5.0, None, None
+        self._lock = threading.Lock()
         fake.clients.append(self)
 
     def set_timeout(self, seconds):
+        _boost("Client.set_timeout", seconds=(seconds, float))
         self.timeout = seconds
 
+    def get_server_version(self):
+        self._remote("version")
+        return "0.9.16"
+
     def get_available_maps(self):
+        self._remote("maps")
         return list(MAPS)
 
     def get_world(self):
-        if self.world is None:
-            self.world = World(self, "Town01")
+        """The server's world, the same for every client of this server (the newest drives it)."""
+        self._remote("settings")
+        worlds = self.fake.worlds
+        if (self.host, self.port) not in worlds:
+            worlds[self.host, self.port] = World(self, "Town10HD_Opt")  # CARLA's default map
+        self.world = worlds[self.host, self.port]
+        self.world.client = self
         return self.world
 
-    def load_world(self, town):
-        self.world = World(self, town)
+    def load_world(self, map_name, reset_settings=True):
+        latency = self.fake.load_world_s
+        if latency > self.timeout:
+            time.sleep(self.timeout)
+            raise RuntimeError("failed to connect to newly created map")
+        time.sleep(latency)
+        self._remote("settings")
+        self.world = self.fake.worlds[self.host, self.port] = World(self, map_name)  # all actors gone, default settings
         return self.world
 
-    def get_trafficmanager(self, port):
-        self.traffic_manager = TrafficManager(port)
-        return self.traffic_manager
+    def get_trafficmanager(self, port=8000):
+        _boost("Client.get_trafficmanager", port=(port, int))
+        tm = self.fake.traffic_managers.get(port)
+        if tm is None:  # the constructor only creates one `if (!GetTM(port))`
+            tm = self.fake.traffic_managers[port] = TrafficManager(self.fake, self, port)
+        return tm
 
     def apply_batch_sync(self, commands, do_tick=False):
         responses = []
         for command in commands:
-            if getattr(command, "kind", None) == "destroy":
+            if isinstance(command, _DestroyActor):
                 ok = self.world._destroy(command.actor_id)
-                responses.append(SimpleNamespace(actor_id=command.actor_id, error="" if ok else "not found"))
+                responses.append(_Response(command.actor_id, "" if ok else f"actor {command.actor_id} not found"))
                 continue
-            parent = self.world.actors.get(command.parent) if command.parent is not None else None
-            actor = self.world.try_spawn_actor(command.blueprint, command.transform) if parent is None \
-                else self.world.spawn_actor(command.blueprint, command.transform, parent)
+            parent = None
+            if command.parent_id is not None:
+                parent = self.world.actors.get(command.parent_id)
+                if parent is None:
+                    responses.append(_Response(0, f"parent {command.parent_id} not found"))
+                    continue
+            actor = self.world.try_spawn_actor(command.blueprint, command.transform, parent)
             if actor is None:
-                responses.append(SimpleNamespace(actor_id=0, error="Spawn failed because of collision at spawn position"))
+                responses.append(_Response(0, "Spawn failed because of collision at spawn position"))
                 continue
-            if command.then_cmd is not None:
-                actor.autopilot = command.then_cmd.enabled
-            responses.append(SimpleNamespace(actor_id=actor.id, error=""))
+            for then in command._then:
+                if isinstance(then, _SetAutopilot):
+                    actor.set_autopilot(then.enabled, then.tm_port)
+            responses.append(_Response(actor.id, ""))
+        if do_tick:
+            self.world.tick()
         return responses
 
-    def _remote_tick(self) -> int:
-        message = f"time-out of {int(self.timeout * 1000)}ms while waiting for the simulator, make sure the simulator is ready and connected to {self.host}:{self.port}"
-        try:
-            if self._socket is None:
-                self._socket = socket.create_connection((self.host, self.port), timeout=self.timeout)
-                self._lines = self._socket.makefile("rb")
-            self._socket.sendall(b"tick\n")
-            line = self._lines.readline()
-        except socket.timeout:
-            raise RuntimeError(message) from None
-        except OSError as e:
-            raise RuntimeError(f"{message} ({e})") from None
-        if not line:
-            self._socket = None
-            raise RuntimeError(f"{message} (connection closed)")
-        return int(line)
+    # --- talking to the stand-in server process
+    def _remote(self, request: str, timeout_s: float | None = None) -> str:
+        if not self.tcp:
+            return ""
+        timeout_s = timeout_s or self.timeout
+        message = (
+            f"time-out of {int(timeout_s * 1000)}ms while waiting for the simulator, make sure the "
+            f"simulator is ready and connected to {self.host}:{self.port}"
+        )
+        with self._lock:
+            try:
+                if self._socket is None:
+                    self._socket = socket.create_connection((self.host, self.port), timeout=timeout_s)
+                    self._lines = self._socket.makefile("rb")
+                self._socket.settimeout(timeout_s)
+                self._socket.sendall(f"{request}\n".encode())
+                line = self._lines.readline()
+            except OSError as e:  # refused, reset, or socket.timeout
+                self._socket = None
+                raise RuntimeError(f"{message} ({e})") from None
+            if not line:
+                self._socket = None
+                raise RuntimeError(f"{message} (connection closed)")
+        return line.decode().strip()
+
+    def _remote_tick(self, timeout_s: float) -> int:
+        return int(self._remote("tick", timeout_s))
 
 
 class FakeCarla:
-    """Use as the `carla` module: `CarlaSimulator(..., carla_module=FakeCarla())`."""
+    """Use as the `carla` module: `CarlaSimulator(..., carla_module=FakeCarla())`. One instance
+    stands for one process's `carla` module: its Traffic Managers are that process's."""
 
     WeatherParameters = WeatherParameters
+    WorldSettings = WorldSettings
     Transform, Location, Rotation, Vector3D = Transform, Location, Rotation, Vector3D
     VehicleControl = VehicleControl
     command = _Command
 
-    def __init__(self, tcp: bool = False):
-        self.tcp, self.clients = tcp, []
+    def __init__(self, tcp: bool = False, load_world_s: float = 0.0):
+        self.tcp, self.load_world_s = tcp, load_world_s
+        self.clients: list[Client] = []
+        self.traffic_managers: dict[int, TrafficManager] = {}
+        self.worlds: dict[tuple[str, int], World] = {}  # per server (in memory; tcp: per process)
 
-    def Client(self, host, port):
-        return Client(self, host, port)
+    def Client(self, host="127.0.0.1", port=2000, worker_threads=0):
+        return Client(self, host, port, worker_threads)
+
+    def _tick_traffic_managers(self):
+        for tm in list(self.traffic_managers.values()):
+            tm._tick()
 
     @property
     def world(self) -> World:
         return self.clients[-1].world
+
+    def __getstate__(self):  # sent to a client process: a fresh module there
+        return {"tcp": self.tcp, "load_world_s": self.load_world_s}
+
+    def __setstate__(self, state):
+        self.__init__(**state)

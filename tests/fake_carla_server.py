@@ -1,21 +1,26 @@
-"""Stand-in for `CarlaUE4.sh` in tests: a process that listens on `-carla-rpc-port` like a server.
+"""Stand-in for CARLA's UE4 server binary in tests: a process that listens like a server.
 
-Each line a client sends is a tick; the reply is the next frame number. The test double client
-(tests/fake_carla.py) ticks through it, so a killed stand-in refuses connections and a stopped
-one (SIGSTOP) times out, like a crashed or hung CARLA server.
+It binds the RPC port and, like CARLA, the streaming (rpc+1) and secondary (rpc+2) ports. Each
+line a client (tests/fake_carla.py) sends is a request: `tick` (the reply is the next frame),
+`settings` and `tm` are answered by the "game thread"; `maps` and `version` are answered off it,
+as CARLA binds them asynchronously. So a killed stand-in refuses connections, a stopped one
+(SIGSTOP) times out on everything, and one whose game thread hangs (SIGUSR1) still accepts
+connections and answers `maps` while ticks time out: the three ways a real server fails.
 
 FAKE_CARLA_MODE: "normal"; "exit" (logs a fatal line and exits 3 while starting);
-"silent" (runs but never listens: a server that never comes up).
+"silent" (runs but never listens: a server that never comes up); "spam" (writes a line of log
+every millisecond, as CARLA's error spam does).
 """
 
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 
 port = int(next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("-carla-rpc-port=")))
-print(f"fake CARLA server: {' '.join(sys.argv[1:])}", flush=True)
+print(f"fake CARLA server {os.getpid()}: {' '.join(sys.argv[1:])}", flush=True)
 mode = os.environ.get("FAKE_CARLA_MODE", "normal")
 if mode == "exit":
     print("fatal: no Vulkan device found", flush=True)
@@ -23,21 +28,39 @@ if mode == "exit":
 if mode == "silent":
     time.sleep(3600)
 
-server = socket.create_server(("127.0.0.1", port))
+rpc = socket.create_server(("127.0.0.1", port))
+side_ports = [socket.create_server(("127.0.0.1", port + k)) for k in (1, 2)]  # streaming, secondary
 frame = 0
 lock = threading.Lock()
+game_thread_hung = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: game_thread_hung.set())
+GAME_THREAD = {"tick", "settings", "tm"}
 
 
 def serve(conn: socket.socket) -> None:
     global frame
     with conn, conn.makefile("rb") as lines:
-        for _ in lines:
+        for line in lines:
+            request = line.decode().strip()
+            if request in GAME_THREAD and game_thread_hung.is_set():
+                time.sleep(3600)
             with lock:
-                frame += 1
-                reply = f"{frame}\n".encode()
-            conn.sendall(reply)
+                if request == "tick":
+                    frame += 1
+                    reply = str(frame)
+                else:
+                    reply = "0.9.16" if request == "version" else "ok"
+            conn.sendall(f"{reply}\n".encode())
 
 
+def spam() -> None:
+    while True:
+        print("ERROR: Invalid session: no stream available with id 1234567890", flush=True)
+        time.sleep(0.001)
+
+
+if mode == "spam":
+    threading.Thread(target=spam, daemon=True).start()
 while True:
-    connection, _ = server.accept()
+    connection, _ = rpc.accept()
     threading.Thread(target=serve, args=(connection,), daemon=True).start()
