@@ -9,7 +9,7 @@ past it `ServerError` ends the env, and RLlib re-creates it (or replaces its env
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -474,9 +474,8 @@ class World:
                     self._streaming.deliver(sensor, event)
             elif sensor.type_id == "sensor.other.lane_invasion" and ego is not None:
                 # Client-side sensor: its callback runs in the ticking thread.
-                y_after = ego._transform.location.y
-                lines = lambda y: math.floor((y + LANE_WIDTH / 2) / LANE_WIDTH)  # noqa: E731
-                if lines(y_before) != lines(y_after):
+                lane_of = [math.floor((y + LANE_WIDTH / 2) / LANE_WIDTH) for y in (y_before, ego._transform.location.y)]
+                if lane_of[0] != lane_of[1]:
                     sensor._callback(SimpleNamespace(frame=self.frame, actor=ego, crossed_lane_markings=[]))
 
     def _image(self, sensor, ego):
@@ -496,8 +495,7 @@ class TrafficManager:
         self.synchronous, self.seed, self.alive = False, None, True
 
     def set_synchronous_mode(self, on):
-        self.client._remote("tm")
-        self.synchronous = on
+        self.synchronous = on  # a flag inside the client process: no call to the server
 
     def set_random_device_seed(self, seed):
         _boost("TrafficManager.set_random_device_seed", seed=(seed, int))
@@ -568,6 +566,7 @@ class Client:
         self.fake, self.host, self.port, self.tcp = fake, host, port, fake.tcp
         self.worker_threads = worker_threads
         self.timeout, self._socket, self.world = 5.0, None, None
+        self._ever_connected = self._lost = False
         self._lock = threading.Lock()
         fake.clients.append(self)
 
@@ -645,20 +644,29 @@ class Client:
             f"simulator is ready and connected to {self.host}:{self.port}"
         )
         with self._lock:
+            if self._lost:  # rpclib does not reconnect a client whose server went away
+                raise RuntimeError(f"{message} (connection lost)")
             try:
                 if self._socket is None:
                     self._socket = socket.create_connection((self.host, self.port), timeout=timeout_s)
                     self._lines = self._socket.makefile("rb")
+                    self._ever_connected = True  # from now on, losing the connection is for good
                 self._socket.settimeout(timeout_s)
                 self._socket.sendall(f"{request}\n".encode())
                 line = self._lines.readline()
             except OSError as e:  # refused, reset, or socket.timeout
-                self._socket = None
+                self._lose_connection()
                 raise RuntimeError(f"{message} ({e})") from None
             if not line:
-                self._socket = None
+                self._lose_connection()
                 raise RuntimeError(f"{message} (connection closed)")
         return line.decode().strip()
+
+    def _lose_connection(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._lost = self._ever_connected
 
     def _remote_tick(self, timeout_s: float) -> int:
         return int(self._remote("tick", timeout_s))

@@ -1,13 +1,17 @@
-"""CARLA server management (carla_env/servers.py, ports.py) against a stand-in server process.
+"""CARLA server management (carla_env/servers.py, ports.py, client_process.py, supervised.py)
+against a stand-in server process.
 
-The stand-in (tests/fake_carla_server.py) is launched exactly as `CarlaUE4.sh` would be, listens
-on the RPC port and answers ticks; tests kill it (crash) or SIGSTOP it (hang). The real
-`CarlaUE4.sh` was not run here.
+The stand-in (tests/fake_carla_server.py) runs as the child of a `CarlaUE4.sh` launcher, as the
+UE binary does; it binds the RPC, streaming and secondary ports and answers the double's calls
+(tests/fake_carla.py, tcp mode); tests kill it (crash), SIGSTOP it (hang) or hang its game
+thread. Tests named after a finding of the review (D3, D4, ...) failed on the code it read. The
+real `CarlaUE4.sh` was not run here.
 """
 
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +22,16 @@ import pytest
 from carla_env.carla_driving import CarlaDrivingEnv
 from carla_env.config import ServerSection
 from carla_env.ports import PROCESS_SLOTS, check_no_clashes, server_ports, slot_ordinal
-from carla_env.servers import ExternalServer, ManagedServer, ServerError, answers, claim_external_endpoint
+from carla_env.servers import (
+    ExternalServer,
+    ManagedServer,
+    ServerError,
+    accepts_connections,
+    claim_external_endpoint,
+    game_thread_answers,
+    graphics_adapter,
+    port_in_use,
+)
 from tests.fake_carla import FakeCarla
 
 STAND_IN = Path(__file__).with_name("fake_carla_server.py")
@@ -27,16 +40,17 @@ DRIVE = np.array([0.0, 1.0], np.float32)
 
 @pytest.fixture
 def carla_root(tmp_path, monkeypatch):
-    """A CARLA_ROOT whose CarlaUE4.sh starts the stand-in server."""
+    """A CARLA_ROOT whose CarlaUE4.sh starts the stand-in server as its child, as the real
+    script starts the UE binary (no exec: the server is the runner's grandchild)."""
     script = tmp_path / "CarlaUE4.sh"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STAND_IN}" "$@"\n')
+    script.write_text(f'#!/bin/sh\n"{sys.executable}" "{STAND_IN}" "$@"\n')
     script.chmod(0o755)
     monkeypatch.setenv("CARLA_ROOT", str(tmp_path))
     return tmp_path
 
 
 def free_base_port() -> int:
-    """A base port with a few free ports above it (ports of this test run only)."""
+    """A base port with free ports above it (ports of this test run only)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return 20000 + s.getsockname()[1] % 20000
@@ -51,6 +65,23 @@ def process_state(pid: int) -> str | None:
     return next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
 
 
+def gone(pid: int) -> bool:
+    return process_state(pid) in (None, "Z")
+
+
+def server_binary(rpc_port: int) -> int:
+    """The stand-in's pid (the "UE binary"), not its launcher script's."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode()
+            except OSError:
+                continue
+            if str(STAND_IN) in cmdline and f"-carla-rpc-port={rpc_port}\0" in cmdline and not cmdline.startswith("/bin/sh"):
+                return int(entry.name)
+    raise AssertionError(f"no stand-in server on port {rpc_port}")
+
+
 def wait_until(condition, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -58,10 +89,14 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def server_config(tmp_path, **server) -> ServerSection:
+    return ServerSection.model_validate(
+        {"base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0, "gpus": [1], **server}
+    )
+
+
 def managed(tmp_path, **server) -> ManagedServer:
-    config = ServerSection.model_validate({"startup_timeout_s": 10.0, **server})
-    ports = server_ports(0, config.model_copy(update={"base_rpc_port": free_base_port()}))
-    return ManagedServer(config, ports, gpu=1, log_path=tmp_path / "server.log")
+    return ManagedServer(server_config(tmp_path, **server), ordinal=0, carla_module=FakeCarla(tcp=True))
 
 
 # --- Ports ----------------------------------------------------------------------------------
@@ -74,6 +109,7 @@ def test_every_env_slot_of_every_runner_gets_its_own_ports():
     ports = [p for s in slots for p in server_ports(s, server).all()]
     assert len(set(ports)) == len(ports)
     assert server_ports(slot_ordinal(2, 1, server), server).all() == (2036, 2037, 2038, 8009)
+    assert server_ports(slot_ordinal(2, 1, server), server, block=1).all() == (2236, 2237, 2238, 8209)
     check_no_clashes(len(slots), server)
 
 
@@ -81,6 +117,8 @@ def test_a_traffic_manager_range_inside_the_rpc_range_is_refused_before_anything
     server = ServerSection(base_rpc_port=2000, base_tm_port=2010)
     with pytest.raises(ValueError, match="port 2010 would serve CARLA slots 0 and 2: move server.base_tm_port"):
         check_no_clashes(8, server)
+    with pytest.raises(ValueError, match=r"60 CARLA slots x server.port_stride 4 = 240 ports do not fit in server.run_port_block \(200\)"):
+        check_no_clashes(60, ServerSection())
 
 
 def test_more_envs_in_one_process_than_slots_is_a_clear_error():
@@ -100,18 +138,23 @@ def test_claims_inside_a_process_are_reused_after_release():
 # --- Launching ------------------------------------------------------------------------------
 
 
-def test_launches_off_screen_on_its_ports_and_gpu_and_waits_until_it_answers(carla_root, tmp_path):
+def test_launches_off_screen_on_its_ports_and_gpu_and_stops_the_whole_process_tree(carla_root, tmp_path):
     server = managed(tmp_path)
     server.start()
     try:
-        assert server.alive() and answers("127.0.0.1", server.ports.rpc)
-        log = (tmp_path / "server.log").read_text()
+        binary = server_binary(server.ports.rpc)
+        assert server.alive() and game_thread_answers(FakeCarla(tcp=True), "127.0.0.1", server.ports.rpc, 1.0) is None
+        for port in (server.ports.rpc, server.ports.streaming, server.ports.secondary):
+            assert port_in_use(port)
+        log = server.log_path.read_text()
         for flag in ("-RenderOffScreen", "-nosound", f"-carla-rpc-port={server.ports.rpc}",
                      f"-carla-streaming-port={server.ports.rpc + 1}", "-graphicsadapter=1"):
             assert flag in log
+        assert (tmp_path / f"carla_{server.ports.rpc}.json").is_file()  # for whoever finds it orphaned
     finally:
         server.stop()
-    assert not server.alive()
+    assert not server.alive() and gone(binary)
+    assert not (tmp_path / f"carla_{server.ports.rpc}.json").exists()
 
 
 def test_missing_carla_root_or_executable_is_a_clear_error(tmp_path, monkeypatch):
@@ -122,11 +165,18 @@ def test_missing_carla_root_or_executable_is_a_clear_error(tmp_path, monkeypatch
         managed(tmp_path, carla_root=str(tmp_path))
 
 
-def test_a_port_already_in_use_is_a_clear_error(carla_root, tmp_path):
+def test_D20_ports_another_program_holds_move_the_server_up_a_block(carla_root, tmp_path):
     server = managed(tmp_path)
-    with socket.create_server(("127.0.0.1", server.ports.streaming)):
-        with pytest.raises(ServerError, match=rf"port {server.ports.streaming} is already in use"):
-            server.start()
+    planned = server_ports(0, server.config)
+    with socket.create_server(("127.0.0.1", planned.streaming)):  # another run's server
+        server.start()
+        try:
+            assert server.ports == server_ports(0, server.config, block=1)
+        finally:
+            server.stop()
+        one_block = managed(tmp_path, base_rpc_port=planned.rpc, max_port_blocks=1)
+        with pytest.raises(ServerError, match=rf"no free ports for CARLA slot 0 in 1 blocks .*{planned.streaming} in use"):
+            one_block.start()
 
 
 def test_a_server_that_dies_while_starting_reports_its_exit_code_and_log(carla_root, tmp_path, monkeypatch):
@@ -138,37 +188,75 @@ def test_a_server_that_dies_while_starting_reports_its_exit_code_and_log(carla_r
 def test_a_server_that_never_comes_up_times_out_and_is_stopped(carla_root, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_CARLA_MODE", "silent")
     server = managed(tmp_path, startup_timeout_s=1.0)
-    with pytest.raises(ServerError, match=r"did not answer within 1 s"):
+    with pytest.raises(ServerError, match=r"did not answer within 1 s \(the port never opened\); its log ends"):
         server.start()
     assert not server.alive()
+
+
+def test_D21_a_server_that_floods_its_log_fills_at_most_two_bounded_files(carla_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_CARLA_MODE", "spam")
+    server = managed(tmp_path, log_max_mb=0.01)
+    server.start()
+    try:
+        wait_until(lambda: server.log_path.with_name(server.log_path.name + ".1").exists())
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    limit = 0.01 * 2**20 + 65536  # a file is started anew before a read would pass the limit
+    assert server.log_path.stat().st_size <= limit
+    assert server.log_path.with_name(server.log_path.name + ".1").stat().st_size <= limit
+    assert sorted(p.name for p in tmp_path.glob("carla_*.log*")) == [server.log_path.name, server.log_path.name + ".1"]
+
+
+def test_D9_the_gpu_ray_gave_the_runner_is_found_among_vulkans_adapters_by_pci_bus(tmp_path, monkeypatch):
+    nvidia_smi = tmp_path / "nvidia-smi"  # CUDA's order (fastest first) is not the bus order
+    nvidia_smi.write_text(
+        "#!/bin/sh\necho '0, GPU-aaa, 00000000:81:00.0'\necho '1, GPU-bbb, 00000000:01:00.0'\n"
+        "echo '2, GPU-ccc, 00000000:41:00.0'\n"
+    )
+    nvidia_smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    ray_assigned = ServerSection(gpus="ray")
+    for cuda, vulkan in (("0", 2), ("1", 0), ("2", 1), ("GPU-ccc", 1)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cuda)
+        assert graphics_adapter(ray_assigned, ordinal=5) == vulkan
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert graphics_adapter(ray_assigned, ordinal=5) == 0
+    assert graphics_adapter(ServerSection(gpus=[0, 1]), ordinal=5) == 1  # explicit: round robin
 
 
 # --- Supervision: crash, hang, reconnection --------------------------------------------------
 
 
 def carla_driving_env(tmp_path, **server) -> CarlaDrivingEnv:
-    server = {"base_rpc_port": free_base_port(), "startup_timeout_s": 10.0, "tick_timeout_s": 1.0, **server}
+    server = {"base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0,
+              "tick_timeout_s": 1.0, "probe_timeout_s": 1.0, **server}
     return CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=3, server=server)
 
 
-@pytest.mark.parametrize("failure", ["crash", "hang"])
-def test_a_crashed_or_hung_server_is_restarted_and_training_goes_on(carla_root, tmp_path, failure):
+FAILURES = {"crash": signal.SIGKILL, "hang": signal.SIGSTOP, "game_thread_hang": signal.SIGUSR1}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_D3_a_crashed_or_hung_server_is_replaced_with_a_new_client_and_training_goes_on(carla_root, tmp_path, failure):
+    """In one process, the client's Traffic Manager would abort it at the first tick after the
+    restart (as real CARLA does, and the double): the client lives in a child process."""
     env = carla_driving_env(tmp_path)
     try:
         env.reset(seed=0)
         env.step(DRIVE)
-        old_process = env.simulator.server.process
-        os.kill(old_process.pid, signal.SIGKILL if failure == "crash" else signal.SIGSTOP)
-        wait_until(lambda: process_state(old_process.pid) in ("Z", "T", None))
+        binary, client_pid = server_binary(env.simulator.server.ports.rpc), env.simulator.client._process.pid
+        os.kill(binary, FAILURES[failure])
+        wait_until(lambda: process_state(binary) in ("Z", "T", None, "S"))
 
         _, reward, terminated, truncated, info = env.step(DRIVE)
         assert (reward, terminated, truncated, info["episode_end"]) == (0.0, False, True, "backend_failure")
         health = env.backend_health()
         assert health["server_restarts"] == 1 and health["tick_timeouts"] == 1
-        assert env.simulator.server.process.pid != old_process.pid
-        assert old_process.poll() is not None  # the hung one was killed, not left behind
+        assert gone(binary)  # a hung server is killed, not left behind
+        assert gone(client_pid) and env.simulator.client._process.pid != client_pid
 
-        env.reset(seed=1)  # reconnected to the new server: episodes go on
+        env.reset(seed=1)  # the new client on the new server: episodes go on
         for _ in range(3):
             assert env.step(DRIVE)[4]["episode_end"] is None
     finally:
@@ -176,12 +264,96 @@ def test_a_crashed_or_hung_server_is_restarted_and_training_goes_on(carla_root, 
     assert not env.simulator.server.alive()
 
 
+def test_D3_the_double_aborts_a_process_that_reconnects_in_process_as_real_carla_does(carla_root, tmp_path):
+    """Fidelity of the double on the point that decided the design: reconnecting in the same
+    process after a server restart gets the stale Traffic Manager back, and it aborts."""
+    config = server_config(tmp_path)
+    script = f"""
+import os, signal
+from carla_env.carla_sim import CarlaSimulator
+from carla_env.config import CarlaEnvConfig
+from carla_env.servers import ManagedServer
+from tests.fake_carla import FakeCarla
+from tests.test_carla_servers import server_binary
+config = CarlaEnvConfig.model_validate({{"npc_vehicles": 2, "server": {config.model_dump()!r}}})
+carla, server = FakeCarla(tcp=True), ManagedServer(config.server, 0, FakeCarla(tcp=True))
+server.start()
+try:
+    sim = CarlaSimulator(config, server.host, server.rpc_port, server.tm_port, carla)
+    sim.reset(0)
+    os.kill(server_binary(server.rpc_port), signal.SIGKILL)
+    server.recover()
+    again = CarlaSimulator(config, server.host, server.rpc_port, server.tm_port, carla)
+    again.reset(None)  # its first tick ticks the stale Traffic Manager too
+    print("survived", flush=True)
+finally:
+    server.stop()
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == -signal.SIGABRT, run.stdout + run.stderr
+    assert "traffic manager on port" in run.stderr and "survived" not in run.stdout
+
+
+def test_D8_a_server_left_by_a_runner_that_died_is_killed_before_its_ports_are_reused(carla_root, tmp_path):
+    config = server_config(tmp_path)
+    runner = f"""
+import os, signal
+from carla_env.config import ServerSection
+from carla_env.servers import ManagedServer
+from tests.fake_carla import FakeCarla
+server = ManagedServer(ServerSection.model_validate({config.model_dump()!r}), 0, FakeCarla(tcp=True))
+server.start()
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or a C++ abort
+"""
+    subprocess.run([sys.executable, "-c", runner], timeout=60, cwd=Path(__file__).resolve().parents[1])
+    rpc = server_ports(0, config).rpc
+    orphan = server_binary(rpc)
+    assert not gone(orphan) and port_in_use(rpc)  # nothing killed it
+
+    replacement = ManagedServer(config, 0, FakeCarla(tcp=True))  # same worker index, same ports
+    replacement.start()
+    try:
+        assert gone(orphan) and replacement.ports.rpc == rpc
+        assert server_binary(rpc) != orphan
+    finally:
+        replacement.stop()
+
+
+def test_a_server_of_another_live_run_is_left_alone(carla_root, tmp_path):
+    config = server_config(tmp_path)
+    other_run = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import time
+from carla_env.config import ServerSection
+from carla_env.servers import ManagedServer
+from tests.fake_carla import FakeCarla
+server = ManagedServer(ServerSection.model_validate({config.model_dump()!r}), 0, FakeCarla(tcp=True))
+server.start()
+print("up", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        assert other_run.stdout.readline().strip() == "up"
+        theirs = server_binary(server_ports(0, config).rpc)
+        ours = ManagedServer(config, 0, FakeCarla(tcp=True))
+        ours.start()
+        try:
+            assert ours.ports == server_ports(0, config, block=1) and not gone(theirs)
+        finally:
+            ours.stop()
+    finally:
+        os.killpg(other_run.pid, signal.SIGKILL)
+        other_run.wait()
+        os.killpg(os.getpgid(theirs), signal.SIGKILL) if not gone(theirs) else None
+
+
 def test_restarts_stop_at_max_restarts_with_an_error(carla_root, tmp_path):
     env = carla_driving_env(tmp_path, max_restarts=0)
     try:
         env.reset(seed=0)
-        os.kill(env.simulator.server.process.pid, signal.SIGKILL)
-        with pytest.raises(ServerError, match=r"failed again after 0 restarts \(server.max_restarts\)"):
+        os.kill(server_binary(env.simulator.server.ports.rpc), signal.SIGKILL)
+        with pytest.raises(ServerError, match=r"failed again after 0 restarts \(server.max_restarts\)(.|\n)*the failure that needed a restart: time-out"):
             env.step(DRIVE)
     finally:
         env.close()
@@ -193,7 +365,8 @@ def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_fai
         s.start()
     endpoints = [f"127.0.0.1:{s.ports.rpc}" for s in stand_ins]
     try:
-        server = {"mode": "external", "external": endpoints, "tick_timeout_s": 1.0, "startup_timeout_s": 10.0}
+        server = {"mode": "external", "external": endpoints, "tick_timeout_s": 1.0, "startup_timeout_s": 10.0,
+                  "probe_timeout_s": 1.0, "base_tm_port": free_base_port() + 5000}
         first = CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=2, server=server)
         second = CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=2, server=server)
         assert {first.simulator.server.rpc_port, second.simulator.server.rpc_port} == {
@@ -205,8 +378,8 @@ def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_fai
         # The server behind `first` crashes; someone (Kubernetes) brings it back on its port.
         first.reset(seed=0)
         behind = next(s for s in stand_ins if s.ports.rpc == first.simulator.server.rpc_port)
-        os.kill(behind.process.pid, signal.SIGKILL)
-        behind.process.wait()
+        os.kill(server_binary(behind.ports.rpc), signal.SIGKILL)
+        behind.stop()
         behind.start()
         _, _, _, truncated, info = first.step(DRIVE)
         assert truncated and info["episode_end"] == "backend_failure"
@@ -223,13 +396,28 @@ def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_fai
             s.stop()
 
 
+def test_D4_an_external_server_whose_game_thread_hangs_is_not_taken_for_alive(carla_root, tmp_path):
+    stand_in = managed(tmp_path)
+    stand_in.start()
+    try:
+        os.kill(server_binary(stand_in.ports.rpc), signal.SIGUSR1)  # the game thread hangs
+        assert accepts_connections("127.0.0.1", stand_in.ports.rpc)  # TCP still says yes
+        config = ServerSection(mode="external", external=[f"127.0.0.1:{stand_in.ports.rpc}"],
+                               startup_timeout_s=1.0, probe_timeout_s=0.5)
+        external = ExternalServer(config, config.external[0], 0, FakeCarla(tcp=True))
+        with pytest.raises(ServerError, match=r"external CARLA server 127.0.0.1:\d+ did not answer within 1 s \(time-out"):
+            external.recover()
+    finally:
+        stand_in.stop()
+
+
 def test_an_external_server_that_does_not_answer_is_a_clear_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         server = ServerSection(mode="external", external=[f"127.0.0.1:{port}"], startup_timeout_s=0.5)
         with pytest.raises(ServerError, match=rf"external CARLA server 127.0.0.1:{port} did not answer within 0.5 s"):
-            ExternalServer(server, server.external[0]).start()
+            ExternalServer(server, server.external[0], 0, FakeCarla(tcp=True)).start()
 
 
 # --- From the experiment config -------------------------------------------------------------
