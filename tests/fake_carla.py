@@ -24,7 +24,9 @@ point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
   be late or dropped (`world.late_frames`, `world.drop_camera_frames`); a contact produces one
   collision event per frame in contact, possibly late (`world.collisions[frame] = n`,
   `world.collision_delay_ticks`); lane invasion events fire when the ego crosses a lane line;
-- `get_random_location_from_navigation` returns None now and then (every 4th call);
+- `get_random_location_from_navigation` returns None now and then (every 4th call); walkers
+  walk to their controller's destination;
+- the ego touching a car or a static prop (centres within CONTACT_M) is a collision event;
 - world.tick(seconds) takes its own timeout.
 
 `FakeCarla(tcp=True)` talks to a real process (tests/fake_carla_server.py) for everything the
@@ -51,6 +53,7 @@ import numpy as np
 LANE_WIDTH = 3.5
 MAPS = [f"/Game/Carla/Maps/{t}" for t in ("Town01", "Town02", "Town03", "Town10HD_Opt")]
 NPC_SPEED_MPS = 8.0
+CONTACT_M = 2.5  # centres closer than this: the cars touch
 
 
 def _boost(signature: str, **arguments) -> None:
@@ -171,6 +174,7 @@ def _all_blueprints() -> list[Blueprint]:
         Blueprint("walker.pedestrian.0002", is_invincible="true", role_name="pedestrian",
                   speed=ActorAttribute("1.2", ["0.0", "1.2", "2.4"])),
         Blueprint("controller.ai.walker"),
+        Blueprint("static.prop.streetbarrier", role_name="prop"),
         Blueprint("sensor.camera.rgb", image_size_x=800, image_size_y=600, fov=90, sensor_tick=0.0, role_name="front"),
         Blueprint("sensor.other.collision", role_name="front"),
         Blueprint("sensor.other.lane_invasion", role_name="front"),
@@ -366,8 +370,9 @@ class World:
         self.weather = weather
 
     def set_pedestrians_seed(self, seed):
+        """Seeds the navigation's random points, as in CARLA (generate_traffic.py relies on it)."""
         _boost("World.set_pedestrians_seed", seed=(seed, int))
-        self.pedestrians_seed = seed
+        self.pedestrians_seed, self._navigation_calls = seed, 0
 
     def get_blueprint_library(self):
         return BlueprintLibrary()
@@ -376,7 +381,8 @@ class World:
         self._navigation_calls += 1
         if self._navigation_calls % 4 == 0:
             return None  # boost::optional: no point found
-        return Location(7.0 * self._navigation_calls, -3.0, 0.0)  # on the sidewalk, apart
+        offset = (self.pedestrians_seed or 0) % 5  # on the sidewalk, 7 m apart, where the seed says
+        return Location(7.0 * self._navigation_calls + offset, -3.0, 0.0)
 
     def try_spawn_actor(self, blueprint, transform, attach_to=None):
         if attach_to is None and any(self._occupied(transform, a) for a in self.actors.values()):
@@ -409,7 +415,15 @@ class World:
         for actor in list(self.actors.values()):
             if actor.type_id.startswith("vehicle.") and actor.parent is None:
                 self._move(actor, dt)
+            elif isinstance(actor, WalkerAIController) and actor.running and actor.destination is not None:
+                self._walk(actor.parent, actor.destination, actor.max_speed or 1.0, dt)
             actor.in_snapshot = True
+        if ego is not None:  # one event per frame in contact with anything solid
+            for other in self.actors.values():
+                if other is not ego and other.parent is None and other.type_id.startswith(("vehicle.", "static.")):
+                    p, q = ego._transform.location, other._transform.location
+                    if math.dist((p.x, p.y), (q.x, q.y)) < CONTACT_M:
+                        self.collisions[self.frame] = self.collisions.get(self.frame, 0) + 1
         self._deliver_sensor_data(ego, before)
         return self.frame
 
@@ -447,6 +461,15 @@ class World:
         yaw = math.radians(car._transform.rotation.yaw)
         car._transform.location.x += car.speed * math.cos(yaw) * dt
         car._transform.location.y += car.speed * math.sin(yaw) * dt
+
+    @staticmethod
+    def _walk(walker, destination, speed, dt):
+        p = walker._transform.location
+        dx, dy = destination.x - p.x, destination.y - p.y
+        distance = math.hypot(dx, dy)
+        if distance > 1e-6:
+            step = min(distance, speed * dt)
+            p.x, p.y = p.x + dx / distance * step, p.y + dy / distance * step
 
     def ego(self):
         return next((a for a in self.actors.values() if str(a.attributes.get("role_name", "")) == "hero"), None)
@@ -493,6 +516,14 @@ class TrafficManager:
     def __init__(self, fake, client, port):
         self.fake, self.client, self.port = fake, client, port
         self.synchronous, self.seed, self.alive = False, None, True
+        # Its RPC server listens on the port, in the client's process. If another process's
+        # Traffic Manager holds it, CARLA makes this one that one's remote client.
+        self._listener, self.remote = None, False
+        if fake.tcp:
+            try:
+                self._listener = socket.create_server(("127.0.0.1", port))
+            except OSError:
+                self.remote = True
 
     def set_synchronous_mode(self, on):
         self.synchronous = on  # a flag inside the client process: no call to the server
@@ -509,6 +540,8 @@ class TrafficManager:
         self.client._remote("tm")  # DestroyTrafficManager RPC: needs a live server
         self.fake.traffic_managers.pop(self.port, None)
         self.alive = False
+        if self._listener is not None:
+            self._listener.close()
 
     def _tick(self):
         try:
@@ -704,3 +737,8 @@ class FakeCarla:
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+
+def tcp_carla() -> FakeCarla:
+    """`--carla-module tests.fake_carla:tcp_carla`: the double, talking to a stand-in server."""
+    return FakeCarla(tcp=True)
