@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rl.config import ConfigError, Section, format_errors
+from common.config import ConfigError, Section, format_errors
 
 Metres = Annotated[float, Field(gt=0.0)]
 

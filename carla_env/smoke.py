@@ -38,7 +38,7 @@ from carla_env.carla_driving import CarlaDrivingEnv
 from carla_env.carla_sim import CarlaSimulator
 from carla_env.config import CARLA_TOWNS, CarlaEnvConfig, load_env_config
 from carla_env.servers import ManagedServer, ServerError, _group_members, _state, import_carla, port_in_use
-from rl.config import ConfigError, load_yaml
+from common.config import ConfigError, load_yaml
 
 RESULT_PREFIX = "SMOKE-RESULT "
 SCENARIO_TIMEOUT_S = 1800

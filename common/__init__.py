@@ -1,0 +1,1 @@
+"""Code that rl/ and carla_env/ share and that depends on neither."""
