@@ -13,8 +13,8 @@ and the evaluation env that lives in the driver next to the local env runner's).
 `block` is 0 unless another run on the node holds those ports (a second job, concurrent Tune
 trials): the server handle then moves up one block at a time (carla_env/servers.py).
 
-Remote evaluation env runners would reuse worker indices 1..N, so the experiment keeps
-evaluation in the driver (rl/experiment.py: `evaluation_num_env_runners=0`).
+Remote evaluation env runners reuse worker indices 1..N: on one node with a training runner of
+the same index, their servers move up a block like another run's would.
 """
 
 from __future__ import annotations

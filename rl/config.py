@@ -150,6 +150,10 @@ class ResourcesSection(Section):
     # Managed CARLA servers run inside their env runners: N servers share one GPU, so each
     # runner asks Ray for 1/N GPU (0: env runners need no GPU, e.g. the embedded env).
     carla_servers_per_gpu: int = Field(default=0, ge=0)
+    # Ray custom resources each env runner (training and evaluation) asks for. On Kubernetes,
+    # `{carla_server: 1}` with each CARLA pod advertising one puts one runner next to each
+    # sidecar server (k8s/raycluster.yaml).
+    custom_resources_per_env_runner: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
     # A failed env runner (its env raised, its node was lost) is replaced, this many times at
     # most, after this delay; training goes on meanwhile with the others.
     max_env_runner_restarts: int = Field(default=100, ge=0)
@@ -159,6 +163,9 @@ class ResourcesSection(Section):
 class EvaluationSection(Section):
     interval_iters: int = Field(default=20, ge=0, description="0 turns periodic evaluation off")
     episodes: int = Field(default=10, gt=0)
+    # 0: evaluation envs live in the driver. N > 0: N remote evaluation env runners, placed like
+    # the training ones (e.g. on a CARLA pod, where the driver's head pod has no server).
+    num_env_runners: int = Field(default=0, ge=0)
 
 
 class HealthSection(Section):

@@ -44,20 +44,28 @@ def gpus_per_env_runner(exp: ExperimentConfig) -> float:
 
 def resource_needs(exp: ExperimentConfig) -> dict[str, tuple[float, str]]:
     """CPUs and GPUs the run asks Ray for, each with the config keys that ask."""
-    res = exp.resources
+    res, evaluators = exp.resources, exp.evaluation.num_env_runners
     learners = max(res.num_learners, 1)
-    return {
+    runners = res.num_env_runners + evaluators
+    also = f" (+ evaluation.num_env_runners={evaluators})" if evaluators else ""
+    needs = {
         "CPU": (
-            res.num_env_runners * res.cpus_per_env_runner + res.num_learners,
-            f"resources.num_env_runners={res.num_env_runners} x cpus_per_env_runner="
+            runners * res.cpus_per_env_runner + res.num_learners,
+            f"resources.num_env_runners={res.num_env_runners}{also} x cpus_per_env_runner="
             f"{res.cpus_per_env_runner:g}, + num_learners={res.num_learners}",
         ),
         "GPU": (
-            learners * res.num_gpus_per_learner + res.num_env_runners * gpus_per_env_runner(exp),
+            learners * res.num_gpus_per_learner + runners * gpus_per_env_runner(exp),
             f"resources.num_gpus_per_learner={res.num_gpus_per_learner:g} x {learners} learner(s), "
-            f"+ num_env_runners={res.num_env_runners} / carla_servers_per_gpu={res.carla_servers_per_gpu}",
+            f"+ num_env_runners={res.num_env_runners}{also} / carla_servers_per_gpu={res.carla_servers_per_gpu}",
         ),
     }
+    for name, amount in res.custom_resources_per_env_runner.items():
+        needs[name] = (
+            runners * amount,
+            f"resources.num_env_runners={res.num_env_runners}{also} x custom_resources_per_env_runner.{name}={amount:g}",
+        )
+    return needs
 
 
 def check_resources(exp: ExperimentConfig, available: dict[str, float]) -> None:
@@ -112,6 +120,7 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             rollout_fragment_length=res.rollout_fragment_length,
             num_cpus_per_env_runner=res.cpus_per_env_runner,
             num_gpus_per_env_runner=gpus_per_env_runner(exp),
+            custom_resources_per_env_runner=dict(res.custom_resources_per_env_runner),
             # Without periodic evaluation there is no evaluation runner group, and the final
             # `algo.evaluate()` runs on the driver's env runner: it needs an env then.
             create_env_on_local_worker=res.num_env_runners > 0 and not exp.evaluation.interval_iters,
@@ -149,9 +158,9 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             evaluation_interval=exp.evaluation.interval_iters or None,
             evaluation_duration=exp.evaluation.episodes,
             evaluation_duration_unit="episodes",
-            # Evaluation stays in the driver process: remote evaluation runners would reuse
-            # the training runners' worker indices, and so their CARLA ports.
-            evaluation_num_env_runners=0,
+            # 0: in the driver. Remote evaluation runners reuse the training runners' worker
+            # indices; their managed CARLA servers then move up a port block (carla_env/ports.py).
+            evaluation_num_env_runners=exp.evaluation.num_env_runners,
         )
         .callbacks([DrivingMetricsCallback, *([HealthCallback] if run_dir else [])])
         .debugging(seed=exp.experiment.seed)

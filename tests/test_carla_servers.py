@@ -455,3 +455,43 @@ def test_clashing_ports_or_too_few_slots_fail_at_config_load():
     unknown_town["env"]["kwargs"]["town"] = "Town99"
     with pytest.raises(ConfigError, match=r"env.kwargs.town: Value error, unknown town 'Town99'; CARLA 0.9.16 maps: Town01"):
         parse_config(unknown_town, "carla.yaml")
+
+
+# --- The liveness probe (Kubernetes) -----------------------------------------------------------
+
+
+def probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "carla_env.probe", "--carla-module", "tests.fake_carla:tcp_carla", *args],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_D4_the_liveness_probe_asks_the_game_thread_and_serves_kubernetes_over_http(carla_root, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    stand_in = managed(tmp_path)
+    stand_in.start()
+    http_port = free_base_port() + 7
+    server = f"127.0.0.1:{stand_in.ports.rpc}"
+    prober = subprocess.Popen(
+        [sys.executable, "-m", "carla_env.probe", "--carla-module", "tests.fake_carla:tcp_carla", "--server", server,
+         "--timeout", "1", "--serve", str(http_port)], cwd=Path(__file__).resolve().parents[1])
+
+    def healthz() -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=30).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        assert probe("--server", server).returncode == 0
+        wait_until(lambda: accepts_connections("127.0.0.1", http_port), timeout_s=20)
+        assert healthz() == 200
+        os.kill(server_binary(stand_in.ports.rpc), signal.SIGUSR1)  # the game thread hangs
+        hung = probe("--server", server, "--timeout", "1")
+        assert hung.returncode == 1 and "not answering: time-out" in hung.stdout
+        assert healthz() == 503  # the kubelet restarts the CARLA container
+    finally:
+        prober.kill()
+        prober.wait()
+        stand_in.stop()

@@ -130,3 +130,22 @@ def test_a_config_the_cluster_cannot_place_fails_fast_naming_the_keys():
     assert "CPU: needs 8 (resources.num_env_runners=8 x cpus_per_env_runner=1, + num_learners=0), the cluster has 2" in message
     assert "GPU: needs 3" in message and "the cluster has 0" in message
     check_resources(exp, {"CPU": 16.0, "GPU": 3.0})  # enough: no error
+
+
+def test_evaluation_runners_and_custom_resources_count_in_what_the_cluster_must_give():
+    from rl.experiment import check_resources
+
+    exp = parse_config(
+        {
+            "experiment": {"name": "x", "stop_env_steps": 10},
+            "env": {"id": "Pendulum-v1"},
+            "resources": {"num_env_runners": 4, "custom_resources_per_env_runner": {"carla_server": 1}},
+            "evaluation": {"num_env_runners": 1},
+        }
+    )
+    with pytest.raises(ConfigError, match=(
+        r"carla_server: needs 5 \(resources.num_env_runners=4 \(\+ evaluation.num_env_runners=1\) x "
+        r"custom_resources_per_env_runner.carla_server=1\), the cluster has 4"
+    )):
+        check_resources(exp, {"CPU": 8.0, "carla_server": 4.0})
+    check_resources(exp, {"CPU": 8.0, "carla_server": 5.0})

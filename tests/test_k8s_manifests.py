@@ -7,6 +7,7 @@ would pass; like `kubectl apply --validate=strict`, we reject fields a schema do
 """
 
 import copy
+import shlex
 import gzip
 import json
 from pathlib import Path
@@ -125,3 +126,38 @@ def test_the_schemas_carried_in_k8s_schemas_are_those_of_the_published_crds():
     for kind in ("RayCluster", "RayJob"):
         with gzip.open(K8S / "schemas" / f"{kind}.v1.json.gz", "rt") as f:
             assert json.load(f) == crd_schema(kind), f"{kind}: rerun python k8s/derive_schemas.py"
+
+
+def rollout_group() -> dict:
+    (rollout,) = [g for g in cluster()["spec"]["workerGroupSpecs"] if g["groupName"] == "carla-rollout"]
+    return rollout
+
+
+def test_the_carla_sidecar_can_render_runs_unprivileged_and_is_probed_through_its_game_thread():
+    containers = {c["name"]: c for c in rollout_group()["template"]["spec"]["containers"]}
+    carla = containers["carla-server"]
+    assert {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "all"} in carla["env"]  # Vulkan: "graphics"
+    assert carla["securityContext"]["runAsNonRoot"] and carla["securityContext"]["runAsUser"] != 0
+    # By number: a port name in a probe refers to the probed container's own ports.
+    health_ports = {p["containerPort"] for p in containers["carla-probe"]["ports"]}
+    for probe in (carla["livenessProbe"], carla["readinessProbe"]):
+        assert "tcpSocket" not in probe and probe["httpGet"]["port"] in health_ports
+    assert containers["carla-probe"]["command"][:3] == ["python", "-m", "carla_env.probe"]
+    assert "--serve" in containers["carla-probe"]["command"]
+
+
+def test_one_env_runner_per_carla_pod_and_a_pod_for_evaluation():
+    """The driver (head pod) has no CARLA server: evaluation runs on a rollout pod too."""
+    from rl.config import parse_config
+
+    rollout = rollout_group()
+    assert yaml.safe_load(yaml.safe_load(rollout["rayStartParams"]["resources"])) == {"carla_server": 1}
+    job = next(doc for _, doc in manifests() if doc["kind"] == "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    config = yaml.safe_load((ROOT / argv[argv.index("--config") + 1]).read_text())
+    exp = parse_config(config, "rayjob.yaml", overrides)
+    assert exp.resources.custom_resources_per_env_runner == {"carla_server": 1}
+    assert exp.evaluation.num_env_runners >= 1 and exp.evaluation.interval_iters > 0
+    assert rollout["replicas"] == exp.resources.num_env_runners + exp.evaluation.num_env_runners
+    assert exp.env.kwargs["server"]["mode"] == "external"
