@@ -48,7 +48,11 @@ class ClientProcess:
         # Backstops for a child stuck where its own client timeouts do not reach.
         self._slow_call_s = 4 * server.connect_timeout_s + SETTLE_S
         self._step_s = (config.physics_steps_per_control_step + 2) * server.tick_timeout_s + SETTLE_S
-        self._call("connect", timeout_s=self._slow_call_s)
+        try:
+            self._call("connect", timeout_s=self._slow_call_s)
+        except BaseException:
+            self.kill()
+            raise
 
     def reset(self, seed):
         return self._call("reset", seed, timeout_s=self._slow_call_s)

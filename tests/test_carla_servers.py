@@ -495,3 +495,26 @@ def test_D4_the_liveness_probe_asks_the_game_thread_and_serves_kubernetes_over_h
         prober.kill()
         prober.wait()
         stand_in.stop()
+
+
+def client_processes() -> list[int]:
+    """This test process's CARLA client children."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"carla_env.client_process" in cmdline:
+                children.append(int(entry.name))
+    return children
+
+
+def test_a_clear_error_while_connecting_leaves_no_server_and_no_client_process_behind(carla_root, tmp_path):
+    with pytest.raises(ServerError, match="town 'Town05' is not on the server"):
+        CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), town="Town05", server={
+            "base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0})
+    assert [p for p in client_processes() if not gone(p)] == []
+    assert list(tmp_path.glob("carla_*.json")) == []  # the server was stopped: its record is gone
