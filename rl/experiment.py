@@ -37,6 +37,9 @@ def env_descriptor(exp: ExperimentConfig) -> str:
     return exp.env.id
 
 
+FINAL_EVALUATION_ONLY = 2**62  # an evaluation interval no run reaches
+
+
 def gpus_per_env_runner(exp: ExperimentConfig) -> float:
     per_gpu = exp.resources.carla_servers_per_gpu
     return 1.0 / per_gpu if per_gpu else 0.0
@@ -121,9 +124,6 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             num_cpus_per_env_runner=res.cpus_per_env_runner,
             num_gpus_per_env_runner=gpus_per_env_runner(exp),
             custom_resources_per_env_runner=dict(res.custom_resources_per_env_runner),
-            # Without periodic evaluation there is no evaluation runner group, and the final
-            # `algo.evaluate()` runs on the driver's env runner: it needs an env then.
-            create_env_on_local_worker=res.num_env_runners > 0 and not exp.evaluation.interval_iters,
         )
         .learners(num_learners=res.num_learners, num_gpus_per_learner=res.num_gpus_per_learner)
         # An env that raises (a CARLA server beyond recovery, a simulator bug) is re-created
@@ -154,8 +154,9 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             model_config=model.model_dump()
         )
         .evaluation(
-            # Periodic evaluation off (0) still leaves `algo.evaluate()` for the final one.
-            evaluation_interval=exp.evaluation.interval_iters or None,
+            # Periodic evaluation off (0) still builds the evaluation runners, never due: without
+            # them RLlib runs the final `algo.evaluate()` on a training runner, exploring.
+            evaluation_interval=exp.evaluation.interval_iters or FINAL_EVALUATION_ONLY,
             evaluation_duration=exp.evaluation.episodes,
             evaluation_duration_unit="episodes",
             # 0: in the driver. Remote evaluation runners reuse the training runners' worker
