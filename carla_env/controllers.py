@@ -1,0 +1,74 @@
+"""Simple driving policies on the contract's observation: the baselines a learned policy must beat.
+
+- `random_policy`: uniform actions.
+- `constant_policy([0, 0])`: no steering, no throttle or brake: keep the lane and the speed.
+- `LaneKeepingController`: what a few lines of control theory do with the state vector alone.
+  Steering is proportional to the lateral offset, the heading error and the route ahead (a
+  pure-pursuit-like rule). Speed follows the Intelligent Driver Model (Treiber et al. 2000): reach
+  the target speed, and keep a time gap to the car in front, as highway-env's own IDM cars do.
+  It never changes lanes.
+
+Each is `policy(observation) -> action`, on the observation of carla_env/contract.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from carla_env.config import DrivingEnvConfig
+from carla_env.contract import ACTION_SPACE, state_features
+
+Policy = Callable[[dict], np.ndarray]
+
+
+def random_policy(seed: int = 0) -> Policy:
+    rng = np.random.default_rng(seed)
+    return lambda obs: rng.uniform(ACTION_SPACE.low, ACTION_SPACE.high).astype(np.float32)
+
+
+def constant_policy(action=(0.0, 0.0)) -> Policy:
+    action = np.asarray(action, np.float32)
+    return lambda obs: action
+
+
+class LaneKeepingController:
+    """Lane keeping on the route and IDM speed keeping; the gains were tuned on the embedded env.
+
+    steer = -(lateral_gain * offset / half lane + heading_gain * heading error / pi
+              + lookahead_gain * route lateral at the first lookahead / lane width)
+    accel = max_accel * (1 - (v / v_target)^4 - (s* / gap)^2),  s* = min_gap + v * time_gap
+    """
+
+    def __init__(
+        self,
+        config: DrivingEnvConfig,
+        lateral_gain: float = 0.4,
+        heading_gain: float = 3.0,
+        lookahead_gain: float = 0.3,
+        max_accel_mps2: float = 3.0,
+        full_throttle_mps2: float = 5.0,  # highway-env: acceleration range +-5 m/s^2
+        time_gap_s: float = 1.5,
+        min_gap_m: float = 10.0,
+    ):
+        names = state_features(config)
+        self._i = {name: names.index(name) for name in names}
+        self._ahead = names[5]  # the first lookahead distance
+        self.config = config
+        self.gains = (lateral_gain, heading_gain, lookahead_gain)
+        self.max_accel, self.full_throttle = max_accel_mps2, full_throttle_mps2
+        self.time_gap, self.min_gap = time_gap_s, min_gap_m
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        s, i = obs["state"], self._i
+        lateral_gain, heading_gain, lookahead_gain = self.gains
+        steer = -(lateral_gain * s[i["lateral_offset"]] + heading_gain * s[i["heading_error"]]
+                  - lookahead_gain * s[i[self._ahead]])
+        state = self.config.state
+        speed = s[i["speed"]] * state.target_speed_mps
+        gap_scaled = s[i["front_gap"]]
+        gap = np.inf if gap_scaled >= 1.0 else max(gap_scaled * state.front_gap_range_m, 0.1)
+        wanted_gap = self.min_gap + speed * self.time_gap
+        accel = self.max_accel * (1.0 - (speed / state.target_speed_mps) ** 4 - (wanted_gap / gap) ** 2)
+        return np.clip(np.array([steer, accel / self.full_throttle], np.float32), -1.0, 1.0)

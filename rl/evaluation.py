@@ -1,0 +1,87 @@
+"""A policy's episodes on fixed seeds: how the trained policy and the baselines are compared.
+
+    result = evaluate(env_id, env_kwargs, policy, seeds=range(1000, 1010))
+    result.return_mean, result.length_mean, result.ends["collision"], result.speed_mean
+
+`policy(observation) -> action`: a baseline of carla_env/controllers.py, or `trained_policy(
+checkpoint)`, the deterministic actor of a run's checkpoint (no exploration noise). The same
+seeds give the same traffic to every policy, so the numbers compare like for like.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+Policy = Callable[[object], np.ndarray]
+MODULE_IN_CHECKPOINT = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+
+
+@dataclass
+class EvalResult:
+    returns: list[float]
+    lengths: list[int]
+    ends: dict[str, float] = field(default_factory=dict)  # fraction of episodes per episode_end
+    speed_mean: float | None = None  # m/s over all steps, for envs that report speed_mps
+
+    @property
+    def return_mean(self) -> float:
+        return float(np.mean(self.returns))
+
+    @property
+    def length_mean(self) -> float:
+        return float(np.mean(self.lengths))
+
+    def row(self) -> dict[str, float]:
+        return {"return": self.return_mean, "return_std": float(np.std(self.returns)), "length": self.length_mean,
+                **{f"end_{k}": v for k, v in sorted(self.ends.items())},
+                **({"speed_mps": self.speed_mean} if self.speed_mean is not None else {})}
+
+
+def evaluate(env_id: str, env_kwargs: dict, policy: Policy, seeds: Iterable[int],
+             max_episode_steps: int | None = None) -> EvalResult:
+    env = gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
+    returns, lengths, ends, speeds = [], [], Counter(), []
+    try:
+        for seed in seeds:
+            obs, _ = env.reset(seed=seed)
+            total, steps, done, info = 0.0, 0, False, {}
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(policy(obs))
+                total, steps, done = total + float(reward), steps + 1, terminated or truncated
+                if "speed_mps" in info:
+                    speeds.append(info["speed_mps"])
+            returns.append(total)
+            lengths.append(steps)
+            ends[info.get("episode_end") or ("terminated" if terminated else "truncated")] += 1
+    finally:
+        env.close()
+    n = len(returns)
+    return EvalResult(returns, lengths, {k: v / n for k, v in ends.items()},
+                      float(np.mean(speeds)) if speeds else None)
+
+
+def trained_policy(checkpoint: str | Path) -> Policy:
+    """The deterministic actor of a checkpoint (`forward_inference`: no noise, no warm-up)."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    module = RLModule.from_checkpoint(Path(checkpoint) / MODULE_IN_CHECKPOINT)
+    module.eval()
+
+    def to_batch(x):
+        if isinstance(x, dict):
+            return {k: to_batch(v) for k, v in x.items()}
+        t = torch.as_tensor(np.asarray(x)[None])
+        return t.float() if t.is_floating_point() else t
+
+    def act(obs) -> np.ndarray:
+        with torch.no_grad():
+            return module.forward_inference({"obs": to_batch(obs)})["actions"][0].numpy()
+
+    return act
