@@ -333,12 +333,14 @@ class CarlaSimulator:
             point = self._route[min(self._route_index + round(d / ROUTE_SPACING_M), len(self._route) - 1)]
             ahead.append(float(np.dot(_xy(point.transform.location) - position, right)))
 
-        gap = math.inf
+        gap, closing = math.inf, 0.0
         for npc in self.world.get_actors(self._npc_ids):
             offset = _xy(npc.get_transform().location) - position
             along = float(np.dot(offset, forward))
-            if along > 0 and abs(np.dot(offset, right)) < waypoint.lane_width / 2:
-                gap = min(gap, max(0.0, along - NPC_LENGTH_M))
+            if along > 0 and abs(np.dot(offset, right)) < waypoint.lane_width / 2 and along - NPC_LENGTH_M < gap:
+                gap = max(0.0, along - NPC_LENGTH_M)
+                w = npc.get_velocity()
+                closing = float(np.dot(np.array([v.x - w.x, v.y - w.y]), forward))
 
         with self._collision_lock:  # every event since the last measurement, however late
             collided = any(f > self._episode_start_frame for f in self._collision_frames)
@@ -350,6 +352,7 @@ class CarlaSimulator:
             lane_width_m=float(waypoint.lane_width),
             lookahead_lateral_m=tuple(ahead),
             front_gap_m=gap,
+            front_closing_mps=closing,
             collided=collided,
             on_route=abs(lateral) <= self.config.max_route_deviation_m,
         )

@@ -34,6 +34,9 @@ class Measurements:
     lane_width_m: float
     lookahead_lateral_m: tuple[float, ...]  # route points ahead (StateSection.lookahead_m), car frame
     front_gap_m: float  # to the nearest vehicle ahead in the lane; inf if none
+    # How fast that gap shrinks (ego minus front car, along the route); 0 if none. A gap alone
+    # cannot tell a car stopped ahead from one driving away.
+    front_closing_mps: float
     collided: bool  # a collision happened during this tick
     on_route: bool  # still on the road / near the route
 
@@ -67,6 +70,7 @@ def state_features(config: DrivingEnvConfig) -> list[str]:
         "heading_error",
         *ahead,
         "front_gap",
+        "front_closing",
     ]
 
 
@@ -95,6 +99,7 @@ def state_vector(m: Measurements, prev_action: np.ndarray, config: DrivingEnvCon
             m.heading_error_rad / np.pi,
             *(lat / m.lane_width_m for lat in m.lookahead_lateral_m),
             min(m.front_gap_m, gap_range) / gap_range,
+            m.front_closing_mps / config.state.target_speed_mps if m.front_gap_m < gap_range else 0.0,
         ],
         dtype=np.float32,
     )

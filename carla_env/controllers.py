@@ -37,8 +37,9 @@ class LaneKeepingController:
     """Lane keeping on the route and IDM speed keeping; the gains were tuned on the embedded env.
 
     steer = -(lateral_gain * offset / half lane + heading_gain * heading error / pi
-              + lookahead_gain * route lateral at the first lookahead / lane width)
-    accel = max_accel * (1 - (v / v_target)^4 - (s* / gap)^2),  s* = min_gap + v * time_gap
+              - lookahead_gain * route lateral at the first lookahead / lane width)
+    accel = max_accel * (1 - (v / v_target)^4 - (s* / gap)^2),
+    s* = min_gap + v * time_gap + v * closing / (2 sqrt(max_accel * comfortable_brake))
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class LaneKeepingController:
         full_throttle_mps2: float = 5.0,  # highway-env: acceleration range +-5 m/s^2
         time_gap_s: float = 1.5,
         min_gap_m: float = 10.0,
+        comfortable_brake_mps2: float = 5.0,
     ):
         names = state_features(config)
         self._i = {name: names.index(name) for name in names}
@@ -58,7 +60,7 @@ class LaneKeepingController:
         self.config = config
         self.gains = (lateral_gain, heading_gain, lookahead_gain)
         self.max_accel, self.full_throttle = max_accel_mps2, full_throttle_mps2
-        self.time_gap, self.min_gap = time_gap_s, min_gap_m
+        self.time_gap, self.min_gap, self.brake = time_gap_s, min_gap_m, comfortable_brake_mps2
 
     def __call__(self, obs: dict) -> np.ndarray:
         s, i = obs["state"], self._i
@@ -69,6 +71,7 @@ class LaneKeepingController:
         speed = s[i["speed"]] * state.target_speed_mps
         gap_scaled = s[i["front_gap"]]
         gap = np.inf if gap_scaled >= 1.0 else max(gap_scaled * state.front_gap_range_m, 0.1)
-        wanted_gap = self.min_gap + speed * self.time_gap
+        closing = s[i["front_closing"]] * state.target_speed_mps
+        wanted_gap = self.min_gap + max(speed * self.time_gap + speed * closing / (2 * np.sqrt(self.max_accel * self.brake)), 0.0)
         accel = self.max_accel * (1.0 - (speed / state.target_speed_mps) ** 4 - (wanted_gap / gap) ** 2)
         return np.clip(np.array([steer, accel / self.full_throttle], np.float32), -1.0, 1.0)

@@ -92,9 +92,11 @@ class HighwaySimulator:
             for d in self.config.state.lookahead_m
         )
         front, _ = road.neighbour_vehicles(car, car.lane_index)
-        gap = math.inf
+        gap, closing = math.inf, 0.0
         if front is not None:
             gap = max(0.0, lane.local_coordinates(front.position)[0] - s - car.LENGTH)
+            along = np.array([math.cos(lane.heading_at(s)), math.sin(lane.heading_at(s))])
+            closing = float(np.dot(car.velocity - front.velocity, along))
         return Measurements(
             speed_mps=float(car.speed),
             lateral_offset_m=float(lateral),
@@ -102,6 +104,7 @@ class HighwaySimulator:
             lane_width_m=float(lane.width_at(s)),
             lookahead_lateral_m=ahead,
             front_gap_m=gap,
+            front_closing_mps=closing,
             collided=bool(car.crashed),
             on_route=bool(car.on_road),
         )

@@ -12,9 +12,10 @@ from rl.evaluation import evaluate
 CONFIG = EmbeddedEnvConfig()  # target 25 m/s, lane 3.5 m, gaps read up to 60 m
 
 
-def observation(speed=25.0, lateral=0.0, heading=0.0, ahead=(0.0, 0.0, 0.0), gap=np.inf) -> dict:
+def observation(speed=25.0, lateral=0.0, heading=0.0, ahead=(0.0, 0.0, 0.0), gap=np.inf, closing=0.0) -> dict:
     m = Measurements(speed_mps=speed, lateral_offset_m=lateral, heading_error_rad=heading, lane_width_m=3.5,
-                     lookahead_lateral_m=ahead, front_gap_m=gap, collided=False, on_route=True)
+                     lookahead_lateral_m=ahead, front_gap_m=gap, front_closing_mps=closing, collided=False,
+                     on_route=True)
     return {"state": state_vector(m, np.zeros(2, np.float32), CONFIG)}
 
 
@@ -43,6 +44,10 @@ def test_the_controller_keeps_the_target_speed_and_a_time_gap_like_idm():
     assert control(observation(speed=20.0, gap=20.0))[1] == -1.0
     # Far behind (60 m or more reads as free road).
     assert control(observation(speed=20.0, gap=80.0))[1] > 0.0
+    # 50 m behind at the same speed: gap wanted 40 m, a = 3 (1 - 0.8^4 - 0.8^2) > 0 ...
+    assert control(observation(speed=20.0, gap=50.0))[1] == pytest.approx(3 * (1 - 0.8**4 - 0.8**2) / 5, abs=1e-5)
+    # ... but closing in at 10 m/s: gap wanted 40 + 20 * 10 / (2 sqrt(3 * 5)) = 65.8 m: brake.
+    assert control(observation(speed=20.0, gap=50.0, closing=10.0))[1] < 0.0
 
 
 def test_evaluate_reports_returns_lengths_and_how_episodes_ended():

@@ -23,6 +23,7 @@ CRUISING = Measurements(
     lane_width_m=4.0,
     lookahead_lateral_m=(0.0, 0.0, 0.0),
     front_gap_m=float("inf"),
+    front_closing_mps=0.0,
     collided=False,
     on_route=True,
 )
@@ -161,15 +162,15 @@ def test_frames_are_stacked_oldest_first_and_the_first_frame_fills_the_stack():
 
 
 def test_state_vector_carries_the_previous_action_and_scaled_measurements():
-    m = replace(CRUISING, speed_mps=12.5, lateral_offset_m=1.0, front_gap_m=30.0,
+    m = replace(CRUISING, speed_mps=12.5, lateral_offset_m=1.0, front_gap_m=30.0, front_closing_mps=5.0,
                 lookahead_lateral_m=(0.4, 0.8, 2.0))
     env = scripted_env([m])
     env.reset(seed=0)
     env.step(np.array([0.25, -0.5], np.float32))
     obs, *_ = env.step(np.array([0.5, 0.75], np.float32))
     # speed/25, the action just applied (the policy's previous one when it next acts),
-    # lateral/2 m, heading/pi, lookahead/4 m, gap/60 m
-    assert obs["state"] == pytest.approx([0.5, 0.5, 0.75, 0.5, 0.0, 0.1, 0.2, 0.5, 0.5])
+    # lateral/2 m, heading/pi, lookahead/4 m, gap/60 m, closing speed/25
+    assert obs["state"] == pytest.approx([0.5, 0.5, 0.75, 0.5, 0.0, 0.1, 0.2, 0.5, 0.5, 0.2])
     assert obs["state"].dtype == np.float32
 
 
