@@ -26,6 +26,7 @@ from carla_env.servers import (
     ExternalServer,
     ManagedServer,
     ServerError,
+    ServerRecord,
     accepts_connections,
     claim_external_endpoint,
     game_thread_answers,
@@ -291,8 +292,11 @@ finally:
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
+    # The abort skipped the script's `finally`: its server is an orphan, found by its record (D8).
+    orphans = [ServerRecord(tmp_path, int(r.stem.split("_")[1])).kill_if_stale() for r in tmp_path.glob("carla_*.json")]
     assert run.returncode == -signal.SIGABRT, run.stdout + run.stderr
     assert "traffic manager on port" in run.stderr and "survived" not in run.stdout
+    assert orphans == [True]
 
 
 def test_D8_a_server_left_by_a_runner_that_died_is_killed_before_its_ports_are_reused(carla_root, tmp_path):
