@@ -1,7 +1,6 @@
 """The driving reward: a sum of named, bounded terms, each reported in `info["reward_terms"]`.
 
-    progress        +w * max(0, 1 - |forward_speed - target| / target)  in [0, w]
-                    (the target speed earns most; faster earns less, as slower does)
+    progress        +w * clip(forward_speed / target_speed, 0, 1)       in [0, w]
     lane_centering  -w * min(|lateral_offset| / (lane_width / 2), 1)     in [-w, 0]
     collision       -w on the step the car collides (then terminated)    in {-w, 0}
     off_route       -w on the step the car leaves the road (terminated)  in {-w, 0}
@@ -26,13 +25,10 @@ def reward_terms(
 ) -> dict[str, float]:
     w = config.reward
     speed_ratio = m.forward_speed_mps / config.state.target_speed_mps
-    # Above the target, less: a reward that stays flat there leaves speeding free, and speeding
-    # into traffic is how policies ended, 27 m/s for a 25 m/s target (benchmarks/README.md).
-    speed_score = max(0.0, 1.0 - abs(speed_ratio - 1.0))
     off_centre = abs(m.lateral_offset_m) / (m.lane_width_m / 2.0)
     steer_change = abs(float(action[STEER]) - float(prev_action[STEER])) / 2.0
     return {
-        "progress": w.progress * speed_score,
+        "progress": w.progress * float(np.clip(speed_ratio, 0.0, 1.0)),
         "lane_centering": -w.lane_centering * min(off_centre, 1.0),
         "collision": -w.collision * float(m.collided),
         "off_route": -w.off_route * float(not m.on_route),

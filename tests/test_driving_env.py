@@ -89,8 +89,8 @@ def test_reward_terms_by_hand():
 
 
 def test_each_term_saturates_at_its_magnitude():
-    # The target speed earns 1x progress; 3 half-widths off centre costs 1x centering.
-    m = replace(CRUISING, speed_mps=25.0, lateral_offset_m=6.0, collided=True, on_route=False)
+    # 3x target speed earns 1x progress; 3 half-widths off centre costs 1x centering.
+    m = replace(CRUISING, speed_mps=75.0, lateral_offset_m=6.0, collided=True, on_route=False)
     env = scripted_env([m])
     env.reset(seed=0)
     env.step(np.array([-1.0, 0.0], np.float32))
@@ -104,15 +104,6 @@ def test_each_term_saturates_at_its_magnitude():
     r_min, r_max = env.reward_bounds
     assert (r_min, r_max) == pytest.approx((-(0.3 + 10.0 + 10.0 + 0.1), 1.0))
     assert reward == pytest.approx(r_min + w.progress)
-
-
-def test_speeding_earns_less_progress_than_the_target_speed():
-    progress = {}  # the default target speed: 25 m/s
-    for speed in (20.0, 25.0, 30.0, 50.0, 60.0):
-        env = scripted_env([replace(CRUISING, speed_mps=speed)])
-        env.reset(seed=0)
-        progress[speed] = env.step(np.zeros(2, np.float32))[4]["reward_terms"]["progress"]
-    assert progress == pytest.approx({20.0: 0.8, 25.0: 1.0, 30.0: 0.8, 50.0: 0.0, 60.0: 0.0})
 
 
 def test_driving_backwards_or_sideways_earns_no_progress():
