@@ -53,6 +53,10 @@ def test_td3_with_cnn_learns_to_drive_better_than_the_constant_action(ray_local,
     # A healthy run: no CRITICAL alert, and its validation report says PASS.
     alerts = read_alerts(tmp_path / "run")
     assert not [a for a in alerts if a["level"] == "CRITICAL"], alerts
-    assert len([a for a in alerts if a["level"] == "WARN"]) <= 1, alerts
+    # Exploration noise 0.2 makes the training return dip now and then: a WARN is allowed when
+    # it cleared again (an INFO for its rule came after it); none may stand at the end.
+    for i, warn in enumerate(alerts):
+        if warn["level"] == "WARN":
+            assert any(a["level"] == "INFO" and a["rule"] == warn["rule"] for a in alerts[i + 1:]), alerts
     passed, report = write_report(tmp_path / "run")
     assert passed, report.read_text()
