@@ -2,15 +2,21 @@
 
     python -m benchmarks.td3_vs_sb3                       # Pendulum 20k + HalfCheetah 30k, 3 seeds
     python -m benchmarks.td3_vs_sb3 --envs pendulum --seeds 0
+    python -m benchmarks.td3_vs_sb3 --envs pendulum --seeds $(seq 0 9) --jobs 8   # many cores
 
 Both sides take their hyperparameters from the same experiment config in configs/ (SB3's are
-derived from it here), use one torch thread, and run one at a time, each in a fresh process,
-so neither steals the other's cores. Writes benchmarks/results/td3_vs_sb3.{json,md}.
+derived from it here) and use one torch thread, each run in a fresh process. By default runs go
+one at a time, so neither steals the other's cores; `--jobs N` runs N at once on a machine with
+the cores for it (returns are the same, seeded; throughput then depends on the neighbours, so
+compare it only within one run). Per env, the return table gives mean, spread and Welch's t-test
+and the Mann-Whitney U test of ours against SB3 over seeds. Writes
+benchmarks/results/<name>.{json,md} (`--name`, default td3_vs_sb3).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -43,7 +49,8 @@ def run_ours(config_path: str, steps: int, seed: int) -> dict:
         exp = load_config(
             config_path,
             [f"experiment.stop_env_steps={steps}", f"experiment.seed={seed}",
-             f"experiment.output_dir={tmp}", "evaluation.interval_iters=0"],
+             f"experiment.output_dir={tmp}", "evaluation.interval_iters=0",
+             "wandb.enabled=false"],  # SB3 logs nowhere either
         )
         summary = train(exp, show_progress=False)
         rows = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").open()]
@@ -130,7 +137,8 @@ def _worker(impl: str, bench: str, steps: int, seed: int) -> None:
 
 
 def _run_in_subprocess(impl: str, bench: str, steps: int, seed: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.td3_vs_sb3", "--worker", impl, bench, str(steps), str(seed)],
         cwd=ROOT, env=env, capture_output=True, text=True,
@@ -145,10 +153,27 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _std(values: list[float]) -> float:
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def compare_returns(ours: list[float], sb3: list[float]) -> dict:
+    """Ours against SB3 over seeds: difference of means, Welch's t-test (unequal variances) and
+    the Mann-Whitney U test (no normality assumed), two-sided p-values."""
+    from scipy import stats
+
+    out = {"diff": _mean(ours) - _mean(sb3), "welch_p": float("nan"), "mannwhitney_p": float("nan")}
+    if len(ours) >= 2 and len(sb3) >= 2:
+        out["welch_p"] = float(stats.ttest_ind(ours, sb3, equal_var=False).pvalue)
+        out["mannwhitney_p"] = float(stats.mannwhitneyu(ours, sb3, alternative="two-sided").pvalue)
+    return out
+
+
 def table(results: dict) -> str:
     header = (
-        "| env (steps) | impl | eval return (mean of seeds) | per seed | env steps/s | "
-        "updates/s | peak RSS MB |\n|---|---|---|---|---|---|---|\n"
+        "| env (steps) | impl | seeds | eval return mean (std) | per seed | env steps/s | "
+        "updates/s | peak RSS MB |\n|---|---|---|---|---|---|---|---|\n"
     )
     rows, ratios = [], []
     for bench, by_impl in results.items():
@@ -160,23 +185,28 @@ def table(results: dict) -> str:
                 "ups": _mean([r["updates"] / r["train_time_s"] for r in runs]),
                 "rss": max(r["peak_rss_mb"] for r in runs),
             }
+            returns = [r["eval_return"] for r in runs]
             per_seed = ", ".join(f"{r['eval_return']:.0f}" for r in runs)
             steps = runs[0]["env_steps"]
             rows.append(
-                f"| {bench} ({steps:,.0f}) | {impl} | {agg[impl]['ret']:.1f} | {per_seed} | "
+                f"| {bench} ({steps:,.0f}) | {impl} | {len(runs)} | {agg[impl]['ret']:.1f} "
+                f"({_std(returns):.1f}) | {per_seed} | "
                 f"{agg[impl]['sps']:.1f} | {agg[impl]['ups']:.1f} | {agg[impl]['rss']:.0f} |"
             )
         if {"ours", "sb3"} <= agg.keys():
             o, s = agg["ours"], agg["sb3"]
+            test = compare_returns(*([r["eval_return"] for r in by_impl[i]] for i in ("ours", "sb3")))
             ratios.append(
-                f"| {bench} | {o['ret'] - s['ret']:+.1f} | {o['sps'] / s['sps']:.2f}x | "
+                f"| {bench} | {test['diff']:+.1f} | {test['welch_p']:.2f} | "
+                f"{test['mannwhitney_p']:.2f} | {o['sps'] / s['sps']:.2f}x | "
                 f"{o['ups'] / s['ups']:.2f}x | {o['rss'] / s['rss']:.2f}x |"
             )
     out = header + "\n".join(rows) + "\n"
     if ratios:
         out += (
-            "\n| env | return, ours - SB3 | env steps/s, ours/SB3 | updates/s, ours/SB3 | "
-            "peak RSS, ours/SB3 |\n|---|---|---|---|---|\n" + "\n".join(ratios) + "\n"
+            "\n| env | return, ours - SB3 | Welch t-test p | Mann-Whitney p | env steps/s, "
+            "ours/SB3 | updates/s, ours/SB3 | peak RSS, ours/SB3 |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(ratios) + "\n"
         )
     return out
 
@@ -191,23 +221,35 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--impls", nargs="+", choices=["ours", "sb3"], default=["ours", "sb3"])
     parser.add_argument("--steps", type=int, help="env steps for every env (default: per env)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: one at a time)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    parser.add_argument("--name", default="td3_vs_sb3", help="results file name, without suffix")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
-    for bench in args.envs:
-        steps = args.steps or BENCHMARKS[bench][1]
-        for seed in args.seeds:
-            for impl in args.impls:
-                t0 = time.monotonic()
-                run = _run_in_subprocess(impl, bench, steps, seed)
-                results.setdefault(bench, {}).setdefault(impl, []).append(run)
-                print(f"{bench} {impl} seed {seed}: return {run['eval_return']:.1f}, "
-                      f"{run['env_steps'] / run['train_time_s']:.1f} env steps/s "
-                      f"({time.monotonic() - t0:.0f} s)", flush=True)
-                (RESULTS / "td3_vs_sb3.json").write_text(json.dumps(results, indent=2))
-    md = table(results)
-    (RESULTS / "td3_vs_sb3.md").write_text(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = [(bench, seed, impl) for bench in args.envs for seed in args.seeds for impl in args.impls]
+    results: dict = {b: {i: [] for i in args.impls} for b in args.envs}
+
+    def one(bench: str, seed: int, impl: str) -> tuple:
+        t0 = time.monotonic()
+        run = _run_in_subprocess(impl, bench, args.steps or BENCHMARKS[bench][1], seed)
+        return run | {"seed": seed, "jobs": args.jobs}, time.monotonic() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(one, *r): r for r in runs}
+        for future in concurrent.futures.as_completed(futures):
+            bench, seed, impl = futures[future]
+            run, wall = future.result()
+            results[bench][impl].append(run)
+            results[bench][impl].sort(key=lambda r: r["seed"])
+            print(f"{bench} {impl} seed {seed}: return {run['eval_return']:.1f}, "
+                  f"{run['env_steps'] / run['train_time_s']:.1f} env steps/s ({wall:.0f} s)",
+                  flush=True)
+            (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    md = table({b: {i: r for i, r in by.items() if r} for b, by in results.items()})
+    (args.out / f"{args.name}.md").write_text(md)
     print("\n" + md)
 
 

@@ -61,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve is not None:
         serve(args.serve, args.server, args.timeout, args.carla_module)
         return 0
-    carla = None
-    if args.carla_module:
-        import importlib
-
-        module, factory = args.carla_module.split(":")
-        carla = getattr(importlib.import_module(module), factory)()
-    why = check(args.server, args.timeout, carla)
+    why = check(args.server, args.timeout, import_carla(args.carla_module))
     print(f"{args.server}: {'alive' if why is None else 'not answering: ' + why}")
     return 0 if why is None else 1
 

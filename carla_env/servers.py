@@ -33,6 +33,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from carla_env import procfs
 from carla_env.config import ServerSection
 from carla_env.ports import ServerPorts, server_ports
 
@@ -55,7 +56,12 @@ class ServerLost(RuntimeError):
         return ServerLost, (self.counter, str(self))
 
 
-def import_carla():
+def import_carla(spec: str | None = None):
+    """The CARLA client module; `spec` ("pkg.mod:factory", the CLIs' hidden --carla-module) names
+    a stand-in built by calling that factory instead (the tests' double)."""
+    if spec:
+        module, _, factory = spec.partition(":")
+        return getattr(importlib.import_module(module), factory)()
     try:
         return importlib.import_module("carla")
     except ImportError:
@@ -133,34 +139,6 @@ def wait_until_answers(carla, host: str, port: int, server: ServerSection, died=
 # --- Servers of runners that died: records in log_dir ----------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a pid from its reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                    members.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return members
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 class ServerRecord:
     """`carla_<rpc port>.json` in log_dir: which process group serves the port, for whom."""
 
@@ -169,7 +147,7 @@ class ServerRecord:
         self.rpc_port = rpc_port
 
     def write(self, pgid: int) -> None:
-        record = {"pgid": pgid, "owner_pid": os.getpid(), "owner_start": _start_time(os.getpid())}
+        record = {"pgid": pgid, "owner_pid": os.getpid(), "owner_start": procfs.start_time(os.getpid())}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.path)
@@ -184,30 +162,24 @@ class ServerRecord:
             record = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return False
-        owner_alive = _start_time(record["owner_pid"]) == record["owner_start"]
+        owner_alive = procfs.start_time(record["owner_pid"]) == record["owner_start"]
         if owner_alive and record["owner_pid"] != os.getpid():
             return False  # another live run's server: not ours to kill
         flag = f"-carla-rpc-port={self.rpc_port}"
-        members = [pid for pid in _group_members(record["pgid"]) if flag in _cmdline(pid)]
+        members = [pid for pid in procfs.group_members(record["pgid"]) if flag in procfs.cmdline(pid)]
         if members:
             try:
                 os.killpg(record["pgid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + 10.0
-            while any(_start_time(pid) is not None and _state(pid) != "Z" for pid in members):
+            while any(procfs.alive(pid) for pid in members):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
         self.remove()
         return bool(members)
 
-
-def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 # --- Logs and GPUs ------------------------------------------------------------------------
@@ -383,7 +355,7 @@ class ManagedServer:
             try:
                 self.process.wait(wait_s)
                 # The launcher is gone; the group may still hold the UE binary.
-                if not _group_members(self.process.pid):
+                if not procfs.group_members(self.process.pid):
                     break
             except subprocess.TimeoutExpired:
                 continue

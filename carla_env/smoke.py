@@ -20,7 +20,6 @@ tests/fake_carla.py that way).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -37,7 +36,8 @@ import numpy as np
 from carla_env.carla_driving import CarlaDrivingEnv
 from carla_env.carla_sim import CarlaSimulator
 from carla_env.config import CARLA_TOWNS, CarlaEnvConfig, load_env_config
-from carla_env.servers import ManagedServer, ServerError, _group_members, _state, import_carla, port_in_use
+from carla_env import procfs
+from carla_env.servers import ManagedServer, ServerError, import_carla, port_in_use
 from common.config import ConfigError, load_yaml
 
 RESULT_PREFIX = "SMOKE-RESULT "
@@ -69,10 +69,7 @@ class Result:
 
 
 def carla_of(ctx: Context):
-    if ctx.carla_module is None:
-        return import_carla()
-    module, factory = ctx.carla_module.split(":")
-    return getattr(importlib.import_module(module), factory)()
+    return import_carla(ctx.carla_module)
 
 
 def config_of(ctx: Context, **changes) -> CarlaEnvConfig:
@@ -251,14 +248,7 @@ def s6_collision(ctx: Context) -> Result:
 
 
 def _rss_mb(pgid: int | None) -> float:
-    total = 0.0
-    for pid in _group_members(pgid) if pgid else []:
-        try:
-            line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
-            total += int(line.split()[1]) / 1024
-        except (OSError, StopIteration):
-            continue
-    return total
+    return sum(procfs.rss_mb(pid) for pid in procfs.group_members(pgid)) if pgid else 0.0
 
 
 def s7_cleanup(ctx: Context) -> Result:
@@ -323,7 +313,7 @@ def _managed_env(ctx: Context, worker_index: int) -> CarlaDrivingEnv:
 def _binary_of(env: CarlaDrivingEnv) -> int:
     """The UE binary: the member of the server's process group that is not the launcher."""
     server = env.simulator.server
-    members = [pid for pid in _group_members(server.process.pid) if pid != server.process.pid]
+    members = [pid for pid in procfs.group_members(server.process.pid) if pid != server.process.pid]
     return members[0] if members else server.process.pid
 
 
@@ -343,7 +333,7 @@ def _kill_mid_episode(ctx: Context, sig: signal.Signals, worker_index: int) -> t
         health = env.backend_health()
     finally:
         env.close()
-    leftovers = [binary] if _state(binary) not in (None, "Z") else []
+    leftovers = [binary] if procfs.alive(binary) else []
     again = subprocess.run([sys.executable, "-m", "carla_env.smoke", "--scenario", "fresh", "--worker-index",
                             str(worker_index), "--context", json.dumps(asdict(ctx))], capture_output=True, timeout=SCENARIO_TIMEOUT_S)
     ok = truncated_ok and went_on and not leftovers and not port_in_use(rpc) and again.returncode == 0
@@ -398,7 +388,7 @@ def _gpus_of(pgids: list[int]) -> dict[str, str]:
                               capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {}
-    members = {pid: pgid for pgid in pgids for pid in _group_members(pgid)}
+    members = {pid: pgid for pgid in pgids for pid in procfs.group_members(pgid)}
     return {f"server {members[int(pid)]}": uuid.strip() for pid, uuid in (r.split(",") for r in rows) if int(pid) in members}
 
 
@@ -522,10 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     server, pgid, host, port = None, None, args.host, args.port
     if args.managed:
         config = load_env_config(CarlaEnvConfig, env)
-        carla = None
-        if args.carla_module:
-            module, factory = args.carla_module.split(":")
-            carla = getattr(importlib.import_module(module), factory)()
+        carla = import_carla(args.carla_module)
         server = ManagedServer(config.server, ordinal=config.server.slots_per_process * 80, carla_module=carla)
         start = time.perf_counter()
         try:

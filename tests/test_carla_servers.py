@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from carla_env import procfs
 from carla_env.carla_driving import CarlaDrivingEnv
 from carla_env.config import ServerSection
 from carla_env.ports import PROCESS_SLOTS, check_no_clashes, server_ports, slot_ordinal
@@ -57,29 +58,12 @@ def free_base_port() -> int:
         return 20000 + s.getsockname()[1] % 20000
 
 
-def process_state(pid: int) -> str | None:
-    """R, S, T (stopped), Z (dead, not reaped); None once gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return None
-    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
-
-
-def gone(pid: int) -> bool:
-    return process_state(pid) in (None, "Z")
-
-
 def server_binary(rpc_port: int) -> int:
     """The stand-in's pid (the "UE binary"), not its launcher script's."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode()
-            except OSError:
-                continue
-            if str(STAND_IN) in cmdline and f"-carla-rpc-port={rpc_port}\0" in cmdline and not cmdline.startswith("/bin/sh"):
-                return int(entry.name)
+    for pid in procfs.pids():
+        args = procfs.cmdline(pid)
+        if str(STAND_IN) in args and f"-carla-rpc-port={rpc_port}" in args and args[0] != "/bin/sh":
+            return pid
     raise AssertionError(f"no stand-in server on port {rpc_port}")
 
 
@@ -154,7 +138,7 @@ def test_launches_off_screen_on_its_ports_and_gpu_and_stops_the_whole_process_tr
         assert (tmp_path / f"carla_{server.ports.rpc}.json").is_file()  # for whoever finds it orphaned
     finally:
         server.stop()
-    assert not server.alive() and gone(binary)
+    assert not server.alive() and not procfs.alive(binary)
     assert not (tmp_path / f"carla_{server.ports.rpc}.json").exists()
 
 
@@ -248,14 +232,14 @@ def test_D3_a_crashed_or_hung_server_is_replaced_with_a_new_client_and_training_
         env.step(DRIVE)
         binary, client_pid = server_binary(env.simulator.server.ports.rpc), env.simulator.client._process.pid
         os.kill(binary, FAILURES[failure])
-        wait_until(lambda: process_state(binary) in ("Z", "T", None, "S"))
+        wait_until(lambda: procfs.state(binary) in ("Z", "T", None, "S"))
 
         _, reward, terminated, truncated, info = env.step(DRIVE)
         assert (reward, terminated, truncated, info["episode_end"]) == (0.0, False, True, "backend_failure")
         health = env.backend_health()
         assert health["server_restarts"] == 1 and health["tick_timeouts"] == 1
-        assert gone(binary)  # a hung server is killed, not left behind
-        assert gone(client_pid) and env.simulator.client._process.pid != client_pid
+        assert not procfs.alive(binary)  # a hung server is killed, not left behind
+        assert not procfs.alive(client_pid) and env.simulator.client._process.pid != client_pid
 
         env.reset(seed=1)  # the new client on the new server: episodes go on
         for _ in range(3):
@@ -313,12 +297,12 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or
     subprocess.run([sys.executable, "-c", runner], timeout=60, cwd=Path(__file__).resolve().parents[1])
     rpc = server_ports(0, config).rpc
     orphan = server_binary(rpc)
-    assert not gone(orphan) and port_in_use(rpc)  # nothing killed it
+    assert procfs.alive(orphan) and port_in_use(rpc)  # nothing killed it
 
     replacement = ManagedServer(config, 0, FakeCarla(tcp=True))  # same worker index, same ports
     replacement.start()
     try:
-        assert gone(orphan) and replacement.ports.rpc == rpc
+        assert not procfs.alive(orphan) and replacement.ports.rpc == rpc
         assert server_binary(rpc) != orphan
     finally:
         replacement.stop()
@@ -343,13 +327,13 @@ time.sleep(60)
         ours = ManagedServer(config, 0, FakeCarla(tcp=True))
         ours.start()
         try:
-            assert ours.ports == server_ports(0, config, block=1) and not gone(theirs)
+            assert ours.ports == server_ports(0, config, block=1) and procfs.alive(theirs)
         finally:
             ours.stop()
     finally:
         os.killpg(other_run.pid, signal.SIGKILL)
         other_run.wait()
-        os.killpg(os.getpgid(theirs), signal.SIGKILL) if not gone(theirs) else None
+        os.killpg(os.getpgid(theirs), signal.SIGKILL) if procfs.alive(theirs) else None
 
 
 def test_restarts_stop_at_max_restarts_with_an_error(carla_root, tmp_path):
@@ -503,22 +487,12 @@ def test_D4_the_liveness_probe_asks_the_game_thread_and_serves_kubernetes_over_h
 
 def client_processes() -> list[int]:
     """This test process's CARLA client children."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"carla_env.client_process" in cmdline:
-                children.append(int(entry.name))
-    return children
+    return [pid for pid in procfs.children(os.getpid()) if "carla_env.client_process" in procfs.cmdline(pid)]
 
 
 def test_a_clear_error_while_connecting_leaves_no_server_and_no_client_process_behind(carla_root, tmp_path):
     with pytest.raises(ServerError, match="town 'Town05' is not on the server"):
         CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), town="Town05", server={
             "base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0})
-    assert [p for p in client_processes() if not gone(p)] == []
+    assert [p for p in client_processes() if procfs.alive(p)] == []
     assert list(tmp_path.glob("carla_*.json")) == []  # the server was stopped: its record is gone
