@@ -411,12 +411,12 @@ class HealthMonitor:
             conditions["q_out_of_bound"] = (
                 CRITICAL,
                 f"Q values left the range any return can have: Q max {q_hi:,.1f}, Q min "
-                f"{q_lo:,.1f}, but rewards in [{lower * (1 - self.facts.gamma):g}, "
+                f"{f'{q_lo:,.1f}' if _finite(q_lo) else 'not logged'}, but rewards in [{lower * (1 - self.facts.gamma):g}, "
                 f"{upper * (1 - self.facts.gamma):g}] with gamma {self.facts.gamma} bound every "
                 f"discounted return to [{lower:,.1f}, {upper:,.1f}] (off by {excess:.1f}x that "
                 "range). Likely cause: overestimation feeding on itself through the targets "
                 "(learning rate, tau, or clipping too loose), or rewards larger than documented.",
-                {"q_max": q_hi, "q_min": q_lo, "bound_lower": lower, "bound_upper": upper, "excess": excess},
+                {"q_max": q_hi, "q_min": q_lo if _finite(q_lo) else None, "bound_lower": lower, "bound_upper": upper, "excess": excess},
             )
         self._check_overestimation(m, health, conditions)
         self._q_abs.append(abs(q_hi))

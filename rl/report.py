@@ -145,7 +145,8 @@ def at_a_glance(rows: list[dict], facts: RunFacts) -> list[str]:
     _, q_max = series(rows, "q/q1_max")
     _, q_min = series(rows, "q/q1_min")
     if len(q_max):
-        lines.append(f"- Q1 range over the run: [{np.nanmin(q_min):,.1f}, {np.nanmax(q_max):,.1f}]")
+        low = f"{np.nanmin(q_min):,.1f}" if len(q_min) else "min not logged"
+        lines.append(f"- Q1 range over the run: [{low}, {np.nanmax(q_max):,.1f}]")
     for group, limit in facts.grad_clip.items():
         _, pre = series(rows, f"grad/{group}/pre_clip_norm")
         if len(pre):
@@ -233,10 +234,10 @@ def write_report(run_dir: Path) -> tuple[bool, Path]:
     failed = [c.name for c in results if not c.passed]
     warned = [c.name for c in results if c.result == "WARN"]
     lines = [
-        f"# Validation report: {config['experiment']['name']}",
+        f"# Validation report: {config.get('experiment', {}).get('name', run_dir.name)}",
         "",
         f"Run: `{run_dir}`  ",
-        f"Env: `{config['env']['id']}`, {rows[-1].get('env/steps_sampled', 0):,.0f} env steps, "
+        f"Env: `{config.get('env', {}).get('id', '?')}`, {rows[-1].get('env/steps_sampled', 0):,.0f} env steps, "
         f"{len(rows)} iterations" if rows else "No iterations recorded.",
         "",
         f"## Verdict: {'PASS' if passed else 'FAIL'}",

@@ -58,6 +58,14 @@ def test_q_leaving_its_return_bound_is_critical_once_with_the_numbers():
     assert health["health/critical"] == 1.0
 
 
+def test_q_out_of_bound_is_reported_when_a_run_logs_q_max_but_not_q_min():
+    # A custom learner may log only the maxima; the alert must still come, saying what is missing.
+    exploding = {k: v for k, v in {**HEALTHY, "q/q1_max": 30.0}.items() if k != "q/q1_min"}
+    _, alerts = run(monitor(), [exploding])
+    assert [(a.level, a.rule) for a in alerts] == [(CRITICAL, "q_out_of_bound")]
+    assert "Q min not logged" in alerts[0].message
+
+
 def test_an_alert_fires_again_only_after_its_condition_cleared_which_is_reported_as_info():
     bad = {**HEALTHY, "q/q1_max": 30.0}
     # Clear for 1 iteration (clear_iters 2): the same alert goes on, nothing new is sent.
