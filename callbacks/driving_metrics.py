@@ -13,8 +13,6 @@ the simulator backend is doing. Envs without these (Pendulum) simply report none
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from carla_env.reward import TERMS
@@ -29,7 +27,8 @@ EPISODE_WINDOW = 100
 class DrivingMetricsCallback(RLlibCallback):
     def __init__(self):
         super().__init__()
-        self._seen: dict[tuple[int, str], float] = defaultdict(float)  # (env slot, counter)
+        # Per env slot: which env the counts came from (its id) and the counts last logged.
+        self._seen: dict[int, tuple[int, dict[str, float]]] = {}
 
     def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs):
         infos = [i for chunk in [*(prev_episode_chunks or []), episode] for i in chunk.get_infos()]
@@ -51,11 +50,16 @@ class DrivingMetricsCallback(RLlibCallback):
             if health is None:
                 continue
             counters = health()
+            env_id, seen = self._seen.get(slot, (id(env), {}))
+            if env_id != id(env):
+                seen = {}  # RLlib re-created this env: its counters started again from 0
             for name in BACKEND_COUNTERS:
                 if name in counters:  # log what is new since the last sample: sums over runners
-                    new = counters[name] - self._seen[slot, name]
-                    self._seen[slot, name] = counters[name]
+                    before = seen.get(name, 0.0)
+                    new = counters[name] - before if counters[name] >= before else counters[name]
+                    seen[name] = counters[name]
                     metrics_logger.log_value(f"env/{name}", new, reduce="lifetime_sum")
+            self._seen[slot] = (id(env), seen)
             for rate in ("sim_fps", "sim_speedup"):
                 if counters.get(rate):
                     metrics_logger.log_value(f"env/{rate}", counters[rate], window=10)

@@ -61,6 +61,19 @@ def test_backend_counters_are_lifetime_totals_over_envs_not_double_counted():
     assert logger.peek("env/sim_fps") == pytest.approx(60.0)
 
 
+def test_an_env_recreated_by_rllib_adds_its_new_counts_and_never_subtracts():
+    callback, logger = DrivingMetricsCallback(), MetricsLogger()
+
+    def env(restarts):
+        return SimpleNamespace(unwrapped=SimpleNamespace(backend_health=lambda: {"server_restarts": restarts}))
+
+    runner = SimpleNamespace(env=SimpleNamespace(unwrapped=SimpleNamespace(envs=[env(3)])))
+    callback.on_sample_end(env_runner=runner, metrics_logger=logger)
+    runner.env.unwrapped.envs = [env(1)]  # the env failed; its replacement restarted its server once
+    callback.on_sample_end(env_runner=runner, metrics_logger=logger)
+    assert logger.peek("env/server_restarts") == 4
+
+
 def test_summarize_leaves_out_per_episode_nans_but_keeps_a_nan_loss():
     from rl.metrics import summarize
 
