@@ -15,6 +15,7 @@ import pytest
 from benchmarks.driving_baselines import baselines
 from benchmarks.health_zoo import DRIVING_CI_SIZE
 from callbacks.alerts import read_alerts
+from carla_env.config import EmbeddedEnvConfig, load_env_config
 from rl.config import load_config
 from rl.evaluation import evaluate, trained_policy
 from rl.report import write_report
@@ -44,11 +45,17 @@ def test_td3_with_cnn_learns_to_drive_better_than_the_constant_action(ray_local,
 
     # How episodes ended and what the reward was made of, every iteration, under stable names.
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert not any(k.startswith("env/episode_end/") and v != v for line in lines for k, v in line.items())
-    last = [line for line in lines if "env/episode_end/collision" in line][-1]
-    ends = [last.get(f"env/episode_end/{r}") for r in ("collision", "off_route", "stuck", "time_limit")]
-    assert None not in ends and sum(ends) == pytest.approx(1.0), last
-    assert last["env/reward/progress"] > 0, last
+    # Two independent records of the same episodes must agree: the penalty terms summed from the
+    # per-step reward terms, and the end reasons (one penalty per crashed or off-road episode).
+    weights = load_env_config(EmbeddedEnvConfig, exp.env.kwargs).reward
+    with_ends = [line for line in lines if "env/episode_end/collision" in line]
+    assert len(with_ends) > 50, len(with_ends)
+    for line in with_ends:
+        ends = [line[f"env/episode_end/{r}"] for r in ("collision", "off_route", "stuck", "time_limit")]
+        assert sum(ends) == pytest.approx(1.0), line
+        for end in ("collision", "off_route"):
+            penalty = -getattr(weights, end) * line[f"env/episode_end/{end}"]
+            assert line[f"env/reward/{end}"] == pytest.approx(penalty, abs=1e-6), line
 
     # A healthy run: no CRITICAL alert, and its validation report says PASS.
     alerts = read_alerts(tmp_path / "run")
