@@ -5,11 +5,13 @@ other Ray instances on the machine are left alone)."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,20 +30,23 @@ def free_port() -> int:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rayjob_", dir="/tmp")  # short: Ray's socket paths are limited
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(6))
-    # Ray 2.60 heads use token authentication: the client must send the token (~/.ray/auth_token).
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    # Ray 2.60 heads use token authentication. The token goes to the head and the client in the
+    # environment, so the test does not depend on (or write) ~/.ray/auth_token.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     try:
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            check=True, env=env, capture_output=True, timeout=120,
+        )
         yield f"http://127.0.0.1:{dashboard}", env
-    finally:
+    finally:  # also when the head failed to start half-way
         # Every process of this head carries its temp dir in its command line.
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
@@ -49,6 +54,7 @@ def ray_head():
                     os.kill(int(cmdline.parent.name), signal.SIGKILL)
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """A short real run: its checkpoints restore into a TD3 with the same weights."""
 
+import os
 import pickle
 from pathlib import Path
 
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.train.constants import DEFAULT_STORAGE_PATH
 
 from rl.config import load_config
 from rl.td3 import TD3
@@ -20,6 +22,7 @@ def test_periodic_checkpoints_are_pruned_and_final_restores_the_trained_actor(ra
             "evaluation.interval_iters=0", "evaluation.episodes=1",
         ],
     )
+    before = set(os.listdir(DEFAULT_STORAGE_PATH)) if os.path.isdir(DEFAULT_STORAGE_PATH) else set()
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     # 24 iterations of 64 steps, a checkpoint every 5: iterations 5..20, the newest 2 kept.
@@ -46,3 +49,6 @@ def test_periodic_checkpoints_are_pruned_and_final_restores_the_trained_actor(ra
         assert max(lag) > 1e-4, lag
     finally:
         algo.stop()
+    # Nothing left in ~/ray_results (Ray's default trial folder): everything is in the run dir.
+    after = set(os.listdir(DEFAULT_STORAGE_PATH)) if os.path.isdir(DEFAULT_STORAGE_PATH) else set()
+    assert after <= before, after - before

@@ -11,6 +11,7 @@ TD3's one-update-per-step ratio at a useful speed.
 
 from __future__ import annotations
 
+import os
 import time
 
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -236,6 +237,13 @@ class TD3(Algorithm):
         if REPLAY_BUFFER_STATE in state:
             self.replay_buffer.set_state(state[REPLAY_BUFFER_STATE])
             self._update_credit = state[UPDATE_CREDIT]
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        # Outside Tune, Ray's Trainable made an empty ~/ray_results/<time>... folder for this
+        # algorithm; runs write to their own run directory, so the folder would only pile up.
+        if self._storage is None and self.logdir and os.path.isdir(self.logdir) and not os.listdir(self.logdir):
+            os.rmdir(self.logdir)
 
     def _log_overestimation(self, finished: list) -> None:
         """Q1 at the starts of the episodes that just ended, against what they returned."""
