@@ -57,10 +57,11 @@ CONTACT_M = 2.5  # centres closer than this: the cars touch
 
 
 def _boost(signature: str, **arguments) -> None:
-    """Boost.Python's argument check: Python int for C++ integers, Python float or int for C++
-    doubles; numpy scalars are refused (the real wheel's errors, introspection file)."""
+    """Boost.Python's argument check, as the real 0.9.16 wheel does it (tests/test_carla_backend.py
+    compares the two): C++ integers take Python int or bool only; C++ floats take anything that
+    is a Python int or float (np.float64 is a float subclass), but not np.float32 or np.int64."""
     for name, (value, kind) in arguments.items():
-        ok = type(value) is int or type(value) is bool if kind is int else type(value) in (int, float, bool)
+        ok = type(value) in (int, bool) if kind is int else isinstance(value, (int, float))
         if not ok:
             raise TypeError(
                 f"Python argument types in\n    {signature}({type(value).__module__}.{type(value).__name__})\n"
