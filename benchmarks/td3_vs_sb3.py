@@ -41,7 +41,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_ours(config_path: str, steps: int, seed: int) -> dict:
+def run_ours(config_path: str, steps: int, seed: int, overrides: list[str]) -> dict:
     from rl.config import load_config
     from rl.train import train
 
@@ -50,7 +50,7 @@ def run_ours(config_path: str, steps: int, seed: int) -> dict:
             config_path,
             [f"experiment.stop_env_steps={steps}", f"experiment.seed={seed}",
              f"experiment.output_dir={tmp}", "evaluation.interval_iters=0",
-             "wandb.enabled=false"],  # SB3 logs nowhere either
+             "wandb.enabled=false", *overrides],  # SB3 logs nowhere either
         )
         summary = train(exp, show_progress=False)
         rows = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").open()]
@@ -68,7 +68,7 @@ def run_ours(config_path: str, steps: int, seed: int) -> dict:
     }
 
 
-def run_sb3(config_path: str, steps: int, seed: int) -> dict:
+def run_sb3(config_path: str, steps: int, seed: int, overrides: list[str]) -> dict:
     import gymnasium as gym
     import numpy as np
     from stable_baselines3 import TD3
@@ -80,7 +80,7 @@ def run_sb3(config_path: str, steps: int, seed: int) -> dict:
     from rl.config import load_config
     from rl.experiment import env_config
 
-    exp = load_config(config_path)
+    exp = load_config(config_path, overrides)
     algo, model = exp.algo, exp.model
     if algo.actor_lr != algo.critic_lr:
         raise ValueError("SB3's TD3 has one learning rate; the config's actor_lr != critic_lr")
@@ -127,20 +127,21 @@ def run_sb3(config_path: str, steps: int, seed: int) -> dict:
     }
 
 
-def _worker(impl: str, bench: str, steps: int, seed: int) -> None:
+def _worker(impl: str, bench: str, steps: int, seed: int, overrides: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
     config_path, _ = BENCHMARKS[bench]
-    result = (run_ours if impl == "ours" else run_sb3)(str(ROOT / config_path), steps, seed)
+    result = (run_ours if impl == "ours" else run_sb3)(str(ROOT / config_path), steps, seed, overrides)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_in_subprocess(impl: str, bench: str, steps: int, seed: int) -> dict:
+def _run_in_subprocess(impl: str, bench: str, steps: int, seed: int, overrides: list[str]) -> dict:
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.td3_vs_sb3", "--worker", impl, bench, str(steps), str(seed)],
+        [sys.executable, "-m", "benchmarks.td3_vs_sb3", "--worker", impl, bench, str(steps), str(seed),
+         json.dumps(overrides)],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -213,14 +214,17 @@ def table(results: dict) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, impl, bench, steps, seed = sys.argv
-        _worker(impl, bench, int(steps), int(seed))
+        impl, bench, steps, seed, *overrides = sys.argv[2:]
+        _worker(impl, bench, int(steps), int(seed), json.loads(overrides[0]) if overrides else [])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envs", nargs="+", choices=sorted(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--impls", nargs="+", choices=["ours", "sb3"], default=["ours", "sb3"])
     parser.add_argument("--steps", type=int, help="env steps for every env (default: per env)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both sides (e.g. resources.rollout_fragment_length=8; "
+                        "SB3 reads only the algo/model keys it has)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: one at a time)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument("--name", default="td3_vs_sb3", help="results file name, without suffix")
@@ -234,8 +238,8 @@ def main() -> None:
 
     def one(bench: str, seed: int, impl: str) -> tuple:
         t0 = time.monotonic()
-        run = _run_in_subprocess(impl, bench, args.steps or BENCHMARKS[bench][1], seed)
-        return run | {"seed": seed, "jobs": args.jobs}, time.monotonic() - t0
+        run = _run_in_subprocess(impl, bench, args.steps or BENCHMARKS[bench][1], seed, args.set)
+        return run | {"seed": seed, "jobs": args.jobs, "overrides": args.set}, time.monotonic() - t0
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(one, *r): r for r in runs}
