@@ -1,6 +1,7 @@
 """Envs with one thing broken, for the fault-injection tests (tests/test_health_faults.py)."""
 
 import os
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -24,17 +25,21 @@ CRASHING_PENDULUM = "tests.fault_envs:CrashingPendulum-v0"
 
 class CrashingPendulum(gym.Wrapper):
     """Pendulum that fails in the middle of an episode, once: the first env to reach
-    `crash_at_step` steps leaves `marker` and either raises (`how="raise"`) or takes its whole
-    env runner process down (`how="exit"`, like a segfaulting simulator client)."""
+    `crash_at_step` steps writes "<pid> <time>" to `marker` and either raises (`how="raise"`) or
+    takes its whole env runner process down (`how="exit"`, like a segfaulting simulator client).
+    Every env appends "<pid> <time>" to `<marker>.created` when it is made, so a test can tell
+    an env re-created inside its process from a process replaced."""
 
     def __init__(self, marker: str, crash_at_step: int = 300, how: str = "raise"):
         super().__init__(gym.make("Pendulum-v1"))
         self.marker, self.crash_at_step, self.how, self.steps = Path(marker), crash_at_step, how, 0
+        with open(f"{marker}.created", "a") as log:
+            log.write(f"{os.getpid()} {time.time()}\n")
 
     def step(self, action):
         self.steps += 1
         if self.steps == self.crash_at_step and not self.marker.exists():
-            self.marker.write_text("crashed")
+            self.marker.write_text(f"{os.getpid()} {time.time()}")
             if self.how == "exit":
                 os._exit(1)
             raise RuntimeError("simulated env failure mid-episode")
