@@ -9,6 +9,7 @@ real `CarlaUE4.sh` was not run here.
 """
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,11 +52,16 @@ def carla_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def free_base_port() -> int:
-    """A base port with free ports above it (ports of this test run only)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return 20000 + s.getsockname()[1] % 20000
+def free_base_port(span: int = 64) -> int:
+    """A base RPC port in 20000-29999 whose next `span` ports (the stand-in servers bind rpc, +1
+    and +2 of each slot) are all free now: chosen at random so that test runs side by side
+    rarely collide, and checked, so that a port another program holds is never handed out."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000 - span)
+        if not any(port_in_use(port) for port in range(base, base + span)):
+            return base
+    raise AssertionError("no free range of ports in 20000-29999")
 
 
 def server_binary(rpc_port: int) -> int:
