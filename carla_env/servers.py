@@ -17,11 +17,13 @@ accepts TCP connections and answers the calls CARLA serves off its game thread (
 version), so neither says it is alive.
 
 `claim_external_endpoint` hands each env a different external server, across processes, through
-a named Ray actor: one for the job, or one per node for sidecar servers (Kubernetes: k8s/).
+a named Ray actor that the driver opens (`open_endpoint_pools`, from rl/train.py): one per list
+of servers, or one per node for sidecar servers (Kubernetes: k8s/).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -426,23 +428,47 @@ _LOCAL_POOLS: dict[tuple[str, ...], _EndpointPool] = {}
 POOL_ACTOR = "carla_external_endpoints"
 
 
-def _pool(endpoints: list[str], scope: str):
-    """(claim, release) callables of the pool shared by every process of this Ray job, or of
-    this node (scope "node": each node's sidecar servers answer at the same local addresses)."""
+def _pool_name(endpoints: list[str], scope: str, node_id: str | None = None) -> str:
+    """One pool per list of endpoints (two env configs in one job do not share), and per node
+    for scope "node" (each node's sidecar servers answer at the same local addresses)."""
     import ray
 
-    if not ray.is_initialized():
+    name = f"{POOL_ACTOR}_{hashlib.sha1(','.join(endpoints).encode()).hexdigest()[:12]}"
+    if scope == "node":
+        name += f"_{node_id or ray.get_runtime_context().get_node_id()}"
+    return name
+
+
+def _pool(endpoints: list[str], scope: str):
+    """(claim, release) callables of the pool that the driver opened for this Ray job
+    (`open_endpoint_pools`; named actors live in the job's namespace); without one (no Ray, or
+    envs made outside rl.train), this process's own pool."""
+    try:
+        import ray
+
+        actor = ray.get_actor(_pool_name(endpoints, scope)) if ray.is_initialized() else None
+    except ValueError:  # no actor of that name
+        actor = None
+    if actor is None:
         pool = _LOCAL_POOLS.setdefault(tuple(endpoints), _EndpointPool(endpoints))
         return pool.claim, pool.release
-    name = POOL_ACTOR
-    if scope == "node":
-        name += "_" + ray.get_runtime_context().get_node_id()
-    actor = (
-        ray.remote(num_cpus=0)(_EndpointPool)
-        .options(name=name, get_if_exists=True)
-        .remote(endpoints)
-    )
     return (lambda: ray.get(actor.claim.remote())), (lambda e: ray.get(actor.release.remote(e)))
+
+
+def open_endpoint_pools(server: ServerSection) -> list:
+    """Makes the job's pools of external endpoints from the driver, before any env claims one.
+    A Ray actor dies with the process that made it: made by the first env runner to claim, the
+    pool, and which endpoints are taken, would go down with that runner. Returns the actors:
+    the driver keeps them for the run."""
+    import ray
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]] if server.external_scope == "node" else [None]
+    return [
+        ray.remote(num_cpus=0)(_EndpointPool)
+        .options(name=_pool_name(server.external, server.external_scope, node), get_if_exists=True)
+        .remote(server.external)
+        for node in nodes
+    ]
 
 
 def claim_external_endpoint(server: ServerSection) -> tuple[str, callable]:

@@ -83,6 +83,20 @@ def check_resources(exp: ExperimentConfig, available: dict[str, float]) -> None:
         raise ConfigError("the cluster cannot run this config:\n  " + "\n  ".join(short))
 
 
+def open_carla_endpoint_pools(exp: ExperimentConfig) -> list:
+    """For CARLA with external servers: the pools that share them out, owned by this driver so
+    that they outlive any env runner (carla_env/servers.py); none for other envs."""
+    from carla_env import driving_env_schema
+    from carla_env.config import CarlaEnvConfig
+    from carla_env.servers import open_endpoint_pools
+
+    schema = driving_env_schema(exp.env.id)
+    env = schema.model_validate(exp.env.kwargs) if schema is not None else None
+    if isinstance(env, CarlaEnvConfig) and env.server.mode == "external":
+        return open_endpoint_pools(env.server)
+    return []
+
+
 def run_facts(exp: ExperimentConfig) -> RunFacts:
     """What the health rules know besides the metrics: the driving envs document their reward
     bounds and episode length; other envs' bounds come from the rewards observed."""

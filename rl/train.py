@@ -116,11 +116,13 @@ def train(
     import ray
     import torch
 
-    from rl.experiment import build_td3_config, check_resources
+    from rl.experiment import build_td3_config, check_resources, open_carla_endpoint_pools
 
     _init_ray()
     # Before anything is written: a config the cluster cannot place fails now, not never.
     check_resources(exp, ray.cluster_resources())
+    # Held by this driver until the env runners are gone (carla_env/servers.py says why).
+    endpoint_pools = open_carla_endpoint_pools(exp)
     run_dir = run_dir or make_run_dir(exp)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -197,6 +199,8 @@ def train(
             progress.close()
         monitor(algo).close()
         algo.stop()
+        for pool in endpoint_pools:
+            ray.kill(pool)
 
     summary = {
         "run_dir": str(run_dir.resolve()),

@@ -31,6 +31,7 @@ from carla_env.servers import (
     ServerRecord,
     accepts_connections,
     claim_external_endpoint,
+    open_endpoint_pools,
     game_thread_answers,
     graphics_adapter,
     port_in_use,
@@ -351,6 +352,34 @@ def test_restarts_stop_at_max_restarts_with_an_error(carla_root, tmp_path):
             env.step(DRIVE)
     finally:
         env.close()
+
+
+def test_in_a_ray_job_the_drivers_pool_shares_external_servers_out_across_processes(ray_local):
+    """The production path: env runners are separate processes; the pool is a named actor
+    the driver made (rl/train.py), so it outlives the runner that claimed first."""
+    ray = ray_local
+    server = ServerSection(mode="external", external=["10.0.0.1:2000", "10.0.0.2:2000"])
+    pools = open_endpoint_pools(server)
+
+    @ray.remote(num_cpus=0)
+    class Runner:
+        def claim(self, server):
+            return claim_external_endpoint(server)[0]
+
+    try:
+        first_runner, second_runner = Runner.remote(), Runner.remote()
+        first = ray.get(first_runner.claim.remote(server))
+        ray.kill(first_runner)  # its endpoint is not handed out again: the pool did not die with it
+        second = ray.get(second_runner.claim.remote(server))
+        assert {first, second} == set(server.external)
+        with pytest.raises(ray.exceptions.RayTaskError, match="all 2 external CARLA servers"):
+            ray.get(second_runner.claim.remote(server))
+        # Another list of servers in the same job is another pool.
+        other = ServerSection(mode="external", external=["10.0.0.3:2000"])
+        assert ray.get(second_runner.claim.remote(other)) == "10.0.0.3:2000"
+    finally:
+        for actor in pools:
+            ray.kill(actor)
 
 
 def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_failure(carla_root, tmp_path):
