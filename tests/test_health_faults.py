@@ -117,8 +117,16 @@ def test_unclipped_encoders_with_a_huge_learning_rate_diverge_and_are_stopped(ra
         ],
     )
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    # Whichever shows first: Q leaving its bound, or NaN once it overflowed.
     rule = next(r for r in summary["stopped_by"] if r in ("q_out_of_bound", "non_finite"))
     assert_stopped_by(summary, rule, tmp_path / "run")
+    # And it really diverged (the bound is right: rewards never left it): Q is past the bound
+    # of -2.5456 / (1 - 0.9) = -25.5 .. 0 by more than the slack, or no longer a number.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    q = [last.get(k, math.nan) for k in ("q/q1_max", "q/q1_min", "losses/critic")]
+    assert not all(math.isfinite(v) for v in q) or q[0] > 0.5 * 25.5 or q[1] < -1.5 * 25.5, last
+    assert not any(r.get("replay/reward_min", 0.0) < -2.5456 for r in rows)
 
 
 @pytest.mark.slow
