@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,11 +155,6 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _std(values: list[float]) -> float:
-    m = _mean(values)
-    return (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-
-
 def compare_returns(ours: list[float], sb3: list[float]) -> dict:
     """Ours against SB3 over seeds: difference of means, Welch's t-test (unequal variances) and
     the Mann-Whitney U test (no normality assumed), two-sided p-values."""
@@ -187,11 +183,12 @@ def table(results: dict) -> str:
                 "rss": max(r["peak_rss_mb"] for r in runs),
             }
             returns = [r["eval_return"] for r in runs]
-            per_seed = ", ".join(f"{r['eval_return']:.0f}" for r in runs)
+            per_seed = ", ".join(f"{v:.0f}" for v in returns)
+            spread = statistics.stdev(returns) if len(returns) > 1 else 0.0
             steps = runs[0]["env_steps"]
             rows.append(
                 f"| {bench} ({steps:,.0f}) | {impl} | {len(runs)} | {agg[impl]['ret']:.1f} "
-                f"({_std(returns):.1f}) | {per_seed} | "
+                f"({spread:.1f}) | {per_seed} | "
                 f"{agg[impl]['sps']:.1f} | {agg[impl]['ups']:.1f} | {agg[impl]['rss']:.0f} |"
             )
         if {"ours", "sb3"} <= agg.keys():

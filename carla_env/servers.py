@@ -183,7 +183,6 @@ class ServerRecord:
         return bool(members)
 
 
-
 # --- Logs and GPUs ------------------------------------------------------------------------
 
 

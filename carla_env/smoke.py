@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from carla_env import procfs
 from carla_env.carla_driving import CarlaDrivingEnv
 from carla_env.carla_sim import CarlaSimulator
 from carla_env.config import CARLA_TOWNS, CarlaEnvConfig, load_env_config
-from carla_env import procfs
 from carla_env.servers import ManagedServer, ServerError, import_carla, port_in_use
 from common.config import ConfigError, load_yaml
 
@@ -68,10 +68,6 @@ class Result:
     seconds: float = 0.0
 
 
-def carla_of(ctx: Context):
-    return import_carla(ctx.carla_module)
-
-
 def config_of(ctx: Context, **changes) -> CarlaEnvConfig:
     return load_env_config(CarlaEnvConfig, {**ctx.env, **changes})
 
@@ -79,7 +75,7 @@ def config_of(ctx: Context, **changes) -> CarlaEnvConfig:
 def simulator(ctx: Context, tm_offset: int = 0, **changes) -> CarlaSimulator:
     config = config_of(ctx, **changes)
     tm_port = config.server.base_tm_port + 500 + tm_offset  # clear of training's plan
-    return CarlaSimulator(config, ctx.host, ctx.port, tm_port, carla_of(ctx))
+    return CarlaSimulator(config, ctx.host, ctx.port, tm_port, import_carla(ctx.carla_module))
 
 
 def _xy(location) -> np.ndarray:
@@ -306,7 +302,7 @@ def s8_timing(ctx: Context) -> Result:
 
 
 def _managed_env(ctx: Context, worker_index: int) -> CarlaDrivingEnv:
-    carla = carla_of(ctx) if ctx.carla_module else None
+    carla = import_carla(ctx.carla_module) if ctx.carla_module else None
     return CarlaDrivingEnv(worker_index=worker_index, carla_module=carla, **{**ctx.env, "server": {**ctx.env.get("server", {}), "mode": "managed"}})
 
 
@@ -399,7 +395,7 @@ def s12_config_edges(ctx: Context) -> Result:
         problems.append("simulation_hz 5 was accepted")
     except ConfigError:
         pass
-    client = carla_of(ctx).Client(ctx.host, ctx.port)
+    client = import_carla(ctx.carla_module).Client(ctx.host, ctx.port)
     client.set_timeout(30.0)
     have = {m.rsplit("/", 1)[-1].removesuffix("_Opt") for m in client.get_available_maps()}
     missing = [t for t in CARLA_TOWNS if t not in have]

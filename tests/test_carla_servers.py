@@ -31,9 +31,9 @@ from carla_env.servers import (
     ServerRecord,
     accepts_connections,
     claim_external_endpoint,
-    open_endpoint_pools,
     game_thread_answers,
     graphics_adapter,
+    open_endpoint_pools,
     port_in_use,
 )
 from tests.fake_carla import FakeCarla
@@ -376,6 +376,7 @@ def test_in_a_ray_job_the_drivers_pool_shares_external_servers_out_across_proces
             ray.get(second_runner.claim.remote(server))
         # Another list of servers in the same job is another pool.
         other = ServerSection(mode="external", external=["10.0.0.3:2000"])
+        pools += open_endpoint_pools(other)
         assert ray.get(second_runner.claim.remote(other)) == "10.0.0.3:2000"
     finally:
         for actor in pools:
