@@ -49,8 +49,10 @@ class HealthCallback(RLlibCallback):
 
     def resume(self, rows: list[dict]) -> None:
         """A resumed run: the monitor catches up on the iterations already done (their alerts
-        were sent then), so its warm-up baseline and trend windows go on where they were."""
+        were sent then), so its warm-up baseline and trend windows go on where they were, and
+        the W&B run gets the iterations it lost with the process that died."""
         self.monitor.replay(rows)
+        self.wandb_run.backfill(rows)
 
     def report_error(self, iteration: int, error: str) -> None:
         """Training raised: a CRITICAL alert that says so, through the same sinks as the rules."""

@@ -57,6 +57,15 @@ class WandbRun:
         if self._run is not None:
             self._guard(self._run.log, metrics, step=step)
 
+    def backfill(self, rows: list[dict]) -> None:
+        """A resumed run: logs the restored metrics rows this W&B run has not got. A killed
+        process loses what W&B had not flushed yet (offline, measured: everything it logged);
+        the steps W&B already holds (online: `run.step` is the next one it expects) are skipped."""
+        if self._run is not None:
+            for row in rows:
+                if row["iteration"] >= self._run.step:
+                    self.log({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
+
     def alert(self, alert) -> None:
         if self._run is not None:
             self._guard(

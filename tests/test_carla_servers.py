@@ -40,6 +40,9 @@ from tests.fake_carla import FakeCarla
 
 STAND_IN = Path(__file__).with_name("fake_carla_server.py")
 DRIVE = np.array([0.0, 1.0], np.float32)
+# Long enough that a healthy tick on a loaded 2-core machine never counts as a hang; a hang
+# (SIGSTOP) is still found within seconds.
+TICK_TIMEOUT_S = 5.0
 
 
 @pytest.fixture
@@ -135,7 +138,7 @@ def test_launches_off_screen_on_its_ports_and_gpu_and_stops_the_whole_process_tr
     server.start()
     try:
         binary = server_binary(server.ports.rpc)
-        assert server.alive() and game_thread_answers(FakeCarla(tcp=True), "127.0.0.1", server.ports.rpc, 1.0) is None
+        assert server.alive() and game_thread_answers(FakeCarla(tcp=True), "127.0.0.1", server.ports.rpc, TICK_TIMEOUT_S) is None
         for port in (server.ports.rpc, server.ports.streaming, server.ports.secondary):
             assert port_in_use(port)
         log = server.log_path.read_text()
@@ -222,7 +225,7 @@ def test_D9_the_gpu_ray_gave_the_runner_is_found_among_vulkans_adapters_by_pci_b
 
 def carla_driving_env(tmp_path, **server) -> CarlaDrivingEnv:
     server = {"base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0,
-              "tick_timeout_s": 1.0, "probe_timeout_s": 1.0, **server}
+              "tick_timeout_s": TICK_TIMEOUT_S, "probe_timeout_s": TICK_TIMEOUT_S, **server}
     return CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=3, server=server)
 
 
@@ -389,8 +392,8 @@ def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_fai
         s.start()
     endpoints = [f"127.0.0.1:{s.ports.rpc}" for s in stand_ins]
     try:
-        server = {"mode": "external", "external": endpoints, "tick_timeout_s": 1.0, "startup_timeout_s": 10.0,
-                  "probe_timeout_s": 1.0, "base_tm_port": free_base_port() + 5000}
+        server = {"mode": "external", "external": endpoints, "tick_timeout_s": TICK_TIMEOUT_S, "startup_timeout_s": 10.0,
+                  "probe_timeout_s": TICK_TIMEOUT_S, "base_tm_port": free_base_port() + 5000}
         first = CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=2, server=server)
         second = CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=2, server=server)
         assert {first.simulator.server.rpc_port, second.simulator.server.rpc_port} == {

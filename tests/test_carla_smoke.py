@@ -14,7 +14,7 @@ import yaml
 from carla_env.config import ServerSection
 from carla_env.servers import ManagedServer
 from tests.fake_carla import FakeCarla
-from tests.test_carla_servers import carla_root, free_base_port  # noqa: F401  (fixture)
+from tests.test_carla_servers import TICK_TIMEOUT_S, carla_root, free_base_port  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def smoke(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     config.write_text(yaml.safe_dump({"env": {"id": "carla_env:CarlaDriving-v0", "kwargs": {
         "town": "Town03", "npc_vehicles": 5,
         "server": {"base_rpc_port": base, "base_tm_port": base + 10000, "log_dir": str(tmp_path / "logs"),
-                   "startup_timeout_s": 10.0, "tick_timeout_s": 1.0, "probe_timeout_s": 1.0, "connect_timeout_s": 10.0},
+                   "startup_timeout_s": 10.0, "tick_timeout_s": TICK_TIMEOUT_S, "probe_timeout_s": TICK_TIMEOUT_S, "connect_timeout_s": 10.0},
     }}}))
     run = subprocess.run(
         [sys.executable, "-m", "carla_env.smoke", "--config", str(config), "--resets", "5", "--out",

@@ -17,6 +17,7 @@ import torch
 from rl.config import load_config
 from rl.experiment import build_td3_config
 from rl.train import main, restore, train
+from tests.wandb_records import read_run, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +29,13 @@ def start_training(output_dir: Path) -> subprocess.Popen:
         "experiment.checkpoint_every_iters": 5,
         "algo.learning_starts": 320,
         "evaluation.interval_iters": 0,
-        "wandb.enabled": "false",
+        "wandb.mode": "offline",
     }
     sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
     command = [sys.executable, "-m", "rl.train", "--config", "configs/pendulum_td3.yaml", "--no-progress", *sets]
-    return subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kill_after_checkpoint(process: subprocess.Popen, output_dir: Path, iteration: int, timeout_s: float = 240) -> Path:
@@ -52,7 +55,8 @@ def kill_after_checkpoint(process: subprocess.Popen, output_dir: Path, iteration
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_local, tmp_path):
+def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_local, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run_dir = kill_after_checkpoint(start_training(tmp_path), tmp_path, iteration=10)
     exp = load_config(run_dir / "config.yaml", ["experiment.stop_env_steps=1600"])
 
@@ -85,6 +89,16 @@ def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_l
     assert after["learner/num_critic_updates"] == rows[9]["learner/num_critic_updates"] + 64
     assert summary["env_steps"] >= 1600 and summary["status"] == "completed"
     assert list(run_dir.glob("metrics.after_000010.jsonl"))  # the rows of the killed process, kept aside
+
+    # W&B: the resumed process continues the same run (one id). The killed process lost what
+    # W&B had not flushed (all of it, offline), so the resumed one logs the restored rows first:
+    # every iteration once, in order, with the values of metrics.jsonl.
+    killed, resumed = run_files(run_dir)
+    run_id = (run_dir / "wandb_run_id").read_text()
+    assert killed.name == resumed.name == f"run-{run_id}.wandb"
+    history = read_run(run_dir, resumed)[0]
+    assert [h["_step"] for h in history] == iterations
+    assert [h["env/steps_sampled"] for h in history] == [r["env/steps_sampled"] for r in rows]
 
     # A retried job (k8s/rayjob.yaml) passes --run-dir: on a started run, that resumes it.
     assert main(["--config", str(ROOT / "configs" / "pendulum_td3.yaml"), "--run-dir", str(run_dir),

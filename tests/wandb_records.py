@@ -35,9 +35,16 @@ def records(path: Path):
             yield record
 
 
-def read_run(run_dir: Path) -> tuple[list[dict], list[tuple[str, str, str]]]:
-    """(history rows, alerts as (title, text, level)) of the W&B run in `run_dir/wandb`."""
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+def run_files(run_dir: Path) -> list[Path]:
+    """The offline W&B run files in `run_dir/wandb`, one per process that trained, oldest first."""
+    return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def read_run(run_dir: Path, path: Path | None = None) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """(history rows, alerts as (title, text, level)) of the W&B run in `run_dir/wandb` (the
+    only one, unless `path` names one of several)."""
+    if path is None:
+        (path,) = run_files(run_dir)
     history, alerts = [], []
     for record in records(path):
         kind = record.WhichOneof("record_type")
