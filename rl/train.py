@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from datetime import datetime
@@ -34,6 +33,7 @@ import yaml
 from callbacks.alerts import read_alerts
 from callbacks.health import CRITICAL, TRAINING_ERROR
 from callbacks.health_callback import HealthCallback
+from rl import checkpoints
 from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
@@ -49,23 +49,6 @@ def make_run_dir(exp: ExperimentConfig) -> Path:
         run_dir = base.with_name(f"{base.name}-{n}")
     (run_dir / "checkpoints").mkdir(parents=True)
     return run_dir
-
-
-def _periodic_checkpoints(checkpoints: Path) -> list[Path]:
-    """iter_NNNNNN checkpoints, oldest first."""
-    return sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_"))
-
-
-def _save_checkpoint(algo, checkpoints: Path, name: str, keep: int) -> Path:
-    path = algo.save_to_path(str((checkpoints / name).resolve()))
-    for old in _periodic_checkpoints(checkpoints)[:-keep]:
-        shutil.rmtree(old)
-    return Path(path)
-
-
-def _newest_checkpoint(checkpoints: Path) -> Path | None:
-    periodic = _periodic_checkpoints(checkpoints)
-    return periodic[-1] if periodic else None
 
 
 def _init_ray() -> None:
@@ -85,20 +68,31 @@ def monitor(algo) -> HealthCallback:
 
 
 def restore(algo, run_dir: Path) -> list[dict]:
-    """Loads the run's newest periodic checkpoint into `algo` (model, optimizers, replay buffer,
-    counters) and sets aside the metrics rows written after it (into metrics.after_<iteration>
-    .jsonl: kept, not mixed with the rows the resumed run writes). Returns the rows up to that
+    """Loads the run's newest complete checkpoint into `algo` (rl/checkpoints.py) and sets aside
+    the metrics rows written after it (into metrics.after_<iteration>.jsonl: kept, not mixed with
+    the rows the resumed run writes) and any line a crash cut short. Returns the rows up to that
     checkpoint (at least one, naming its iteration)."""
-    checkpoint = _newest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints has no iter_* checkpoint to resume from")
-    algo.restore_from_path(str(checkpoint.resolve()))
+    checkpoint = checkpoints.restore_newest(algo, run_dir / "checkpoints")
     iteration = algo.training_iteration
+    print(f"resume: from {checkpoint.name} (iteration {iteration})", file=sys.stderr)
     metrics = run_dir / "metrics.jsonl"
-    rows = metrics.read_text().splitlines() if metrics.is_file() else []
-    kept = [r for r in rows if json.loads(r)["iteration"] <= iteration]
-    if len(kept) < len(rows):
-        (run_dir / f"metrics.after_{iteration:06d}.jsonl").write_text("\n".join(rows[len(kept):]) + "\n")
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    kept, after, torn = [], [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(line)
+            print(f"resume: metrics.jsonl line {number} is cut short (a crash while writing it); "
+                  f"set aside in metrics.torn.jsonl", file=sys.stderr)
+            continue
+        (kept if row["iteration"] <= iteration else after).append(line)
+    if after:
+        (run_dir / f"metrics.after_{iteration:06d}.jsonl").write_text("".join(r + "\n" for r in after))
+    if torn:
+        with open(run_dir / "metrics.torn.jsonl", "a") as f:
+            f.write("".join(r + "\n" for r in torn))
+    if after or torn:
         metrics.write_text("".join(r + "\n" for r in kept))
     return [json.loads(r) for r in kept] or [{"iteration": iteration}]
 
@@ -183,17 +177,16 @@ def train(
                     ]
                     break
                 if iteration % exp.experiment.checkpoint_every_iters == 0:
-                    _save_checkpoint(
-                        algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep
-                    )
+                    checkpoints.save(algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep)
                     if exp.experiment.storage_uri:
                         sync_run_dir(run_dir, exp.experiment.storage_uri)
         train_time = time.monotonic() - start
         if stopped_by:
-            final_eval, final_checkpoint = {}, _newest_checkpoint(run_dir / "checkpoints")
+            newest = checkpoints.periodic(run_dir / "checkpoints")
+            final_eval, final_checkpoint = {}, newest[-1] if newest else None
         else:
             final_eval = summarize({"evaluation": algo.evaluate()})
-            final_checkpoint = _save_checkpoint(algo, run_dir / "checkpoints", "final", keep)
+            final_checkpoint = checkpoints.save(algo, run_dir / "checkpoints", "final", keep)
     finally:
         if progress:
             progress.close()
@@ -247,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir, resume = args.resume or args.run_dir, bool(args.resume)
     if args.run_dir and (args.run_dir / "checkpoints").is_dir():
-        resume = _newest_checkpoint(args.run_dir / "checkpoints") is not None
+        resume = bool(checkpoints.periodic(args.run_dir / "checkpoints"))
     try:
         exp = load_config(run_dir / "config.yaml" if resume else args.config, args.overrides)
     except ConfigError as e:

@@ -6,11 +6,12 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def session_temp_dir():
+def session_temp_dir(tmp_path_factory):
     """The temporary directory of everything the tests start: this process, the Ray heads and
     workers, `rl.train` and `ray start` subprocesses, W&B and torch (TMPDIR), Ray's sessions
     (RAY_TMPDIR, short on purpose: Ray's socket paths must stay under 107 characters). Removed at
     the end, so a test run leaves nothing in /tmp but pytest's own kept directories."""
+    tmp_path_factory.getbasetemp()  # pytest's own tmp_path root stays where it was (kept for failures)
     path = tempfile.mkdtemp(prefix="tests-")
     saved = {name: os.environ.get(name) for name in ("TMPDIR", "RAY_TMPDIR")}
     os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = path

@@ -54,3 +54,7 @@ def register(max_episode_steps: int = 20) -> str:
     if env_id not in gym.registry:
         gym.register(env_id, entry_point=ImageReach, max_episode_steps=max_episode_steps)
     return env_id
+
+
+# Registered on import too: a run in another process names it "tests.image_reach_env:ImageReach-v0".
+register()

@@ -43,7 +43,7 @@ def assert_stopped_by(summary: dict, rule: str, run_dir: Path) -> None:
     alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
     assert any(a["level"] == "CRITICAL" and a["rule"] == rule for a in alerts), alerts
     # Checkpoints: only periodic ones written before the alert; no "final" of the broken state.
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "replay")
     assert "final" not in checkpoints
     assert all(int(name.split("_")[1]) < summary["iterations"] for name in checkpoints)
     passed, report = write_report(run_dir)

@@ -129,16 +129,43 @@ def test_a_buffer_larger_than_memory_is_refused_before_it_fills_and_kills_the_ru
         buffer.add(**_image_transitions(2))
 
 
-def test_state_round_trip_keeps_transitions_position_and_sampling_stream():
+def assert_same_buffer(a: TransitionReplayBuffer, b: TransitionReplayBuffer) -> None:
+    assert (len(a), a._next, a.reward_range, a.reward_abs_mean) == (len(b), b._next, b.reward_range, b.reward_abs_mean)
+    for path, column in a._leaves().items():  # the filled slots, bit for bit
+        assert np.array_equal(column[: len(a)], b._leaves()[path][: len(b)]), path
+    x, y = a.sample(6), b.sample(6)  # and the same sampling stream
+    assert np.array_equal(x[Columns.OBS]["image"], y[Columns.OBS]["image"])
+
+
+def test_save_and_load_keep_transitions_position_and_sampling_stream(tmp_path):
     buffer = TransitionReplayBuffer(capacity=10, seed=3)
     buffer.add(**_image_transitions(4))
     restored = TransitionReplayBuffer(capacity=10, seed=99)
-    restored.set_state(buffer.get_state())
-    assert len(restored) == 4 and restored.reward_range == buffer.reward_range
-    a, b = buffer.sample(6), restored.sample(6)  # same rng state: the same draws
-    assert np.array_equal(a[Columns.OBS]["image"], b[Columns.OBS]["image"])
+    restored.load(tmp_path, buffer.save(tmp_path))
+    assert_same_buffer(buffer, restored)
     buffer.add(**_image_transitions(1))
     restored.add(**_image_transitions(1))
     assert len(restored) == 5
     with pytest.raises(ValueError, match="holds 10 transitions, this run's algo.buffer_size is 20"):
-        TransitionReplayBuffer(capacity=20).set_state(buffer.get_state())
+        TransitionReplayBuffer(capacity=20).load(tmp_path, buffer.save(tmp_path))
+
+
+def test_each_save_writes_only_the_rows_added_since_the_last_and_drops_chunks_overwritten_since(tmp_path):
+    buffer = TransitionReplayBuffer(capacity=10, seed=0)
+    buffer.add(**_image_transitions(4))
+    assert buffer.save(tmp_path)["chunks"] == ["rows_0000000000000_0000000000004"]
+    buffer.add(**_image_transitions(3))
+    assert buffer.save(tmp_path)["chunks"] == ["rows_0000000000000_0000000000004", "rows_0000000000004_0000000000007"]
+    assert buffer.save(tmp_path)["chunks"][-1] == "rows_0000000000004_0000000000007"  # nothing new: no chunk
+    buffer.add(**_image_transitions(6))  # rows 7..12: slots 7, 8, 9, then 0, 1, 2 (the ring wraps)
+    manifest = buffer.save(tmp_path)
+    # Rows 0-2 are overwritten: their chunk is partly needed (row 3); the new rows are two
+    # chunks, one per contiguous run of slots.
+    assert manifest["chunks"] == ["rows_0000000000000_0000000000004", "rows_0000000000004_0000000000007",
+                                  "rows_0000000000007_0000000000010", "rows_0000000000010_0000000000013"]
+    assert (tmp_path / "rows_0000000000010_0000000000013" / "obs" / "image.npy").stat().st_size < 3 * 56_544
+    restored = TransitionReplayBuffer(capacity=10, seed=1)
+    restored.load(tmp_path, manifest)
+    assert_same_buffer(buffer, restored)
+    buffer.add(**_image_transitions(4))  # rows 13..16 overwrite 3..6: the first two chunks are not needed
+    assert buffer.save(tmp_path)["chunks"][0] == "rows_0000000000007_0000000000010"

@@ -1,5 +1,6 @@
 """A short real run: its checkpoints restore into a TD3 with the same weights."""
 
+import json
 import pickle
 from pathlib import Path
 
@@ -25,7 +26,16 @@ def test_periodic_checkpoints_are_pruned_and_final_restores_the_trained_actor(ra
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     # 24 iterations of 64 steps, a checkpoint every 5: iterations 5..20, the newest 2 kept.
     assert summary["iterations"] == 24
-    assert checkpoints == ["final", "iter_000015", "iter_000020"]
+    assert checkpoints == ["final", "iter_000015", "iter_000020", "replay"]
+    # The replay rows on disk: each written once, in the chunks the kept checkpoints need, which
+    # together hold every row of the final buffer (1,536 transitions, fewer than its capacity).
+    chunks = {p.name for p in (tmp_path / "run" / "checkpoints" / "replay").iterdir()}
+    manifests = [json.loads((tmp_path / "run" / "checkpoints" / name / "replay.json").read_text())
+                 for name in ("iter_000015", "iter_000020", "final")]
+    assert chunks == set().union(*(m["chunks"] for m in manifests))
+    rows = sorted(tuple(int(x) for x in name.split("_")[1:]) for name in chunks)
+    assert rows[0][0] == 0 and rows[-1][1] == manifests[-1]["added"] == 24 * 64
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # contiguous, no row twice
 
     algo = TD3.from_checkpoint(summary["final_checkpoint"])
     try:

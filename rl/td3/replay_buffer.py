@@ -6,11 +6,16 @@ flatten episodes once, when they arrive, and sampling is one fancy-index per col
 
 Observations may be arrays or (nested) dicts of arrays (image + state); each leaf gets its own
 array, keeping its dtype (uint8 images stay uint8).
+
+Checkpoints save the buffer incrementally (`save`, `load`): each save writes only the rows added
+since the previous one, as a chunk folder of .npy files that every later checkpoint shares.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +23,8 @@ import numpy as np
 import tree
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+from rl.durable import publish
 
 
 # The replay buffer may take at most this share of the memory (the rest: Ray, torch, the envs).
@@ -46,6 +53,11 @@ class TransitionReplayBuffer:
         self._columns: dict[str, Any] | None = None  # allocated on the first add
         self._next = 0  # where the next transition goes
         self._size = 0
+        # Rows are numbered by the order they were added: row r lives in slot r % capacity while
+        # it is one of the newest `size`. Saved chunks: (first row, end row, folder name).
+        self._added = 0
+        self._saved_upto = 0
+        self._chunks: list[tuple[int, int, str]] = []
         self._reward_range = (np.inf, -np.inf)
         self._reward_abs_sum, self._rewards_seen = 0.0, 0
 
@@ -95,6 +107,7 @@ class TransitionReplayBuffer:
         self._rewards_seen += n
         if n > self.capacity:  # only the newest `capacity` transitions can stay
             batch = tree.map_structure(lambda x: x[-self.capacity :], batch)
+            self._added += n - self.capacity
             n = self.capacity
         if self._columns is None:
             self._allocate(batch)
@@ -102,6 +115,7 @@ class TransitionReplayBuffer:
         tree.map_structure(lambda column, x: column.__setitem__(idx, x), self._columns, batch)
         self._next = (self._next + n) % self.capacity
         self._size = min(self._size + n, self.capacity)
+        self._added += n
 
     def _allocate(self, batch: dict[str, Any]) -> None:
         """Allocates the ring for transitions shaped like `batch`, after checking it fits.
@@ -146,39 +160,68 @@ class TransitionReplayBuffer:
             added += n
         return added
 
-    def get_state(self) -> dict[str, Any]:
-        """For checkpoints: the stored transitions only (not the empty rest of the ring)."""
-        filled = None
-        if self._columns is not None:
-            filled = tree.map_structure(lambda column: column[: self._size].copy(), self._columns)
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Writes the rows added since the last save into `directory` and returns the manifest a
+        checkpoint keeps: the counters, the sampling RNG, and the chunks that hold the rows now
+        in the buffer (older chunks are shared, not rewritten). Streams from the ring (np.save of
+        views): writing needs no second copy of the buffer in memory."""
+        first = self._added - self._size  # the oldest row still in the buffer
+        start = max(self._saved_upto, first)
+        while start < self._added:  # one chunk per contiguous run of slots
+            slot = start % self.capacity
+            end = min(self._added, start + self.capacity - slot)
+            name = f"rows_{start:013d}_{end:013d}"
+            _write_chunk(Path(directory), name, {
+                path: column[slot : slot + end - start] for path, column in self._leaves().items()
+            })
+            self._chunks.append((start, end, name))
+            start = end
+        self._saved_upto = self._added
+        self._chunks = [chunk for chunk in self._chunks if chunk[1] > first]
         return {
             "capacity": self.capacity,
-            "columns": filled,
-            "next": self._next,
+            "added": self._added,
             "size": self._size,
-            "reward_range": self._reward_range,
-            "reward_abs": (self._reward_abs_sum, self._rewards_seen),
+            "chunks": [name for _, _, name in self._chunks],
+            "reward_range": list(self._reward_range),
+            "reward_abs": [self._reward_abs_sum, self._rewards_seen],
             "rng": self._rng.bit_generator.state,
         }
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        if state["capacity"] != self.capacity:
+    def load(self, directory: Path, manifest: dict[str, Any]) -> None:
+        """Restores the buffer a `save` described, reading its chunks from `directory`."""
+        if manifest["capacity"] != self.capacity:
             raise ValueError(
-                f"the checkpoint's replay buffer holds {state['capacity']:,} transitions, this run's "
-                f"algo.buffer_size is {self.capacity:,}: resume with the run's own config"
+                f"the checkpoint's replay buffer holds {manifest['capacity']:,} transitions, this "
+                f"run's algo.buffer_size is {self.capacity:,}: resume with the run's own config"
             )
-        self._columns = None
-        if state["columns"] is not None:
-            self._allocate(state["columns"])
-            tree.map_structure(
-                lambda column, saved: column.__setitem__(slice(0, len(saved)), saved),
-                self._columns,
-                state["columns"],
-            )
-        self._next, self._size = state["next"], state["size"]
-        self._reward_range = tuple(state["reward_range"])
-        self._reward_abs_sum, self._rewards_seen = state.get("reward_abs", (0.0, 0))
-        self._rng.bit_generator.state = state["rng"]
+        self._columns, self._chunks = None, []
+        self._added, self._size = manifest["added"], manifest["size"]
+        first = self._added - self._size
+        for name in manifest["chunks"]:
+            start, end = (int(x) for x in name.split("_")[1:])
+            leaves = {
+                path: np.load(Path(directory) / name / f"{path}.npy", mmap_mode="r")
+                for path in json.loads((Path(directory) / name / CHUNK_LEAVES).read_text())
+            }
+            if self._columns is None:
+                self._allocate(_unflatten(leaves))
+            skip = max(0, first - start)  # rows of the chunk overwritten since it was saved
+            slot = (start + skip) % self.capacity
+            for path, column in self._leaves().items():
+                column[slot : slot + end - start - skip] = leaves[path][skip:]
+            self._chunks.append((start, end, name))
+        self._next = self._added % self.capacity
+        self._saved_upto = self._added
+        self._reward_range = tuple(manifest["reward_range"])
+        self._reward_abs_sum, self._rewards_seen = manifest["reward_abs"]
+        self._rng.bit_generator.state = manifest["rng"]
+
+    def _leaves(self) -> dict[str, np.ndarray]:
+        """The ring's arrays by their path in the columns ("obs/image", "actions", ...)."""
+        if self._columns is None:
+            return {}
+        return {"/".join(map(str, path)): column for path, column in tree.flatten_with_path(self._columns)}
 
     def sample(self, num_items: int) -> dict[str, Any]:
         """`num_items` transitions drawn uniformly, with replacement, as a dict of columns."""
@@ -186,3 +229,32 @@ class TransitionReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = self._rng.integers(0, self._size, size=num_items)
         return tree.map_structure(lambda column: column[idx], self._columns)
+
+
+CHUNK_LEAVES = "leaves.json"  # a chunk's column paths, written last: the chunk is complete
+
+
+def _write_chunk(directory: Path, name: str, leaves: dict[str, np.ndarray]) -> None:
+    """One chunk folder, made under a temporary name and renamed once every file is on disk."""
+    partial = directory / f".partial-{name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for path, rows in leaves.items():
+            (partial / path).parent.mkdir(parents=True, exist_ok=True)
+            np.save(partial / f"{path}.npy", rows)
+        (partial / CHUNK_LEAVES).write_text(json.dumps(list(leaves)))
+        publish(partial, directory / name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _unflatten(leaves: dict[str, np.ndarray]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, value in leaves.items():
+        *parents, last = path.split("/")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return nested

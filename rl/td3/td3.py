@@ -45,7 +45,7 @@ REPLAY_REWARD_ABS_MEAN = "replay_reward_abs_mean"  # the reward scale the health
 # The overestimation diagnostic (rl/td3/start_values.py), on episodes finished this iteration.
 START_Q_MEAN, START_RETURN_MEAN = "start_q_mean", "start_return_mean"
 OVERESTIMATION = "overestimation"
-REPLAY_BUFFER_STATE, UPDATE_CREDIT = "td3_replay_buffer", "td3_update_credit"  # checkpoint keys
+UPDATE_CREDIT = "td3_update_credit"  # checkpoint key
 
 
 class TD3Config(AlgorithmConfig):
@@ -224,18 +224,17 @@ class TD3(Algorithm):
                 from_worker_or_learner_group=self.learner_group, inference_only=True
             )
 
-    # Checkpoints carry the replay buffer and the update schedule, so a resumed run goes on
-    # with the same data and counters instead of refilling from scratch.
+    # Checkpoints carry the update schedule, so a resumed run goes on with the same counters. The
+    # replay buffer is not in this state: rl/checkpoints.py saves it beside the checkpoints, in
+    # chunks written once (a pickle would hold a second full copy in memory and on disk each time).
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)
-        state[REPLAY_BUFFER_STATE] = self.replay_buffer.get_state()
         state[UPDATE_CREDIT] = self._update_credit
         return state
 
     def set_state(self, state) -> None:
         super().set_state(state)
-        if REPLAY_BUFFER_STATE in state:
-            self.replay_buffer.set_state(state[REPLAY_BUFFER_STATE])
+        if UPDATE_CREDIT in state:
             self._update_credit = state[UPDATE_CREDIT]
 
     def cleanup(self) -> None:

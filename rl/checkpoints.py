@@ -1,0 +1,89 @@
+"""A run's checkpoints on disk: atomic, with the replay buffer saved incrementally beside them.
+
+    checkpoints/
+        iter_000010/            RLlib's checkpoint (weights, optimizers, counters) and replay.json,
+        iter_000015/            the replay buffer's manifest: which chunks hold its rows
+        final/
+        replay/rows_A_B/        replay rows A..B-1, written once, shared by every checkpoint that
+                                needs them, deleted when none of the kept ones does
+        .partial-iter_000020/   a checkpoint being written; never read (a crash may leave one)
+
+A checkpoint appears under its final name only once complete (rl/durable.py). Resuming takes the
+newest one that loads, and says which newer ones it skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from rl.durable import publish
+
+REPLAY_MANIFEST = "replay.json"
+REPLAY_CHUNKS = "replay"
+
+
+def periodic(checkpoints: Path) -> list[Path]:
+    """The iter_NNNNNN checkpoints under their final names, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_") and p.is_dir())
+
+
+def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
+    """Writes checkpoint `name` (e.g. iter_000010 or final), then keeps only the newest `keep`
+    periodic ones and the replay chunks they need. On an error (a full disk), nothing is left
+    under the new name and the older checkpoints are untouched."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    partial = checkpoints / f".partial-{name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        algo.save_to_path(str(partial.resolve()))
+        manifest = algo.replay_buffer.save(checkpoints / REPLAY_CHUNKS)
+        (partial / REPLAY_MANIFEST).write_text(json.dumps(manifest))
+        publish(partial, checkpoints / name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for old in periodic(checkpoints)[:-keep]:
+        shutil.rmtree(old)
+    _prune_replay_chunks(checkpoints)
+    return checkpoints / name
+
+
+def restore_newest(algo, checkpoints: Path) -> Path:
+    """Loads the newest periodic checkpoint that loads completely into `algo` (weights,
+    optimizers, counters, replay buffer). A newer one that does not (cut short by a crash before
+    this version wrote checkpoints atomically, a file damaged since) is skipped with a message."""
+    skipped = []
+    for path in reversed(periodic(checkpoints)):
+        try:
+            manifest = json.loads((path / REPLAY_MANIFEST).read_text())
+            algo.restore_from_path(str(path.resolve()))
+            algo.replay_buffer.load(checkpoints / REPLAY_CHUNKS, manifest)
+            return path
+        except Exception as error:  # any reason it cannot be loaded: try the one before
+            reason = f"{type(error).__name__}: {error}"
+            print(f"resume: skipped checkpoint {path.name}, it does not load ({reason[:300]})", file=sys.stderr)
+            skipped.append(f"{path.name} ({reason[:120]})")
+    raise FileNotFoundError(
+        f"{checkpoints} has no checkpoint to resume from"
+        + (f"; none of them loads: {'; '.join(skipped)}" if skipped else "")
+    )
+
+
+def _prune_replay_chunks(checkpoints: Path) -> None:
+    """Deletes the chunks no kept checkpoint needs, and chunks a crash left half-written."""
+    chunks = checkpoints / REPLAY_CHUNKS
+    if not chunks.is_dir():
+        return
+    needed = set()
+    for path in [*periodic(checkpoints), checkpoints / "final"]:
+        manifest = path / REPLAY_MANIFEST
+        if manifest.is_file():
+            needed.update(json.loads(manifest.read_text())["chunks"])
+    for chunk in chunks.iterdir():
+        if chunk.name not in needed:
+            shutil.rmtree(chunk)

@@ -1,0 +1,174 @@
+"""Checkpoints that survive what kills runs: a full disk in the middle of writing one, a process
+killed while writing one, a checkpoint damaged later. The run keeps every older checkpoint, and
+resuming takes the newest one that loads, exactly (rl/checkpoints.py)."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rl import checkpoints
+from rl.config import load_config
+from rl.experiment import build_td3_config
+from rl.train import restore, train
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["algo.learning_starts=128", "evaluation.interval_iters=0", "evaluation.episodes=1", "wandb.enabled=false"]
+
+
+@pytest.fixture
+def algo(ray_local):
+    algo = build_td3_config(load_config(ROOT / "configs" / "pendulum_td3.yaml", OVERRIDES)).build_algo()
+    yield algo
+    algo.stop()
+
+
+def fresh_algo():
+    return build_td3_config(load_config(ROOT / "configs" / "pendulum_td3.yaml", OVERRIDES)).build_algo()
+
+
+def same_buffer(a, b) -> bool:
+    return len(a) == len(b) and all(
+        np.array_equal(column[: len(a)], b._leaves()[path][: len(b)]) for path, column in a._leaves().items()
+    )
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_the_older_ones_to_resume_from(algo, tmp_path, monkeypatch):
+    store = tmp_path / "checkpoints"
+    algo.train()
+    checkpoints.save(algo, store, "iter_000001", keep=3)
+    algo.train()
+
+    real_save = np.save
+
+    def disk_full_on_the_second_file(file, array, *args, **kwargs):
+        if "rows_" in str(file) and "actions" not in str(file):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_full_on_the_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.save(algo, store, "iter_000002", keep=3)
+    monkeypatch.undo()
+    # Nothing under the new name, nothing half-written left, the older checkpoint untouched.
+    assert sorted(p.name for p in store.iterdir()) == ["iter_000001", "replay"]
+    assert [p.name for p in (store / "replay").iterdir()] == ["rows_0000000000000_0000000000064"]
+
+    resumed = fresh_algo()
+    try:
+        assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
+        assert resumed.training_iteration == 1 and len(resumed.replay_buffer) == 64
+    finally:
+        resumed.stop()
+    # The run itself can go on checkpointing once there is space again.
+    checkpoints.save(algo, store, "iter_000002", keep=3)
+    assert json.loads((store / "iter_000002" / "replay.json").read_text())["chunks"] == [
+        "rows_0000000000000_0000000000064", "rows_0000000000064_0000000000128"]
+
+
+def test_resume_skips_a_checkpoint_that_does_not_load_and_says_why(algo, tmp_path, capsys):
+    store = tmp_path / "checkpoints"
+    for i in (1, 2, 3):
+        algo.train()
+        checkpoints.save(algo, store, f"iter_{i:06d}", keep=5)
+    # iter 3: cut short as a pre-atomic writer or a damaged disk leaves it; iter 2: its replay rows lost.
+    state = store / "iter_000003" / "algorithm_state.pkl"
+    state.write_bytes(state.read_bytes()[:100])
+    shutil.rmtree(store / "replay" / "rows_0000000000064_0000000000128")
+
+    resumed = fresh_algo()
+    try:
+        assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
+        assert resumed.training_iteration == 1 and len(resumed.replay_buffer) == 64
+    finally:
+        resumed.stop()
+    err = capsys.readouterr().err
+    assert "skipped checkpoint iter_000003, it does not load (UnpicklingError" in err or \
+        "skipped checkpoint iter_000003, it does not load (EOFError" in err, err
+    assert "skipped checkpoint iter_000002, it does not load (FileNotFoundError" in err, err
+
+
+def test_replay_chunks_are_shared_by_checkpoints_and_deleted_when_none_needs_them(algo, tmp_path):
+    store = tmp_path / "checkpoints"
+    sizes = []
+    for i in range(1, 5):
+        algo.train()
+        checkpoints.save(algo, store, f"iter_{i:06d}", keep=2)
+        sizes.append(sum(f.stat().st_size for f in (store / "replay").rglob("*.npy")))
+    # Each checkpoint wrote only its own iteration's 64 rows; the chunks of iterations 1 and 2
+    # stay, needed by iter 3 and 4 (their buffer holds every row so far).
+    assert sorted(p.name for p in store.iterdir()) == ["iter_000003", "iter_000004", "replay"]
+    assert len(list((store / "replay").iterdir())) == 4
+    assert sizes[1] == 2 * sizes[0] and sizes[3] == 4 * sizes[0]
+
+    resumed = fresh_algo()
+    try:
+        checkpoints.restore_newest(resumed, store)
+        assert same_buffer(algo.replay_buffer, resumed.replay_buffer)
+        assert resumed.replay_buffer._rng.bit_generator.state == algo.replay_buffer._rng.bit_generator.state
+    finally:
+        resumed.stop()
+
+
+KILLED_WHILE_WRITING = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    real_save = np.save
+
+    def save_half_then_die(file, array, *args, **kwargs):
+        if str(file).endswith("_0000000000640/obs.npy"):  # iteration 10's new replay rows
+            with open(file, "wb") as f:
+                f.write(np.ascontiguousarray(array).tobytes()[: array.nbytes // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(file, array, *args, **kwargs)
+
+    np.save = save_half_then_die
+    from rl.train import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before(ray_local, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    sets = [*OVERRIDES, "experiment.stop_env_steps=1280", "experiment.checkpoint_every_iters=5",
+            "experiment.keep_checkpoints=2", "algo.learning_starts=320"]
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WRITING, "--config", "configs/pendulum_td3.yaml", "--run-dir", str(run_dir),
+         "--no-progress", *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    store = run_dir / "checkpoints"
+    assert sorted(p.name for p in store.iterdir()) == [".partial-iter_000010", "iter_000005", "replay"]
+    # A full disk leaves a cut-short last line in metrics.jsonl: set aside, not a crash.
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 11, "env/steps_sa')
+
+    exp = load_config(run_dir / "config.yaml", ["experiment.stop_env_steps=1280"])
+    algo = build_td3_config(exp).build_algo()
+    try:
+        rows = restore(algo, run_dir)
+        assert algo.training_iteration == rows[-1]["iteration"] == 5 and len(algo.replay_buffer) == 320
+    finally:
+        algo.stop()
+    err = capsys.readouterr().err
+    assert "metrics.jsonl line 11 is cut short" in err and (run_dir / "metrics.torn.jsonl").is_file()
+
+    summary = train(exp, run_dir=run_dir, show_progress=False, resume=True)
+    assert summary["status"] == "completed" and summary["iterations"] == 20
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 21))
+    assert rows[5]["replay/size"] == 320 + 64
+    left = sorted(p.name for p in store.iterdir())
+    assert left == ["final", "iter_000015", "iter_000020", "replay"]  # the partial one is gone
+    assert not [p for p in (store / "replay").iterdir() if p.name.startswith(".partial")]
+    assert os.path.getsize(run_dir / "metrics.torn.jsonl") > 0
