@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+import tree
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
@@ -108,31 +109,50 @@ def _image_transitions(n: int) -> dict:
     }
 
 
-def test_image_transitions_keep_uint8_and_their_size_is_known():
+def test_image_transitions_keep_uint8_and_come_back_as_they_went_in():
     buffer = TransitionReplayBuffer(capacity=10, seed=0)
-    buffer.add(**_image_transitions(3))
-    # 2 x (4*84*84 uint8 + 10 float32) + 2 actions + reward + terminated, float32
-    assert buffer.bytes_per_transition == 2 * (4 * 84 * 84 + 40) + 4 * (2 + 1 + 1)
-    sample = buffer.sample(5)
-    assert sample[Columns.OBS]["image"].dtype == np.uint8
-    assert sample[Columns.NEXT_OBS]["image"].shape == (5, 4, 84, 84)
+    transitions = _image_transitions(3)
+    buffer.add(**transitions)
+    sample = buffer._gather(np.arange(3))
+    for col, name in ((Columns.OBS, "obs"), (Columns.NEXT_OBS, "next_obs")):
+        assert sample[col]["image"].dtype == np.uint8 and sample[col]["image"].shape == (3, 4, 84, 84)
+        np.testing.assert_array_equal(sample[col]["image"], transitions[name]["image"])
+        np.testing.assert_array_equal(sample[col]["state"], transitions[name]["state"])
+    # What the learner gets per transition: 2 x (4*84*84 uint8 + 10 float32) + 2 actions + reward + terminated
+    assert buffer.bytes_per_sample == 2 * (4 * 84 * 84 + 40) + 4 * (2 + 1 + 1)
+
+
+def test_a_million_84x84x4_camera_transitions_take_under_7_5_gb(monkeypatch):
+    monkeypatch.setattr("rl.td3.replay_buffer.memory_limit_bytes", lambda: 64 * 2**30)
+    buffer = TransitionReplayBuffer(capacity=1_000_000, seed=0)  # numpy reserves it lazily
+    buffer.add(**_image_transitions(2))
+    # Each frame once (7,056 bytes, with 3% headroom for episode starts), 4 + 4 frame numbers
+    # (int64), the row's oldest frame, state 2 x 10 float32, action, reward, terminated.
+    frames = 7056 * (1_000_000 + 31_250) / 1_000_000
+    assert buffer.bytes_per_transition == int(np.ceil(frames)) + 8 * 8 + 8 + 2 * 40 + 4 * (2 + 1 + 1)
+    assert buffer.bytes_per_transition * 1_000_000 < 7.5e9  # stacks stored twice took 56.5 GB
 
 
 def test_a_buffer_larger_than_memory_is_refused_before_it_fills_and_kills_the_run(monkeypatch):
     monkeypatch.setattr("rl.td3.replay_buffer.memory_limit_bytes", lambda: 2**30)  # 1 GiB
-    buffer = TransitionReplayBuffer(capacity=100_000, seed=0)  # 100k x 56 KB = 5.3 GiB
+    buffer = TransitionReplayBuffer(capacity=200_000, seed=0)  # 200k x 7.4 KB = 1.4 GiB
     with pytest.raises(
         ValueError,
-        match=r"algo.buffer_size=100,000 transitions of 56,544 bytes need 5.3 GiB, but this "
-        r"machine \(or container\) has 1.0 GiB; at most about 15,191 fit in 80% of it",
+        match=r"algo.buffer_size=200,000 transitions of 7,444 bytes need 1.4 GiB, but this "
+        r"machine \(or container\) has 1.0 GiB; at most about 115,386 fit in 80% of it",
     ):
         buffer.add(**_image_transitions(2))
 
 
+def live_slots(buffer: TransitionReplayBuffer) -> np.ndarray:
+    return (buffer._added - len(buffer) + np.arange(len(buffer))) % buffer.capacity
+
+
 def assert_same_buffer(a: TransitionReplayBuffer, b: TransitionReplayBuffer) -> None:
-    assert (len(a), a._next, a.reward_range, a.reward_abs_mean) == (len(b), b._next, b.reward_range, b.reward_abs_mean)
-    for path, column in a._leaves().items():  # the filled slots, bit for bit
-        assert np.array_equal(column[: len(a)], b._leaves()[path][: len(b)]), path
+    assert (len(a), a._added, a.reward_range, a.reward_abs_mean) == (len(b), b._added, b.reward_range, b.reward_abs_mean)
+    x, y = a._gather(live_slots(a)), b._gather(live_slots(b))  # every transition held, bit for bit
+    for (path, u), (_, v) in zip(tree.flatten_with_path(x), tree.flatten_with_path(y)):
+        assert np.array_equal(u, v), path
     x, y = a.sample(6), b.sample(6)  # and the same sampling stream
     assert np.array_equal(x[Columns.OBS]["image"], y[Columns.OBS]["image"])
 
@@ -150,22 +170,27 @@ def test_save_and_load_keep_transitions_position_and_sampling_stream(tmp_path):
         TransitionReplayBuffer(capacity=20).load(tmp_path, buffer.save(tmp_path))
 
 
+def rows_chunks(manifest: dict) -> list[str]:
+    return [name for name in manifest["chunks"] if name.startswith("rows_")]
+
+
 def test_each_save_writes_only_the_rows_added_since_the_last_and_drops_chunks_overwritten_since(tmp_path):
     buffer = TransitionReplayBuffer(capacity=10, seed=0)
-    buffer.add(**_image_transitions(4))
-    assert buffer.save(tmp_path)["chunks"] == ["rows_0000000000000_0000000000004"]
+    buffer.add(**_image_transitions(4))  # random images: 8 distinct frames per transition
+    manifest = buffer.save(tmp_path)
+    assert manifest["chunks"] == ["rows_0000000000000_0000000000004", "frames0_0000000000000_0000000000032"]
     buffer.add(**_image_transitions(3))
-    assert buffer.save(tmp_path)["chunks"] == ["rows_0000000000000_0000000000004", "rows_0000000000004_0000000000007"]
-    assert buffer.save(tmp_path)["chunks"][-1] == "rows_0000000000004_0000000000007"  # nothing new: no chunk
+    assert buffer.save(tmp_path)["chunks"][-2:] == ["rows_0000000000004_0000000000007", "frames0_0000000000032_0000000000056"]
+    assert len(buffer.save(tmp_path)["chunks"]) == 4  # nothing new: no chunk
     buffer.add(**_image_transitions(6))  # rows 7..12: slots 7, 8, 9, then 0, 1, 2 (the ring wraps)
     manifest = buffer.save(tmp_path)
     # Rows 0-2 are overwritten: their chunk is partly needed (row 3); the new rows are two
     # chunks, one per contiguous run of slots.
-    assert manifest["chunks"] == ["rows_0000000000000_0000000000004", "rows_0000000000004_0000000000007",
-                                  "rows_0000000000007_0000000000010", "rows_0000000000010_0000000000013"]
-    assert (tmp_path / "rows_0000000000010_0000000000013" / "obs" / "image.npy").stat().st_size < 3 * 56_544
+    assert rows_chunks(manifest) == ["rows_0000000000000_0000000000004", "rows_0000000000004_0000000000007",
+                                     "rows_0000000000007_0000000000010", "rows_0000000000010_0000000000013"]
+    assert (tmp_path / "rows_0000000000010_0000000000013" / "obs" / "image.npy").stat().st_size < 500  # numbers
     restored = TransitionReplayBuffer(capacity=10, seed=1)
     restored.load(tmp_path, manifest)
     assert_same_buffer(buffer, restored)
     buffer.add(**_image_transitions(4))  # rows 13..16 overwrite 3..6: the first two chunks are not needed
-    assert buffer.save(tmp_path)["chunks"][0] == "rows_0000000000007_0000000000010"
+    assert rows_chunks(buffer.save(tmp_path))[0] == "rows_0000000000007_0000000000010"

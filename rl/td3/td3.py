@@ -258,7 +258,7 @@ class TD3(Algorithm):
         each call's batch replayed just before it."""
         config = self.config
         rows_per_update = config.total_train_batch_size
-        call_bytes = rows_per_update * self.replay_buffer.bytes_per_transition
+        call_bytes = rows_per_update * self.replay_buffer.bytes_per_sample
         max_updates_per_call = max(1, int(config.learner_batch_max_mb * 2**20 // call_bytes))
         sample_s = learn_s = 0.0
         while num_updates > 0:
