@@ -158,3 +158,16 @@ def test_one_add_with_more_frames_than_the_store_holds_keeps_only_transitions_wi
     np.testing.assert_array_equal(batch[Columns.OBS]["image"], obs["image"][-len(buffer):])
     np.testing.assert_array_equal(batch[Columns.NEXT_OBS]["image"], nxt["image"][-len(buffer):])
     np.testing.assert_array_equal(batch[Columns.REWARDS], np.arange(n)[-len(buffer):])
+
+
+def test_a_batch_of_consecutive_transitions_stores_each_frame_once():
+    stacks = np.stack([expected_stack(1, 1, t, "repeat") for t in range(21)])
+    states = np.arange(21, dtype=np.float32)[:, None].repeat(3, 1)
+    buffer = TransitionReplayBuffer(capacity=100, seed=0)
+    # obs t and next_obs t + 1, for t = 0..19: next_obs t is obs t + 1 again.
+    buffer.add({"image": stacks[:20], "state": states[:20]}, np.zeros((20, 1)), np.ones(20),
+               {"image": stacks[1:], "state": states[1:]}, np.zeros(20))
+    assert buffer._stores[("image",)].written == 21  # the first frame (the padding is its copies), then 1 per step
+    batch = buffer._gather(np.arange(20))
+    np.testing.assert_array_equal(batch[Columns.OBS]["image"], stacks[:20])
+    np.testing.assert_array_equal(batch[Columns.NEXT_OBS]["image"], stacks[1:])

@@ -56,8 +56,11 @@ class FrameStore:
             return row
 
         # Stacks that slide by one frame (oldest first, as carla_env/contract.py has them): stack j
-        # is stack j-1 without its oldest frame, plus one new frame.
-        slides = (stacks[1:, :-1] == stacks[:-1, 1:]).all(axis=tuple(range(1, stacks.ndim)))
+        # is stack j-1 without its oldest frame, plus one new frame. Or the same stack again (a
+        # transition's next_obs, then the next transition's obs, in `TransitionReplayBuffer.add`).
+        frame_axes = tuple(range(1, stacks.ndim))
+        slides = (stacks[1:, :-1] == stacks[:-1, 1:]).all(axis=frame_axes)
+        repeats = (stacks[1:] == stacks[:-1]).all(axis=frame_axes)
         linked = (
             link is not None
             # still there after this call, however many frames it writes (at most m * k)
@@ -66,7 +69,9 @@ class FrameStore:
         )
         numbers[0] = link if linked else distinct(stacks[0])
         for j in range(1, m):
-            if slides[j - 1]:
+            if repeats[j - 1]:
+                numbers[j] = numbers[j - 1]
+            elif slides[j - 1]:
                 numbers[j, :-1] = numbers[j - 1, 1:]
                 new.append(stacks[j, -1])
                 numbers[j, -1] = self.written + len(new) - 1

