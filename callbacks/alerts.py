@@ -22,8 +22,11 @@ class AlertSinks:
         self.console = Console(stderr=True, highlight=False)
 
     def send(self, alert: Alert) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(alert.to_dict()) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(alert.to_dict()) + "\n")
+        except OSError as error:  # a full disk: the alert still reaches the console and W&B
+            self.console.print(f"could not append to {self.path}: {error}", style="red")
         self.console.print(
             f"[{alert.level}] iteration {alert.iteration}, {alert.rule}: {alert.message}",
             style=STYLES.get(alert.level),
@@ -36,4 +39,10 @@ def read_alerts(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / ALERTS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    alerts = []
+    for line in path.read_text().splitlines():
+        try:
+            alerts.append(json.loads(line))
+        except json.JSONDecodeError:  # a line a crash or a full disk cut short
+            continue
+    return alerts

@@ -137,56 +137,63 @@ def train(
     resumed_steps, resumed_updates = env_steps, updates
     stopped_by: list[str] = []  # the CRITICAL alerts that stopped the run, if any
     error_text = None  # what an exception that ended training said
+    final_eval, final_checkpoint = {}, None
     try:
-        with open(run_dir / "metrics.jsonl", "a") as metrics_file:
-            while env_steps < exp.experiment.stop_env_steps:
-                try:
-                    result = algo.train()
-                except Exception as error:  # the run cannot go on: say why, keep what was written
-                    error_text = f"{type(error).__name__}: {error}"
-                    monitor(algo).report_error(iteration + 1, error_text)
-                    stopped_by = [TRAINING_ERROR]
-                    break
-                iteration += 1
-                metrics = summarize(result)
-                interval = exp.evaluation.interval_iters
-                if not (interval and iteration % interval == 0):
-                    # RLlib repeats the last evaluation in later results: keep only fresh ones.
-                    metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
-                env_steps = metrics.get("env/steps_sampled", env_steps)
-                updates = metrics.get("learner/num_critic_updates", updates)
-                elapsed = time.monotonic() - start
-                metrics.update(
-                    {
-                        "iteration": iteration,
-                        "time_s": elapsed,
-                        "perf/env_steps_per_s": (env_steps - resumed_steps) / elapsed,
-                        "perf/updates_per_s": (updates - resumed_updates) / elapsed,
-                    }
-                )
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                if progress:
-                    progress.update(env_steps, metrics)
-                if on_iteration:
-                    on_iteration(metrics)
-                if metrics.get("health/stop"):
-                    # Before any checkpoint of this iteration: the newest one stays a healthy one.
-                    stopped_by = [
-                        a["rule"] for a in read_alerts(run_dir) if a["level"] == CRITICAL
-                    ]
-                    break
-                if iteration % exp.experiment.checkpoint_every_iters == 0:
-                    checkpoints.save(algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep)
-                    if exp.experiment.storage_uri:
-                        sync_run_dir(run_dir, exp.experiment.storage_uri)
-        train_time = time.monotonic() - start
+        try:
+            with open(run_dir / "metrics.jsonl", "a") as metrics_file:
+                while env_steps < exp.experiment.stop_env_steps:
+                    try:
+                        result = algo.train()
+                    except Exception as error:  # the run cannot go on: say why, keep what was written
+                        error_text = f"{type(error).__name__}: {error}"
+                        monitor(algo).report_error(iteration + 1, error_text)
+                        stopped_by = [TRAINING_ERROR]
+                        break
+                    iteration += 1
+                    metrics = summarize(result)
+                    interval = exp.evaluation.interval_iters
+                    if not (interval and iteration % interval == 0):
+                        # RLlib repeats the last evaluation in later results: keep only fresh ones.
+                        metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
+                    env_steps = metrics.get("env/steps_sampled", env_steps)
+                    updates = metrics.get("learner/num_critic_updates", updates)
+                    elapsed = time.monotonic() - start
+                    metrics.update(
+                        {
+                            "iteration": iteration,
+                            "time_s": elapsed,
+                            "perf/env_steps_per_s": (env_steps - resumed_steps) / elapsed,
+                            "perf/updates_per_s": (updates - resumed_updates) / elapsed,
+                        }
+                    )
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    if progress:
+                        progress.update(env_steps, metrics)
+                    if on_iteration:
+                        on_iteration(metrics)
+                    if metrics.get("health/stop"):
+                        # Before any checkpoint of this iteration: the newest one stays a healthy one.
+                        stopped_by = [
+                            a["rule"] for a in read_alerts(run_dir) if a["level"] == CRITICAL
+                        ]
+                        break
+                    if iteration % exp.experiment.checkpoint_every_iters == 0:
+                        checkpoints.save(algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep)
+                        if exp.experiment.storage_uri:
+                            sync_run_dir(run_dir, exp.experiment.storage_uri)
+            train_time = time.monotonic() - start
+            if not stopped_by:
+                final_eval = summarize({"evaluation": algo.evaluate()})
+                final_checkpoint = checkpoints.save(algo, run_dir / "checkpoints", "final", keep)
+        except OSError as error:  # the run directory cannot be written: a full disk, a lost mount
+            train_time = time.monotonic() - start
+            error_text = f"{type(error).__name__}: {error} (writing the run directory {run_dir})"
+            monitor(algo).report_error(iteration, error_text)
+            stopped_by = [TRAINING_ERROR]
         if stopped_by:
             newest = checkpoints.periodic(run_dir / "checkpoints")
-            final_eval, final_checkpoint = {}, newest[-1] if newest else None
-        else:
-            final_eval = summarize({"evaluation": algo.evaluate()})
-            final_checkpoint = checkpoints.save(algo, run_dir / "checkpoints", "final", keep)
+            final_checkpoint = newest[-1] if newest else None
     finally:
         if progress:
             progress.close()
@@ -213,7 +220,10 @@ def train(
         "stopped_by": stopped_by,
         "error": error_text,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as error:
+        print(f"could not write {run_dir / 'summary.json'}: {error}", file=sys.stderr)
     if exp.experiment.storage_uri:
         sync_run_dir(run_dir, exp.experiment.storage_uri)
     return summary

@@ -172,3 +172,45 @@ def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     assert left == ["final", "iter_000015", "iter_000020", "replay"]  # the partial one is gone
     assert not [p for p in (store / "replay").iterdir() if p.name.startswith(".partial")]
     assert os.path.getsize(run_dir / "metrics.torn.jsonl") > 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of its own, 32 MB (tmpfs), that a run can really fill."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}): needs root; the simulated ENOSPC test still runs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_run_whose_disk_fills_stops_with_a_clear_error_and_resumes_once_there_is_space(ray_local, small_disk, capsys):
+    exp = load_config(ROOT / "configs" / "pendulum_td3.yaml", [
+        *OVERRIDES, f"experiment.output_dir={small_disk}", "experiment.stop_env_steps=640",
+        "experiment.checkpoint_every_iters=2", "algo.learning_starts=64"])
+    filler = small_disk / "filler"
+
+    def fill_the_disk_after_the_first_checkpoint(metrics: dict) -> None:
+        if metrics["iteration"] == 3:  # iter_000002 is written; leave 100 KB for metrics rows
+            free = shutil.disk_usage(small_disk).free
+            with open(filler, "wb") as f:
+                f.write(b"\0" * (free - 100_000))
+
+    run_dir = small_disk / "run"
+    summary = train(exp, run_dir=run_dir, show_progress=False, on_iteration=fill_the_disk_after_the_first_checkpoint)
+    assert summary["status"] == "crashed" and "No space left on device" in summary["error"], summary
+    assert summary["final_checkpoint"].endswith("iter_000002")
+    store = run_dir / "checkpoints"
+    assert sorted(p.name for p in store.iterdir()) == ["iter_000002", "replay"]  # nothing half-written
+    assert "training_error" in capsys.readouterr().err
+
+    filler.unlink()
+    exp = load_config(run_dir / "config.yaml", [])
+    summary = train(exp, run_dir=run_dir, show_progress=False, resume=True)
+    assert summary["status"] == "completed" and summary["iterations"] == 10
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 11))
+    assert rows[2]["replay/size"] == 3 * 64  # iteration 3 again, after iteration 2's checkpoint
