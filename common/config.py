@@ -35,14 +35,53 @@ _Yaml12FloatLoader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    """A key given twice is a mistake (the second silently won): refused, with both lines."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node)
+
+
+_Yaml12FloatLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+# A config is small; one that expands to more values than this through YAML aliases (the
+# "billion laughs" bomb: nested anchors, each repeating the last) would hang whatever reads it.
+MAX_EXPANDED_VALUES = 100_000
+
+
 def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12FloatLoader)
+    data = yaml.load(text, Loader=_Yaml12FloatLoader)
+    if _expanded_size(data, {}) > MAX_EXPANDED_VALUES:
+        raise yaml.YAMLError(
+            f"its aliases (*name) expand to more than {MAX_EXPANDED_VALUES:,} values: refused "
+            "(a config is never that large; nested aliases that repeat each other are a YAML bomb)"
+        )
+    return data
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """How many values `value` has once every alias is expanded; each shared object is counted
+    once per reference, but computed once (memo), so a bomb is measured in linear time."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) not in memo:
+        memo[id(value)] = 0  # a self-referencing alias: counted as empty, not followed forever
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        memo[id(value)] = 1 + sum(_expanded_size(v, memo) for _, v in items)
+    return memo[id(value)]
 
 
 class Section(BaseModel):
-    # Unknown keys are errors (a typo must never silently fall back to a default), and
-    # "1" is not an int: YAML already gives the right types.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # Unknown keys are errors (a typo must never silently fall back to a default), "1" is not
+    # an int (YAML already gives the right types), and a float must be a number (.inf and .nan
+    # are YAML floats too: an infinite learning rate or reward bound is always a mistake).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def format_errors(

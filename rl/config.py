@@ -25,7 +25,7 @@ DEFAULT_GRAD_CLIP = {"actor.encoder": 1.0, "actor.head": 1.0, "critic.encoder": 
 
 class ExperimentSection(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="numpy and gymnasium take 32-bit seeds")
     stop_env_steps: int = Field(gt=0, description="train until this many env steps were sampled")
     output_dir: str = Field(default="runs", min_length=1)
     # Also mirror the run directory here (rl/storage.py): s3://bucket/runs, gs://..., file://...
@@ -310,6 +310,7 @@ def _validate_driving_env(config: ExperimentConfig, source: str) -> None:
 
     schema = driving_env_schema(config.env.id)
     if schema is None:
+        _check_env_takes_kwargs(config, source)
         return
     try:
         env = schema.model_validate(config.env.kwargs)
@@ -328,12 +329,40 @@ def _validate_driving_env(config: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"{source}: env.kwargs.server: {e}") from None
 
 
+def _check_env_takes_kwargs(config: ExperimentConfig, source: str) -> None:
+    """Envs without a schema of ours: the kwargs must be arguments the env's constructor takes
+    (otherwise a TypeError comes from deep inside an env runner, after Ray started)."""
+    import inspect
+
+    import gymnasium
+    from gymnasium.envs.registration import load_env_creator
+
+    if not config.env.kwargs:
+        return
+    spec = gymnasium.spec(config.env.id.rpartition(":")[2])
+    creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    try:
+        parameters = inspect.signature(creator).parameters
+    except (TypeError, ValueError):  # a builtin or C extension: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(config.env.kwargs) - set(parameters))
+    if unknown:
+        raise ConfigError(
+            f"{source}: env.kwargs: {config.env.id} takes no argument {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join(parameters) or 'none'}"
+        )
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a file")
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); is it the YAML config?") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_config(data, source=str(path), overrides=overrides)

@@ -51,6 +51,17 @@ def make_run_dir(exp: ExperimentConfig) -> Path:
     return run_dir
 
 
+def _check_can_write(directory: Path, key: str) -> None:
+    """Before Ray starts: the run directory can be made where it is asked for."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={directory}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={directory}: {existing} is not writable by this user")
+
+
 def _init_ray() -> None:
     import ray
 
@@ -112,6 +123,7 @@ def train(
 
     from rl.experiment import build_td3_config, check_resources, open_carla_endpoint_pools
 
+    _check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
     _init_ray()
     # Before anything is written: a config the cluster cannot place fails now, not never.
     check_resources(exp, ray.cluster_resources())

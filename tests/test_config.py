@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,13 @@ def test_defaults_are_the_td3_reference_hyperparameters():
         ("health.grad_reference={critic.encoder: 0}", "health.grad_reference.critic.encoder: Input should be greater than 0"),
         ("health.saturation_max=1.5", "health.saturation_max: Input should be less than or equal to 1"),
         ("health.warmup_patience_iters=0", "health.warmup_patience_iters: Input should be greater than or equal to 1"),
+        # .inf and .nan are YAML floats: refused wherever a number is meant
+        ("algo.actor_lr=.inf", "algo.actor_lr: Input should be a finite number"),
+        ("algo.learner_batch_max_mb=.inf", "algo.learner_batch_max_mb: Input should be a finite number"),
+        ("algo.gamma=.nan", "algo.gamma: Input should be a finite number"),
+        ("env.reward_bounds=[-.inf, 0.0]", "env.reward_bounds.0: Input should be a finite number"),
+        ("experiment.seed=4294967296", "experiment.seed: Input should be less than or equal to 4294967295"),
+        ("env.kwargs={gravity: 9.8}", "env.kwargs: Pendulum-v1 takes no argument 'gravity'; it takes render_mode, g"),
     ],
 )
 def test_bad_values_name_the_key_and_what_was_expected(override, message):
@@ -90,6 +98,40 @@ def test_malformed_override_and_missing_file_are_clear():
         _parse("algo.gamma")
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config("nope.yaml")
+
+
+BOMB = "".join(f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("experiment:\n  name: a\n  name: b\n", "key 'name' is given twice (first on line 2)"),
+        ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n" + BOMB, "its aliases (*name) expand to more than 100,000 values: refused"),
+        (b"\xff\xfe\x00e\x00x", "not a UTF-8 text file"),
+    ],
+)
+def test_files_that_are_not_a_config_are_refused_with_the_reason(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and message in str(err.value), str(err.value)
+    assert time.monotonic() - start < 10  # the bomb is refused, not expanded
+
+
+def test_cli_refuses_an_output_dir_that_is_a_file_before_starting_ray(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    (tmp_path / "runs").write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl.train", "--config", str(path), "--set", f"experiment.output_dir={tmp_path / 'runs'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"experiment.output_dir={tmp_path / 'runs'}: {tmp_path / 'runs'} is a file, not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
 
 
 def test_cli_rejects_a_bad_config_before_starting_ray(tmp_path):
