@@ -24,42 +24,18 @@ import json
 import os
 import sys
 import time
-from datetime import datetime
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
-
-import yaml
 
 from callbacks.alerts import read_alerts
 from callbacks.health import CRITICAL, TRAINING_ERROR
 from callbacks.health_callback import HealthCallback
-from rl import checkpoints
+from rl import checkpoints, run_directory
 from rl.config import ConfigError, ExperimentConfig, load_config
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
 from rl.storage import sync_run_dir
-
-
-def make_run_dir(exp: ExperimentConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(exp.experiment.output_dir) / f"{exp.experiment.name}-{stamp}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    (run_dir / "checkpoints").mkdir(parents=True)
-    return run_dir
-
-
-def _check_can_write(directory: Path, key: str) -> None:
-    """Before Ray starts: the run directory can be made where it is asked for."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{key}={directory}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={directory}: {existing} is not writable by this user")
 
 
 def _init_ray() -> None:
@@ -119,21 +95,31 @@ def train(
     With `resume`, continues the run in `run_dir` from its newest checkpoint. `on_iteration`
     gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py)."""
     import ray
-    import torch
 
-    from rl.experiment import build_td3_config, check_resources, open_carla_endpoint_pools
+    from rl.experiment import check_resources
 
-    _check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
+    run_directory.check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
+    if resume:
+        run_directory.check_resumable(run_dir)
     _init_ray()
     # Before anything is written: a config the cluster cannot place fails now, not never.
     check_resources(exp, ray.cluster_resources())
+    run_dir = run_dir or run_directory.make(exp)
+    with run_directory.locked(run_dir):
+        return _train_in(run_dir, exp, show_progress, resume, on_iteration)
+
+
+def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, on_iteration) -> dict:
+    import ray
+    import torch
+
+    from rl.experiment import build_td3_config, open_carla_endpoint_pools
+
+    run_directory.record_config(run_dir, exp)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    torch.set_num_threads(exp.resources.learner_torch_threads)
     # Held by this driver until the env runners are gone (carla_env/servers.py says why).
     endpoint_pools = open_carla_endpoint_pools(exp)
-    run_dir = run_dir or make_run_dir(exp)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
-    torch.set_num_threads(exp.resources.learner_torch_threads)
 
     algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
     env_steps, updates, iteration = 0.0, 0.0, 0
@@ -260,20 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
-    run_dir, resume = args.resume or args.run_dir, bool(args.resume)
-    if args.run_dir and (args.run_dir / "checkpoints").is_dir():
-        resume = bool(checkpoints.periodic(args.run_dir / "checkpoints"))
-    try:
-        exp = load_config(run_dir / "config.yaml" if resume else args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    try:
-        summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume)
-    except (FileNotFoundError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with ExitStack() as held:
+        try:
+            if args.resume:
+                run_directory.check_resumable(args.resume)
+                run_dir, resume = args.resume, True
+                exp = load_config(args.resume / run_directory.CONFIG_FILE, args.overrides)
+            else:
+                run_dir, resume = args.run_dir, False
+                exp = load_config(args.config, args.overrides)
+                if run_dir:  # held from the look at what is there until training ends
+                    run_directory.check_can_write(run_dir, "--run-dir")
+                    held.enter_context(run_directory.locked(run_dir))
+                    resume = run_directory.settle(run_dir, exp)
+            summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume)
+        except (FileNotFoundError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if summary["status"] == "crashed":
         print(
             f"\nTraining failed after {summary['env_steps']:,.0f} env steps: {summary['error']}\n"

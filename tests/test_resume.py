@@ -35,18 +35,23 @@ OBSERVATIONS = {
 }
 
 
-def start_training(output_dir: Path, observations: str) -> subprocess.Popen:
+def command_line(output_dir: Path, observations: str, stop_env_steps: int = 100_000) -> list[str]:
+    """The arguments of the run (100k steps: it runs until killed)."""
     overrides = {
         **OBSERVATIONS[observations],
         "experiment.output_dir": str(output_dir),
-        "experiment.stop_env_steps": 100_000,  # runs until killed
+        "experiment.stop_env_steps": stop_env_steps,
         "experiment.checkpoint_every_iters": 5,
         "algo.learning_starts": 320,
         "evaluation.interval_iters": 0,
         "wandb.mode": "offline",
     }
     sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
-    command = [sys.executable, "-m", "rl.train", "--config", "configs/pendulum_td3.yaml", "--no-progress", *sets]
+    return ["--config", str(ROOT / "configs" / "pendulum_td3.yaml"), "--no-progress", *sets]
+
+
+def start_training(output_dir: Path, observations: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "rl.train", *command_line(output_dir, observations)]
     # Its own W&B service: WANDB_SERVICE, set by an earlier test's W&B run in this process, would
     # register the run in this process's service, which holds its id "in use" after the kill.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -117,9 +122,10 @@ def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_l
     assert [h["_step"] for h in history] == iterations
     assert [h["env/steps_sampled"] for h in history] == [r["env/steps_sampled"] for r in rows]
 
-    # A retried job (k8s/rayjob.yaml) passes --run-dir: on a started run, that resumes it.
-    assert main(["--config", str(ROOT / "configs" / "pendulum_td3.yaml"), "--run-dir", str(run_dir),
-                 "--no-progress", "--set", "experiment.stop_env_steps=1920"]) == 0
+    # A retried job (k8s/rayjob.yaml) passes the same arguments and --run-dir: on a started run of
+    # the same experiment, that resumes it (with more steps to go: the config records them).
+    assert main([*command_line(tmp_path, observations, stop_env_steps=1920), "--run-dir", str(run_dir)]) == 0
+    assert load_config(run_dir / "config.yaml").experiment.stop_env_steps == 1920
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1))
     assert rows[-1]["env/steps_sampled"] >= 1920
