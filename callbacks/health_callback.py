@@ -14,7 +14,7 @@ from pathlib import Path
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from callbacks.alerts import AlertSinks
-from callbacks.health import CRITICAL, FACTS_FILE, TRAINING_ERROR, Alert, HealthMonitor
+from callbacks.health import CRITICAL, FACTS_FILE, TRAINING_ERROR, WARN, Alert, HealthMonitor
 from callbacks.wandb_run import WandbRun
 from rl.config import HealthSection, WandbSection
 from rl.metrics import HEALTH_RESULTS, summarize
@@ -34,15 +34,17 @@ class HealthCallback(RLlibCallback):
             config=config.experiment_config,
         )
         self.sinks = AlertSinks(config.run_dir, self.wandb_run)
+        self.fired: dict[str, str] = {}  # rule -> the worst level it alerted at, for W&B's summary
+        self.wandb_run.summarize({"health/status": "healthy", "health/rules_fired": ""})
         for alert in self.monitor.start_checks():
-            self.sinks.send(alert)
+            self._send(alert)
 
     def on_train_result(self, *, algorithm, result: dict, **kwargs) -> None:
         iteration = int(result.get("training_iteration", 0))
         metrics = summarize(result)
         health, alerts = self.monitor.update(iteration, metrics)
         for alert in alerts:
-            self.sinks.send(alert)
+            self._send(alert)
         health["health/stop"] = float(self.section.stop_on_critical and health["health/critical"] > 0)
         result[HEALTH_RESULTS] = health
         self.wandb_run.log({**metrics, **health}, step=iteration)
@@ -51,17 +53,33 @@ class HealthCallback(RLlibCallback):
         """A resumed run: the monitor catches up on the iterations already done (their alerts
         were sent then), so its warm-up baseline and trend windows go on where they were, and
         the W&B run gets the iterations it lost with the process that died."""
-        self.monitor.replay(rows)
+        for alert in self.monitor.replay(rows):
+            self._record(alert)
         self.wandb_run.backfill(rows)
 
     def report_error(self, iteration: int, error: str) -> None:
         """Training raised: a CRITICAL alert that says so, through the same sinks as the rules."""
-        self.sinks.send(Alert(
+        self._send(Alert(
             CRITICAL, TRAINING_ERROR,
             f"training stopped on an error in iteration {iteration}: {error}. The metrics and "
             "checkpoints written before it are intact; the newest checkpoint is from before it.",
             {}, iteration,
         ))
+
+    def _send(self, alert: Alert) -> None:
+        self.sinks.send(alert)
+        self._record(alert)
+
+    def _record(self, alert: Alert) -> None:
+        """The run's health so far, in the W&B summary: a project's runs table shows which runs
+        went bad, and why."""
+        if alert.level in (WARN, CRITICAL) and self.fired.get(alert.rule) != CRITICAL:
+            self.fired[alert.rule] = alert.level
+            levels = set(self.fired.values())
+            self.wandb_run.summarize({
+                "health/status": "critical" if CRITICAL in levels else "warned",
+                "health/rules_fired": ", ".join(f"{rule} ({level})" for rule, level in sorted(self.fired.items())),
+            })
 
     def close(self) -> None:
         """Flushes and closes the W&B run (the offline files are complete after this)."""

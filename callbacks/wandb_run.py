@@ -1,8 +1,11 @@
-"""One W&B run per training run: metrics every iteration, the resolved config, alerts.
+"""One W&B run per training run: metrics every iteration against env steps (the x-axis RL
+users compare runs on), the resolved config, alerts, and the run's health in its summary.
 
 Online only with WANDB_API_KEY in the environment (the key is never read from or written to a
-file of ours, nor logged); otherwise offline, into `<run_dir>/wandb/`. Any W&B error is reported
-once on stderr and W&B is switched off for the rest of the run: it never stops training.
+file of ours, nor logged); otherwise offline, into `<run_dir>/wandb/`. When the server cannot be
+reached within `init_timeout_s`, the run is logged offline instead (upload it later with `wandb
+sync`). Any other W&B error is reported once on stderr and W&B is switched off for the rest of
+the run: it never stops training.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from rl.config import WandbSection
 
 # Our levels -> wandb.alert's.
 WANDB_LEVELS = {"INFO": "INFO", "WARN": "WARN", "CRITICAL": "ERROR"}
+STEP_METRIC = "env/steps_sampled"  # every logged row has it
 
 
 class WandbRun:
@@ -24,9 +28,24 @@ class WandbRun:
         self._run = None
         self.mode = section.mode
         if self.mode == "auto":
-            self.mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            wanted = os.environ.get("WANDB_MODE", "")
+            self.mode = wanted if wanted in ("online", "offline") else "online" if os.environ.get("WANDB_API_KEY") else "offline"
         if section.enabled:
-            self._guard(self._init, section, run_dir, name, config, self.mode)
+            self._guard(self._init_or_offline, section, run_dir, name, config)
+
+    def _init_or_offline(self, section, run_dir, name, config) -> None:
+        try:
+            self._init(section, run_dir, name, config, self.mode)
+        except Exception as error:
+            if self.mode != "online":
+                raise
+            print(f"W&B server not reachable ({type(error).__name__}: {str(error)[:200]}): logging this run offline "
+                  f"into {run_dir}/wandb; upload it later with `wandb sync`", file=sys.stderr)
+            self.mode = "offline"
+            import wandb
+
+            wandb.teardown()  # the service still holds the failed run's id
+            self._init(section, run_dir, name, config, self.mode)
 
     def _init(self, section, run_dir, name, config, mode) -> None:
         import wandb
@@ -46,8 +65,11 @@ class WandbRun:
             config=config,
             dir=run_dir,
             mode=mode,
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=section.init_timeout_s),
         )
+        # Charts against env steps, so runs with different fragment lengths or runner counts line up.
+        self._run.define_metric(STEP_METRIC)
+        self._run.define_metric("*", step_metric=STEP_METRIC)
 
     @property
     def active(self) -> bool:
@@ -75,6 +97,11 @@ class WandbRun:
                 level=WANDB_LEVELS[alert.level],
                 wait_duration=0,
             )
+
+    def summarize(self, values: dict) -> None:
+        """Sets run summary fields (shown in the project's runs table)."""
+        if self._run is not None:
+            self._guard(self._run.summary.update, values)
 
     def finish(self) -> None:
         if self._run is not None:

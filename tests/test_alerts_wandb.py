@@ -1,9 +1,14 @@
 """Where alerts go (callbacks/alerts.py) and W&B's failure handling (callbacks/wandb_run.py)."""
 
+import socket
+import threading
+import time
+
 from callbacks.alerts import AlertSinks, read_alerts
 from callbacks.health import CRITICAL, Alert
 from callbacks.wandb_run import WandbRun
 from rl.config import WandbSection
+from tests.wandb_records import read_run, read_summary_and_step_metric, run_files
 
 ALERT = Alert(CRITICAL, "non_finite", "NaN in losses/critic.", {"losses/critic": float("nan")}, 7)
 
@@ -32,11 +37,55 @@ def test_a_wandb_failure_switches_wandb_off_and_never_raises(tmp_path, monkeypat
     assert "W&B disabled for the rest of this run: ConnectionError" in capsys.readouterr().err
 
 
-def test_mode_auto_is_offline_without_an_api_key_and_online_with_one(monkeypatch):
+def test_mode_auto_is_offline_without_an_api_key_and_online_with_one_unless_wandb_mode_says(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a key in the environment, but no network here
+    assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "offline"
+
+
+def test_a_wandb_server_that_does_not_answer_gets_the_run_logged_offline_not_lost(tmp_path, monkeypatch, capsys):
+    """Online mode against a stand-in W&B server on 127.0.0.1 that accepts connections and never
+    answers (a firewall that drops, a server that hangs): after init_timeout_s the run is logged
+    offline, charted against env steps, with its health in the summary."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def accept_and_never_answer():
+        try:
+            while True:
+                accepted.append(server.accept())
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=accept_and_never_answer, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    try:
+        start = time.monotonic()
+        run = WandbRun(WandbSection(init_timeout_s=2.0), str(tmp_path), "x", {"algo": {"gamma": 0.99}})
+        assert run.active and run.mode == "offline" and time.monotonic() - start < 30
+        run.log({"env/steps_sampled": 64.0, "q/q1_max": 1.0}, step=1)
+        run.summarize({"health/status": "warned", "health/rules_fired": "tau (WARN)"})
+        run.finish()
+    finally:
+        server.close()
+        for connection, _ in accepted:
+            connection.close()
+    assert accepted, "W&B never tried the stand-in server"
+    assert "W&B server not reachable" in capsys.readouterr().err
+    (path,) = run_files(tmp_path)
+    history, _ = read_run(tmp_path, path)
+    assert [(h["_step"], h["env/steps_sampled"], h["q/q1_max"]) for h in history] == [(1, 64, 1.0)]
+    summary, step_metric = read_summary_and_step_metric(path)
+    assert step_metric == "env/steps_sampled"
+    assert (summary["health/status"], summary["health/rules_fired"]) == ("warned", "tau (WARN)")
 
 
 def test_the_api_key_is_never_written_into_the_run_directory(tmp_path, monkeypatch):

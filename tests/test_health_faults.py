@@ -15,7 +15,7 @@ from rl.report import write_report
 from rl.train import train
 from tests import fault_envs
 from tests.image_reach_env import register as register_image_reach
-from tests.wandb_records import read_run
+from tests.wandb_records import read_run, read_summary_and_step_metric, run_files
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LEARNING_STARTS = 640  # 10 iterations of 64 steps
@@ -154,6 +154,11 @@ def test_metrics_and_alerts_reach_the_offline_wandb_run(ray_local, tmp_path, mon
     assert last["health/critical"] == 1.0
     critical = [(title, level) for title, _, level in alerts if title.startswith("CRITICAL")]
     assert critical[0] == ("CRITICAL: reward_out_of_bounds", "ERROR"), critical
+    # Charted against env steps; the project's runs table shows the run went bad, and why.
+    (path,) = run_files(tmp_path / "run")
+    summary, step_metric = read_summary_and_step_metric(path)
+    assert step_metric == "env/steps_sampled"
+    assert summary["health/status"] == "critical" and "reward_out_of_bounds (CRITICAL)" in summary["health/rules_fired"]
 
 
 @pytest.mark.slow

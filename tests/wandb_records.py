@@ -55,3 +55,17 @@ def read_run(run_dir: Path, path: Path | None = None) -> tuple[list[dict], list[
         elif kind == "alert":
             alerts.append((record.alert.title, record.alert.text, record.alert.level))
     return history, alerts
+
+
+def read_summary_and_step_metric(path: Path) -> tuple[dict, str]:
+    """(the run summary's fields we set, the step metric every metric is charted against)."""
+    summary, step_metric = {}, ""
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            for item in record.summary.update:
+                if item.key and not item.key.startswith("_"):
+                    summary[item.key] = json.loads(item.value_json)
+        elif kind == "metric" and record.metric.glob_name == "*":
+            step_metric = record.metric.step_metric
+    return summary, step_metric
