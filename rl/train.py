@@ -38,15 +38,25 @@ from rl.progress import TrainingProgress
 from rl.storage import sync_run_dir
 
 
-def _init_ray() -> None:
+def _init_ray(verbose: bool = False) -> None:
+    """Starts Ray, or joins the cluster in RAY_ADDRESS (`ray job submit`). Unless `verbose`, Ray's
+    and RLlib's own notices (token authentication, "new API stack", RLlib's internal deprecation
+    of RLModuleConfig, gputil), in this process and in every worker, stay off the screen: what
+    remains is the run, its progress and its alerts. Errors always show."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("ray", "ray.rllib"):  # RLlib sets its own logger's level
+        logging.getLogger(name).setLevel(level)
+    quiet = {} if verbose else {"logging_level": level, "logging_config": ray.LoggingConfig(log_level="ERROR")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # join the cluster this driver was submitted to
+        ray.init(**quiet)  # join the cluster this driver was submitted to
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, **quiet)
 
 
 def monitor(algo) -> HealthCallback:
@@ -90,6 +100,7 @@ def train(
     show_progress: bool = True,
     resume: bool = False,
     on_iteration: Callable[[dict], None] | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Runs one experiment to the end; returns the summary also written to summary.json.
     With `resume`, continues the run in `run_dir` from its newest checkpoint. `on_iteration`
@@ -101,7 +112,7 @@ def train(
     run_directory.check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
     if resume:
         run_directory.check_resumable(run_dir)
-    _init_ray()
+    _init_ray(verbose)
     # Before anything is written: a config the cluster cannot place fails now, not never.
     check_resources(exp, ray.cluster_resources())
     run_dir = run_dir or run_directory.make(exp)
@@ -117,6 +128,10 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
 
     run_directory.record_config(run_dir, exp)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
+    res = exp.resources
+    print(f"{'Resuming' if resume else 'Training'} {exp.experiment.name}: TD3 on {exp.env.id}, "
+          f"{exp.experiment.stop_env_steps:,} env steps, {max(res.num_env_runners, 1)} env runner(s) x "
+          f"{res.num_envs_per_env_runner} env(s)\n  results: {run_dir}", flush=True)
     torch.set_num_threads(exp.resources.learner_torch_threads)
     # Held by this driver until the env runners are gone (carla_env/servers.py says why).
     endpoint_pools = open_carla_endpoint_pools(exp)
@@ -245,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "(for jobs that get retried, e.g. the RayJob in k8s/ after a lost head)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's and RLlib's own log messages")
     args = parser.parse_args(argv)
     with ExitStack() as held:
         try:
@@ -259,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_directory.check_can_write(run_dir, "--run-dir")
                     held.enter_context(run_directory.locked(run_dir))
                     resume = run_directory.settle(run_dir, exp)
-            summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume)
+            summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume, verbose=args.verbose)
         except (FileNotFoundError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
