@@ -83,6 +83,37 @@ def check_resources(exp: ExperimentConfig, available: dict[str, float]) -> None:
         raise ConfigError("the cluster cannot run this config:\n  " + "\n  ".join(short))
 
 
+def check_replay_fits(exp: ExperimentConfig) -> None:
+    """Fails fast, before Ray starts, when `algo.buffer_size` transitions of this env cannot fit
+    in memory (the replay buffer lives in this driver)."""
+    from rl.td3.replay_buffer import TransitionReplayBuffer
+
+    observation_space, action_space = env_spaces(exp)
+    try:
+        TransitionReplayBuffer.check_fits(exp.algo.buffer_size, observation_space, action_space)
+    except ValueError as e:
+        raise ConfigError(f"the replay buffer does not fit: {e}") from None
+
+
+def env_spaces(exp: ExperimentConfig):
+    """The env's observation and action spaces, without a simulator: a driving env's from its
+    contract, another env's from one instance made and closed at once."""
+    import gymnasium as gym
+
+    from carla_env import driving_env_schema
+
+    schema = driving_env_schema(exp.env.id)
+    if schema is not None:
+        from carla_env.contract import ACTION_SPACE, observation_space
+
+        return observation_space(schema.model_validate(exp.env.kwargs)), ACTION_SPACE
+    env = gym.make(exp.env.id, **env_config(exp))
+    try:
+        return env.observation_space, env.action_space
+    finally:
+        env.close()
+
+
 def open_carla_endpoint_pools(exp: ExperimentConfig) -> list:
     """For CARLA with external servers: the pools that share them out, owned by this driver so
     that they outlive any env runner (carla_env/servers.py); none for other envs."""

@@ -107,9 +107,10 @@ def train(
     gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py)."""
     import ray
 
-    from rl.experiment import check_resources
+    from rl.experiment import check_replay_fits, check_resources
 
     run_directory.check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
+    check_replay_fits(exp)
     if resume:
         run_directory.check_resumable(run_dir)
     _init_ray(verbose)

@@ -134,6 +134,19 @@ def test_cli_refuses_an_output_dir_that_is_a_file_before_starting_ray(tmp_path):
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("config", ["pendulum_td3.yaml", "driving_embedded_td3.yaml"])
+def test_cli_refuses_a_replay_buffer_that_cannot_fit_before_starting_ray(tmp_path, config):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl.train", "--config", f"configs/{config}", "--set", "algo.buffer_size=100_000_000_000",
+         "--set", f"experiment.output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "the replay buffer does not fit: algo.buffer_size=100,000,000,000 transitions of" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory
+
+
 def test_cli_rejects_a_bad_config_before_starting_ray(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({**MINIMAL, "algo": {"tau": 2.0}}))

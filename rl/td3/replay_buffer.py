@@ -217,12 +217,25 @@ class TransitionReplayBuffer:
             needs = self._needs[path][s]
             needs[np.searchsorted(needs, frame, side="right") :] = frame
 
-    def _allocate(self, batch: dict[str, Any], camera_paths: list[tuple]) -> None:
-        """Allocates the ring for transitions shaped like `batch` (its stacked camera leaves
-        `camera_paths` as frame stores), after checking it fits.
+    @classmethod
+    def check_fits(cls, capacity: int, observation_space, action_space) -> None:
+        """Before anything starts: raises the ValueError the first add would, for transitions of
+        these spaces, if `capacity` of them cannot fit in memory."""
+        obs = tree.map_structure(lambda x: np.asarray(x)[None], observation_space.sample())
+        batch = {
+            Columns.OBS: obs, Columns.NEXT_OBS: obs,
+            Columns.ACTIONS: np.asarray(action_space.sample(), np.float32)[None],
+            Columns.REWARDS: np.zeros(1, np.float32), Columns.TERMINATEDS: np.zeros(1, np.float32),
+        }
+        cls(capacity)._plan(batch, _stacked_camera_paths(obs))
 
-        numpy reserves the memory lazily, so an oversized buffer would not fail here but kill the
-        run hours later, when the ring fills up: refuse it now, with the numbers."""
+    def _plan(self, batch: dict[str, Any], camera_paths: list[tuple]) -> tuple[dict, dict, int]:
+        """The ring's layout for transitions shaped like `batch` (its stacked camera leaves
+        `camera_paths` as frame numbers), the frame stores' shapes and their size in frames;
+        refused, with the numbers, if it would not fit in memory.
+
+        numpy reserves the memory lazily, so an oversized buffer would not fail at allocation but
+        kill the run hours later, when the ring fills up: refuse it now."""
         frames = self.capacity + max(FRAME_HEADROOM_MIN, int(self.capacity * FRAME_HEADROOM_FRACTION))
         layout = {key: tree.map_structure(lambda x: x[:1], value) for key, value in batch.items()}
         stores = {}
@@ -242,6 +255,11 @@ class TransitionReplayBuffer:
                 f"{limit / 2**30:.1f} GiB; at most about {int(MAX_MEMORY_FRACTION * limit // per_transition):,} "
                 f"fit in {MAX_MEMORY_FRACTION:.0%} of it"
             )
+        return layout, stores, frames
+
+    def _allocate(self, batch: dict[str, Any], camera_paths: list[tuple]) -> None:
+        """Allocates the ring for transitions shaped like `batch`, after checking it fits."""
+        layout, stores, frames = self._plan(batch, camera_paths)
         self._columns = tree.map_structure(lambda x: np.empty((self.capacity, *x.shape[1:]), x.dtype), layout)
         self._stores = {path: FrameStore(frames, shape, dtype) for path, (shape, dtype) in stores.items()}
         self._needs = {path: np.zeros(self.capacity, np.int64) for path in stores}
