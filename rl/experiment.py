@@ -83,6 +83,32 @@ def check_resources(exp: ExperimentConfig, available: dict[str, float]) -> None:
         raise ConfigError("the cluster cannot run this config:\n  " + "\n  ".join(short))
 
 
+def check_placement(exp: ExperimentConfig, nodes: list[dict[str, float]], driver_node: dict[str, float]) -> None:
+    """Fails fast, naming the keys, when the cluster's totals suffice but no single node can hold
+    an actor the config asks for, or the learner is to be built in this driver (num_learners:
+    0) on a node without the GPU it asks for. `nodes`: each alive node's resources."""
+    res = exp.resources
+    if res.num_learners == 0 and res.num_gpus_per_learner > driver_node.get("GPU", 0.0):
+        raise ConfigError(
+            f"resources.num_learners=0 builds the learner inside this driver, whose node has "
+            f"{driver_node.get('GPU', 0.0):g} GPU, but resources.num_gpus_per_learner="
+            f"{res.num_gpus_per_learner:g}: set resources.num_learners=1 to place the learner on a "
+            "GPU node (on KubeRay: the learner group), or num_gpus_per_learner=0"
+        )
+    actors = {"env runner": ({"CPU": res.cpus_per_env_runner, "GPU": gpus_per_env_runner(exp),
+                              **res.custom_resources_per_env_runner},
+                             "resources.cpus_per_env_runner, carla_servers_per_gpu, custom_resources_per_env_runner")}
+    if res.num_learners:
+        actors["learner"] = ({"CPU": 1.0, "GPU": res.num_gpus_per_learner}, "resources.num_gpus_per_learner")
+    for actor, (needs, keys) in actors.items():
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in needs.items()) for node in nodes):
+            have = "; ".join(", ".join(f"{k} {node.get(k, 0.0):g}" for k in needs) for node in nodes)
+            raise ConfigError(
+                f"no node of the cluster can hold one {actor} (it needs {', '.join(f'{k} {v:g}' for k, v in needs.items() if v)}: "
+                f"{keys}); the nodes have: {have}"
+            )
+
+
 def check_replay_fits(exp: ExperimentConfig) -> None:
     """Fails fast, before Ray starts, when `algo.buffer_size` transitions of this env cannot fit
     in memory (the replay buffer lives in this driver)."""

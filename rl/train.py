@@ -107,7 +107,7 @@ def train(
     gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py)."""
     import ray
 
-    from rl.experiment import check_replay_fits, check_resources
+    from rl.experiment import check_placement, check_replay_fits, check_resources
 
     run_directory.check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
     check_replay_fits(exp)
@@ -116,6 +116,8 @@ def train(
     _init_ray(verbose)
     # Before anything is written: a config the cluster cannot place fails now, not never.
     check_resources(exp, ray.cluster_resources())
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    check_placement(exp, list(nodes.values()), nodes.get(ray.get_runtime_context().get_node_id(), {}))
     run_dir = run_dir or run_directory.make(exp)
     with run_directory.locked(run_dir):
         return _train_in(run_dir, exp, show_progress, resume, on_iteration)

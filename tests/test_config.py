@@ -187,6 +187,28 @@ def test_a_config_the_cluster_cannot_place_fails_fast_naming_the_keys():
     check_resources(exp, {"CPU": 16.0, "GPU": 3.0})  # enough: no error
 
 
+def test_placement_is_checked_per_node_and_a_gpu_learner_is_not_built_in_a_gpu_less_driver():
+    """The KubeRay layout: a head without GPUs (the driver), a learner pod with 1 GPU, rollout pods
+    with one `carla_server` each. The totals suffice in every case below; placement does not."""
+    from rl.experiment import check_placement
+
+    head, learner = {"CPU": 0.0, "memory": 1.6e10}, {"CPU": 8.0, "GPU": 1.0}
+    rollout = {"CPU": 2.0, "carla_server": 1.0}
+    carla = load_config(ROOT / "configs" / "driving_carla_td3.yaml",
+                        ["resources.custom_resources_per_env_runner={carla_server: 1}"])
+    check_placement(carla, [head, learner, rollout, rollout], driver_node=head)  # the shipped layout fits
+
+    in_driver = load_config(ROOT / "configs" / "driving_carla_td3.yaml", ["resources.num_learners=0"])
+    with pytest.raises(ConfigError, match=r"resources.num_learners=0 builds the learner inside this driver, whose "
+                                          r"node has 0 GPU, but resources.num_gpus_per_learner=1: set resources.num_learners=1"):
+        check_placement(in_driver, [head, learner, rollout], driver_node=head)
+
+    two_gpus = load_config(ROOT / "configs" / "driving_carla_td3.yaml", ["resources.num_gpus_per_learner=2"])
+    with pytest.raises(ConfigError, match=r"no node of the cluster can hold one learner \(it needs CPU 1, GPU 2: "
+                                          r"resources.num_gpus_per_learner\); the nodes have: CPU 0, GPU 0; CPU 8, GPU 1; CPU 8, GPU 1"):
+        check_placement(two_gpus, [head, learner, {"CPU": 8.0, "GPU": 1.0}], driver_node=head)
+
+
 def test_evaluation_runners_and_custom_resources_count_in_what_the_cluster_must_give():
     from rl.experiment import check_resources
 

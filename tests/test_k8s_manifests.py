@@ -73,7 +73,7 @@ def errors(doc: dict) -> list[str]:
 
 def test_the_manifests_cover_a_cluster_a_job_and_storage():
     kinds = {doc["kind"] for _, doc in manifests()}
-    assert {"RayCluster", "RayJob", "PersistentVolumeClaim"} <= kinds
+    assert {"RayCluster", "RayJob", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
 
 
 @pytest.mark.parametrize("name, doc", manifests(), ids=lambda x: x if isinstance(x, str) else "")
@@ -104,12 +104,59 @@ def test_a_wrong_type_fails():
     assert errors(pvc)
 
 
-def test_the_wandb_key_comes_from_a_secret_and_no_manifest_holds_one():
+def all_containers() -> list[tuple[str, dict]]:
+    spec = cluster()["spec"]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    containers = [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+    job = next(doc for _, doc in manifests() if doc["kind"] == "RayJob")
+    return containers + [("submitter", c) for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]]
+
+
+def test_the_wandb_key_comes_from_a_secret_only_to_the_head_and_no_manifest_holds_one():
     text = "\n".join(p.read_text() for p in K8S.glob("*.yaml"))
     head = cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     (key,) = [e for e in head["env"] if e["name"] == "WANDB_API_KEY"]
     assert key["valueFrom"]["secretKeyRef"]["name"] == "wandb" and "value" not in key
     assert "kind: Secret" not in text
+    # The driver (on the head) is the only process that talks to W&B: no other pod gets the key.
+    with_key = [group for group, c in all_containers() if any(e["name"] == "WANDB_API_KEY" for e in c.get("env", []))]
+    assert with_key == ["head"]
+
+
+def test_the_head_takes_requests_only_with_the_clusters_token_and_only_from_its_own_pods():
+    assert cluster()["spec"]["authOptions"] == {"mode": "token", "secretName": "carla-td3-ray-token"}
+    (policy,) = [doc for _, doc in manifests() if doc["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "carla-td3"}
+    sources = [rule["from"][0]["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"]]
+    assert sources == [{"ray.io/cluster": "carla-td3"}, {"carla-td3/submits-jobs": "true"}]
+    assert policy["spec"]["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 8265}]
+    job = next(doc for _, doc in manifests() if doc["kind"] == "RayJob")
+    assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"] == {"carla-td3/submits-jobs": "true"}
+
+
+def test_every_container_runs_unprivileged_and_our_image_is_always_pulled():
+    for group, container in all_containers():
+        context = container.get("securityContext", {})
+        assert context.get("runAsNonRoot") and context.get("runAsUser", 0) != 0, (group, container["name"])
+        assert context.get("allowPrivilegeEscalation") is False, (group, container["name"])
+        if container["image"].startswith("ghcr.io/carla-td3/"):  # a tag we re-push
+            assert container["imagePullPolicy"] == "Always", (group, container["name"])
+
+
+def test_the_image_leaves_out_local_environments_results_and_history():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs", "wandb", "benchmarks/results"} <= set(ignored)
+
+
+def test_the_carla_config_puts_the_learner_on_a_gpu_pod_not_in_the_driver_on_the_head():
+    from rl.config import load_config
+
+    res = load_config(ROOT / "configs" / "driving_carla_td3.yaml").resources
+    assert res.num_learners >= 1 and res.num_gpus_per_learner == 1  # its own actor, with a GPU
+    spec = cluster()["spec"]
+    assert spec["headGroupSpec"]["rayStartParams"].get("num-gpus", "0") == "0"
+    (learner,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "learner"]
+    assert int(learner["rayStartParams"]["num-gpus"]) * learner["replicas"] >= res.num_learners * res.num_gpus_per_learner
 
 
 def test_each_rollout_pod_runs_carla_next_to_its_ray_worker_on_the_pods_gpu():
