@@ -84,6 +84,23 @@ class TD3TorchLearner(TorchLearner):
         self._last_target: dict[ModuleID, torch.Tensor] = {}
         self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
+    def _make_modules_ddp_if_necessary(self) -> None:
+        """Several learners, without RLlib's DDP wrapper: DDP's reducer expects a gradient for every
+        parameter in every backward pass, and a critic-only update (between delayed actor steps)
+        leaves the actor's parameters without one. Instead the learners start from rank 0's
+        weights and average their gradients themselves (`compute_gradients`): every learner
+        applies the same update, on the same schedule, and their weights stay identical."""
+        distributed = self.config.num_learners > 1 and torch.distributed.is_initialized()
+        self._num_learners = torch.distributed.get_world_size() if distributed else 1
+        # Every learner does the same updates: one of them counts them (RLlib sums lifetime
+        # counts over learners).
+        self._counts_updates = not distributed or torch.distributed.get_rank() == 0
+        if self._num_learners > 1:
+            with torch.no_grad():
+                for module_id in self.module.keys():
+                    for tensor in self.module[module_id].state_dict().values():
+                        torch.distributed.broadcast(tensor, src=0)
+
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
         module = self.module[module_id].unwrapped()
         nets_of = module.optimizer_groups()
@@ -132,7 +149,8 @@ class TD3TorchLearner(TorchLearner):
             self.metrics.log_value((module_id, ACTOR_LOSS), actor_loss.detach(), reduce="mean")
             saturated = (action.detach().abs() > SATURATED).float().mean()
             self.metrics.log_value((module_id, ACTOR_SATURATION), saturated, reduce="mean")
-            self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), 1, reduce="lifetime_sum")
+            if self._counts_updates:
+                self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), 1, reduce="lifetime_sum")
 
         self._log_critic_metrics(module_id, critic_loss, q1, q2, q_target)
         self._losses[module_id] = (critic_loss, actor_loss)
@@ -147,7 +165,19 @@ class TD3TorchLearner(TorchLearner):
             if actor_loss is not None:
                 actor_loss.backward(inputs=self._optimizer_params(module_id, ACTOR))
         self._losses = {}
-        return {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
+        gradients = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
+        if self._num_learners > 1:
+            self._average_over_learners(list(gradients.values()))
+        return gradients
+
+    def _average_over_learners(self, grads: list[torch.Tensor]) -> None:
+        """Each learner's gradients (of its share of the batch) become the mean over all learners:
+        one all-reduce of all of them, in the same order on every learner."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self._num_learners
+        for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
 
     def _resolve_gradient_groups(self, module_id: ModuleID) -> dict[str, list]:
         """Maps each clipping group to its parameter refs; every trainable parameter of the module
@@ -245,7 +275,8 @@ class TD3TorchLearner(TorchLearner):
             self.metrics.log_value((module_id, Q1_MAX), q1.max(), reduce="max")
             self.metrics.log_value((module_id, Q2_MAX), q2.max(), reduce="max")
             self.metrics.log_value((module_id, Q1_MIN), q1.min(), reduce="min")
-        self.metrics.log_value((module_id, NUM_CRITIC_UPDATES), 1, reduce="lifetime_sum")
+        if self._counts_updates:
+            self.metrics.log_value((module_id, NUM_CRITIC_UPDATES), 1, reduce="lifetime_sum")
 
     def after_gradient_based_update(self, *, timesteps) -> None:
         super().after_gradient_based_update(timesteps=timesteps)

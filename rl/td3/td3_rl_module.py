@@ -10,6 +10,7 @@ syncs after each iteration carry only the actor's parameters.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import gymnasium as gym
@@ -147,6 +148,12 @@ class TD3TorchRLModule(TorchRLModule, InferenceOnlyAPI):
             "critic": groups["critic.encoder"] + groups["critic.head"],
             "actor": groups["actor.encoder"] + groups["actor.head"],
         }
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """RLlib's TorchLearner enters `no_sync()` (a DDP method) on every module when there are
+        several learners. Ours are not DDP-wrapped (rl/td3/td3_learner.py averages the gradients
+        itself): there is nothing to suspend."""
+        return contextlib.nullcontext()
 
     def get_non_inference_attributes(self) -> list[str]:
         return ["critic", "target_actor", "target_critic"]
