@@ -226,3 +226,34 @@ def test_evaluation_runners_and_custom_resources_count_in_what_the_cluster_must_
     )):
         check_resources(exp, {"CPU": 8.0, "carla_server": 4.0})
     check_resources(exp, {"CPU": 8.0, "carla_server": 5.0})
+
+
+GOOD = "experiment:\n  name: t\n  stop_env_steps: 100\nenv:\n  id: Pendulum-v1\n"
+MISUSES = {
+    # name: (config file bytes, --set overrides, what the message must say)
+    "infinite learning rate": (GOOD + "algo:\n  actor_lr: .inf\n", [], "algo.actor_lr: Input should be a finite number"),
+    "infinite batch size cap": (GOOD, ["algo.learner_batch_max_mb=.inf"], "algo.learner_batch_max_mb: Input should be a finite number"),
+    "infinite reward bound": (GOOD.replace("id: Pendulum-v1", "id: Pendulum-v1\n  reward_bounds: [-.inf, 0.0]"), [], "env.reward_bounds.0"),
+    "seed past 32 bits": (GOOD, ["experiment.seed=4294967296"], "experiment.seed: Input should be less than or equal to 4294967295"),
+    "env kwarg the env does not take": (GOOD, ["env.kwargs={gravity: 9.8}"], "env.kwargs: Pendulum-v1 takes no argument 'gravity'"),
+    "duplicated key": (GOOD + "algo:\n  gamma: 0.9\n  gamma: 0.95\n", [], "key 'gamma' is given twice"),
+    "alias bomb": ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n" + BOMB, [], "expand to more than 100,000 values"),
+    "not UTF-8": (b"\xff\xfe" + GOOD.encode("utf-16-le"), [], "not a UTF-8 text file"),
+    "unknown key": (GOOD + "algo:\n  gama: 0.9\n", [], "algo.gama: unknown key"),
+    "replay buffer too large": (GOOD, ["algo.buffer_size=100_000_000_000"], "algo.buffer_size=100,000,000,000 transitions"),
+}
+
+
+@pytest.mark.parametrize("misuse", MISUSES)
+def test_a_misused_config_exits_2_naming_what_is_wrong_before_ray_starts_and_writes_nothing(tmp_path, misuse):
+    content, overrides, message = MISUSES[misuse]
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "runs"
+    sets = [a for o in [f"experiment.output_dir={out}", *overrides] for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "rl.train", "--config", str(path), *sets],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
+    assert not out.exists()  # no run directory
