@@ -74,12 +74,15 @@ def test_a_wandb_server_that_does_not_answer_gets_the_run_logged_offline_not_los
 
     if silent:
         threading.Thread(target=accept_and_never_answer, daemon=True).start()
+    import wandb
+
+    wandb.teardown()  # a W&B service an earlier test started would keep its own server address
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     try:
         start = time.monotonic()
-        run = WandbRun(WandbSection(init_timeout_s=2.0), str(tmp_path), "x", {"algo": {"gamma": 0.99}})
+        run = WandbRun(WandbSection(init_timeout_s=5.0), str(tmp_path), "x", {"algo": {"gamma": 0.99}})
         assert run.active and run.mode == "offline" and time.monotonic() - start < 30
         run.log({"env/steps_sampled": 64.0, "q/q1_max": 1.0}, step=1)
         run.summarize({"health/status": "warned", "health/rules_fired": "tau (WARN)"})
