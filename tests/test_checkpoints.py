@@ -24,15 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["algo.learning_starts=128", "evaluation.interval_iters=0", "evaluation.episodes=1", "wandb.enabled=false"]
 
 
+def fresh_algo():
+    return build_td3_config(load_config(ROOT / "configs" / "pendulum_td3.yaml", OVERRIDES)).build_algo()
+
+
 @pytest.fixture
 def algo(ray_local):
-    algo = build_td3_config(load_config(ROOT / "configs" / "pendulum_td3.yaml", OVERRIDES)).build_algo()
+    algo = fresh_algo()
     yield algo
     algo.stop()
 
 
-def fresh_algo():
-    return build_td3_config(load_config(ROOT / "configs" / "pendulum_td3.yaml", OVERRIDES)).build_algo()
+def assert_resumes_from_the_first_iteration(store: Path) -> None:
+    """A new algorithm resumed from `store` gets iter_000001: one iteration, its 64 transitions."""
+    resumed = fresh_algo()
+    try:
+        assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
+        assert resumed.training_iteration == 1 and len(resumed.replay_buffer) == 64
+    finally:
+        resumed.stop()
 
 
 def same_buffer(a, b) -> bool:
@@ -62,12 +72,7 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_the_older_ones_t
     assert sorted(p.name for p in store.iterdir()) == ["iter_000001", "replay"]
     assert [p.name for p in (store / "replay").iterdir()] == ["rows_0000000000000_0000000000064"]
 
-    resumed = fresh_algo()
-    try:
-        assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
-        assert resumed.training_iteration == 1 and len(resumed.replay_buffer) == 64
-    finally:
-        resumed.stop()
+    assert_resumes_from_the_first_iteration(store)
     # The run itself can go on checkpointing once there is space again.
     checkpoints.save(algo, store, "iter_000002", keep=3)
     assert json.loads((store / "iter_000002" / "replay.json").read_text())["chunks"] == [
@@ -84,12 +89,7 @@ def test_resume_skips_a_checkpoint_that_does_not_load_and_says_why(algo, tmp_pat
     state.write_bytes(state.read_bytes()[:100])
     shutil.rmtree(store / "replay" / "rows_0000000000064_0000000000128")
 
-    resumed = fresh_algo()
-    try:
-        assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
-        assert resumed.training_iteration == 1 and len(resumed.replay_buffer) == 64
-    finally:
-        resumed.stop()
+    assert_resumes_from_the_first_iteration(store)
     err = capsys.readouterr().err
     assert "skipped checkpoint iter_000003, it does not load (UnpicklingError" in err or \
         "skipped checkpoint iter_000003, it does not load (EOFError" in err, err
