@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(out, ignore_errors=True)
             buffer = None
-    print(f"\n| buffer | transitions | bytes/transition | sample 256 (ms) | first checkpoint (s, MB written, peak MB) "
-          f"| periodic checkpoint (s, MB written, peak MB) | periodic / full copy |")
+    print("\n| buffer | transitions | bytes/transition | sample 256 (ms) | first checkpoint (s, MB written, peak MB) "
+          "| periodic checkpoint (s, MB written, peak MB) | periodic / full copy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['buffer']} | {r['transitions']:,} | {r['bytes_per_transition']:,} | {r['sample_ms_256']:.2f} "
