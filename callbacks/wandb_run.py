@@ -1,5 +1,6 @@
 """One W&B run per training run: metrics every iteration against env steps (the x-axis RL
-users compare runs on), the resolved config, alerts, and the run's health in its summary.
+users compare runs on), the resolved config, alerts, the run's health in its summary, videos of
+evaluation episodes, and the checkpoint the run ended with as a model artifact.
 
 Online only with WANDB_API_KEY in the environment (the key is never read from or written to a
 file of ours, nor logged); otherwise offline, into `<run_dir>/wandb/`. When the server cannot be
@@ -97,6 +98,32 @@ class WandbRun:
                 level=WANDB_LEVELS[alert.level],
                 wait_duration=0,
             )
+
+    def log_video(self, path: Path, step: int, key: str = "eval/video") -> None:
+        if self._run is not None:
+            import wandb
+
+            self._guard(lambda: self._run.log({key: wandb.Video(str(path), format=path.suffix[1:])}, step=step))
+
+    def log_checkpoint(self, checkpoint: Path, aliases: list[str], metadata: dict) -> None:
+        """The checkpoint as a model artifact (`model-<run id>`, one version per call), so the
+        dashboard links to the exact weights. The replay buffer is never part of it: it lives
+        beside the checkpoints (rl/checkpoints.py), and the manifest naming its chunks stays out."""
+        if self._run is None:
+            return
+
+        def upload() -> None:
+            import wandb
+
+            from rl.checkpoints import REPLAY_MANIFEST
+
+            artifact = wandb.Artifact(f"model-{self._run.id}", type="model", metadata=metadata)
+            for file in sorted(Path(checkpoint).rglob("*")):
+                if file.is_file() and file.name != REPLAY_MANIFEST:
+                    artifact.add_file(str(file), name=str(file.relative_to(checkpoint)))
+            self._run.log_artifact(artifact, aliases=aliases)
+
+        self._guard(upload)
 
     def summarize(self, values: dict) -> None:
         """Sets run summary fields (shown in the project's runs table)."""

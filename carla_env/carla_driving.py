@@ -21,7 +21,7 @@ from carla_env.supervised import SupervisedSimulator
 
 
 class CarlaDrivingEnv(DrivingEnv):
-    def __init__(self, worker_index: int = 0, carla_module=None, **kwargs: Any):
+    def __init__(self, worker_index: int = 0, carla_module=None, render_mode: str | None = None, **kwargs: Any):
         """`carla_module`: a stand-in for the `carla` package (tests); it must pickle, as it
         goes to the client process."""
         config = load_env_config(CarlaEnvConfig, kwargs)
@@ -42,7 +42,7 @@ class CarlaDrivingEnv(DrivingEnv):
         except BaseException:
             self._give_back_slot()
             raise
-        super().__init__(simulator, config)
+        super().__init__(simulator, config, render_mode)
 
     def close(self) -> None:
         try:

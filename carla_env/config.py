@@ -36,7 +36,8 @@ class StateSection(Section):
 
 class RewardSection(Section):
     """Magnitudes of the reward terms (carla_env/reward.py). Each term is bounded per step, so
-    the per-step reward lies in [-(lane_centering + collision + off_route + comfort), progress]."""
+    the per-step reward lies in [-(lane_centering + max(collision, off_route) + comfort), progress]
+    (an episode pays the penalty of the reason it ended, once)."""
 
     progress: float = Field(default=1.0, gt=0.0, description="per step at or above target speed")
     lane_centering: float = Field(default=0.3, ge=0.0, description="per step at half a lane width off centre")

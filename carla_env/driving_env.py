@@ -40,12 +40,17 @@ class Simulator(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `view() -> RGB uint8 (H, W, 3)`, a larger view of the scene for people (a top-down
+    # or chase view), which `DrivingEnv.render` returns. Backends without one leave it out.
+
 
 class DrivingEnv(gym.Env):
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"]}
 
-    def __init__(self, simulator: Simulator, config: DrivingEnvConfig):
+    def __init__(self, simulator: Simulator, config: DrivingEnvConfig, render_mode: str | None = None):
         self.simulator, self.config = simulator, config
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": config.episode.control_hz}
         self.observation_space = observation_space(config)
         self.action_space = ACTION_SPACE
         self._frames: deque[np.ndarray] = deque(maxlen=config.camera.frame_stack)
@@ -96,6 +101,14 @@ class DrivingEnv(gym.Env):
         self._prev_action = action
         info = self._info(m, terms, reason or ("time_limit" if truncated else None))
         return self._observation(m), sum(terms.values()), terminated, truncated, info
+
+    def render(self) -> np.ndarray | None:
+        """The backend's view of the scene for people (highway-env: top-down), RGB uint8
+        (H, W, 3); None where the backend has none (CARLA today: the episode videos then show
+        the camera frames only, rl/episode_video.py). Rendered on request only: envs made
+        without `render_mode` render too, at no cost to the steps in between."""
+        view = getattr(self.simulator, "view", None)
+        return view() if view is not None else None
 
     def close(self) -> None:
         self.simulator.close()

@@ -74,6 +74,14 @@ class HighwaySimulator:
     def health(self) -> dict[str, float]:
         return {}
 
+    def view(self) -> np.ndarray:
+        """highway-env's top-down view around the ego car, RGB (150, 600, 3), off-screen."""
+        self._env.render_mode = "rgb_array"
+        image = self._env.render()
+        # render() also turns on drawing every simulation sub-step, which only a window needs.
+        self._env.enable_auto_render = False
+        return image
+
     def close(self) -> None:
         self._env.close()
 
@@ -113,6 +121,6 @@ class HighwaySimulator:
 class EmbeddedDrivingEnv(DrivingEnv):
     """gymnasium id `carla_env:EmbeddedDriving-v0`; kwargs: EmbeddedEnvConfig's fields."""
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, render_mode: str | None = None, **kwargs: Any):
         config = load_env_config(EmbeddedEnvConfig, kwargs)
-        super().__init__(HighwaySimulator(config), config)
+        super().__init__(HighwaySimulator(config), config, render_mode)

@@ -158,6 +158,22 @@ class ResourcesSection(Section):
     # most, after this delay; training goes on meanwhile with the others.
     max_env_runner_restarts: int = Field(default=100, ge=0)
     env_runner_restart_delay_s: float = Field(default=10.0, ge=0.0)
+    # Env runners keep sampling while the learner learns (rl/td3/td3.py): on a cluster, CARLA
+    # servers and the GPU learner are both busy instead of taking turns. The replay ratio stays
+    # exactly `algo.updates_per_env_step`; the price is policy lag (reported as `policy_lag`).
+    async_sampling: bool = False
+    # Asynchronous sampling: weights go to the runners once the learner has made this many
+    # updates since the last time (1: after every learner call, the freshest weights).
+    weights_sync_every_updates: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _async_needs_remote_runners(self) -> "ResourcesSection":
+        if self.async_sampling and self.num_env_runners == 0:
+            raise ValueError(
+                "async_sampling: true needs num_env_runners >= 1 (with 0 the driver samples "
+                "itself and cannot learn at the same time)"
+            )
+        return self
 
 
 class EvaluationSection(Section):
@@ -166,6 +182,11 @@ class EvaluationSection(Section):
     # 0: evaluation envs live in the driver. N > 0: N remote evaluation env runners, placed like
     # the training ones (e.g. on a CARLA pod, where the driver's head pod has no server).
     num_env_runners: int = Field(default=0, ge=0)
+    # One episode of the deterministic policy as a video (videos/<iteration>.gif and W&B) at each
+    # evaluation and at the end: the camera frames the policy saw beside the env's own view, with
+    # speed, action and reward terms drawn on (rl/episode_video.py). About 1 s per video on the
+    # embedded env (benchmarks/README.md); off, it costs nothing.
+    video: bool = False
 
 
 class HealthSection(Section):
@@ -246,6 +267,10 @@ class WandbSection(Section):
     )
     # Online, W&B waits this long for its server; then the run is logged offline instead.
     init_timeout_s: float = Field(default=30.0, gt=0.0)
+    # The checkpoint a run ends with (its final one, or the newest healthy one when it stopped
+    # unhealthy or crashed) as a model artifact: weights, optimizers, counters; never the replay
+    # buffer. About 4x the networks' size (Adam's moments, target networks).
+    log_checkpoints: bool = True
 
 
 class ExperimentConfig(Section):

@@ -71,7 +71,11 @@ def trained_policy(checkpoint: str | Path) -> Policy:
     """The deterministic actor of a checkpoint (`forward_inference`: no noise, no warm-up)."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    module = RLModule.from_checkpoint(Path(checkpoint) / MODULE_IN_CHECKPOINT)
+    return module_policy(RLModule.from_checkpoint(Path(checkpoint) / MODULE_IN_CHECKPOINT))
+
+
+def module_policy(module) -> Policy:
+    """The deterministic actor of an RL module (a checkpoint's, or an env runner's)."""
     module.eval()
 
     def to_batch(x):

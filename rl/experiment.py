@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ray.rllib.algorithms.algorithm_config import NotProvided
+
 from callbacks.driving_metrics import DrivingMetricsCallback
 from callbacks.health import RunFacts
 from callbacks.health_callback import HealthCallback
@@ -15,6 +17,20 @@ def env_config(exp: ExperimentConfig) -> dict:
     if exp.env.max_episode_steps is not None:
         kwargs["max_episode_steps"] = exp.env.max_episode_steps
     return kwargs
+
+
+def renders_rgb(env_id: str) -> bool:
+    """Whether the env can draw itself as an RGB image (`render_mode="rgb_array"`)."""
+    import gymnasium
+    from gymnasium.envs.registration import load_env_creator
+
+    if ":" in env_id:  # "module:EnvId": importing the module registers the env
+        import importlib
+
+        importlib.import_module(env_id.partition(":")[0])
+    entry_point = gymnasium.spec(env_id.rpartition(":")[2]).entry_point
+    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    return "rgb_array" in getattr(creator, "metadata", {}).get("render_modes", [])
 
 
 CARLA_ENV = "carla_env/CarlaDriving"
@@ -220,6 +236,8 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             updates_per_env_step=algo.updates_per_env_step,
             learner_batch_max_mb=algo.learner_batch_max_mb,
             grad_clip_by_group=dict(algo.grad_clip),
+            async_sampling=res.async_sampling,
+            weights_sync_every_updates=res.weights_sync_every_updates,
         )
         .rl_module(
             model_config=model.model_dump()
@@ -233,6 +251,9 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             # 0: in the driver. Remote evaluation runners reuse the training runners' worker
             # indices; their managed CARLA servers then move up a port block (carla_env/ports.py).
             evaluation_num_env_runners=exp.evaluation.num_env_runners,
+            # Videos draw the env's own view (env.render()), which needs the render mode set.
+            evaluation_config={"explore": False, "env_config": {**env_config(exp), "render_mode": "rgb_array"}}
+            if exp.evaluation.video and renders_rgb(exp.env.id) else NotProvided,
         )
         .callbacks([DrivingMetricsCallback, *([HealthCallback] if run_dir else [])])
         .debugging(seed=exp.experiment.seed)

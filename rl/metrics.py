@@ -14,11 +14,15 @@ from ray.rllib.utils import metrics as M
 
 from rl.td3 import td3_learner as L
 from rl.td3.td3 import (
+    LEARNER_WAIT_TIMER,
     OVERESTIMATION,
+    POLICY_LAG_MAX,
+    POLICY_LAG_MEAN,
     REPLAY_BUFFER_SIZE,
     REPLAY_REWARD_ABS_MEAN,
     REPLAY_REWARD_MAX,
     REPLAY_REWARD_MIN,
+    REPLAY_RATIO,
     START_Q_MEAN,
     START_RETURN_MEAN,
 )
@@ -54,12 +58,18 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "replay/reward_min": (REPLAY_REWARD_MIN,),
     "replay/reward_max": (REPLAY_REWARD_MAX,),
     "replay/reward_abs_mean": (REPLAY_REWARD_ABS_MEAN,),
+    # Updates per env step past learning_starts this iteration (= algo.updates_per_env_step), and
+    # how many updates older than the learner's the weights that sampled the data were.
+    "replay/ratio": (REPLAY_RATIO,),
+    "sampling/policy_lag_mean": (POLICY_LAG_MEAN,),
+    "sampling/policy_lag_max": (POLICY_LAG_MAX,),
     # Seconds per iteration spent in each phase of `TD3.training_step` (RLlib's timers).
     "perf/sample_s": (M.TIMERS, M.ENV_RUNNER_SAMPLING_TIMER),
     "perf/replay_add_s": (M.TIMERS, M.REPLAY_BUFFER_ADD_DATA_TIMER),
     "perf/replay_sample_s": (M.TIMERS, M.REPLAY_BUFFER_SAMPLE_TIMER),
     "perf/learn_s": (M.TIMERS, M.LEARNER_UPDATE_TIMER),
     "perf/weight_sync_s": (M.TIMERS, M.SYNCH_WORKER_WEIGHTS_TIMER),
+    "perf/learner_wait_s": (M.TIMERS, LEARNER_WAIT_TIMER),  # asynchronous sampling only
     "perf/iteration_s": (M.TIMERS, M.TRAINING_ITERATION_TIMER),
 }
 

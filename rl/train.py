@@ -33,6 +33,7 @@ from callbacks.health import CRITICAL, TRAINING_ERROR
 from callbacks.health_callback import HealthCallback
 from rl import checkpoints, run_directory
 from rl.config import ConfigError, ExperimentConfig, load_config
+from rl.episode_video import record_evaluation_video
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
 from rl.storage import sync_run_dir
@@ -57,6 +58,19 @@ def _init_ray(verbose: bool = False) -> None:
         ray.init(**quiet)  # join the cluster this driver was submitted to
     else:
         ray.init(include_dashboard=False, **quiet)
+
+
+def record_video(algo, exp: ExperimentConfig, run_dir: Path, name: str, iteration: int) -> None:
+    """One evaluation episode into videos/<name>.gif and W&B. A video that fails says why and
+    the run goes on."""
+    try:
+        info = record_evaluation_video(algo, run_dir / "videos" / f"{name}.gif", seed=exp.experiment.seed)
+    except Exception as error:
+        print(f"video {name}: not recorded ({type(error).__name__}: {error})", file=sys.stderr)
+        return
+    # The final video gets a key of its own: at the last iteration's step, it would replace that
+    # iteration's video.
+    monitor(algo).wandb_run.log_video(info.path, step=iteration, key="eval/video_final" if name == "final" else "eval/video")
 
 
 def monitor(algo) -> HealthCallback:
@@ -188,6 +202,8 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
                         progress.update(env_steps, metrics)
                     if on_iteration:
                         on_iteration(metrics)
+                    if exp.evaluation.video and "eval/return_mean" in metrics:
+                        record_video(algo, exp, run_dir, f"iter_{iteration:06d}", iteration)
                     if metrics.get("health/stop"):
                         # Before any checkpoint of this iteration: the newest one stays a healthy one.
                         stopped_by = [
@@ -201,6 +217,8 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
             train_time = time.monotonic() - start
             if not stopped_by:
                 final_eval = summarize({"evaluation": algo.evaluate()})
+                if exp.evaluation.video:
+                    record_video(algo, exp, run_dir, "final", iteration)
                 final_checkpoint = checkpoints.save(algo, run_dir / "checkpoints", "final", keep)
         except OSError as error:  # the run directory cannot be written: a full disk, a lost mount
             train_time = time.monotonic() - start
@@ -210,6 +228,13 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
         if stopped_by:
             newest = checkpoints.periodic(run_dir / "checkpoints")
             final_checkpoint = newest[-1] if newest else None
+        if final_checkpoint and exp.wandb.log_checkpoints:
+            monitor(algo).wandb_run.log_checkpoint(
+                final_checkpoint,
+                aliases=["newest-healthy" if stopped_by else "final", "latest"],
+                metadata={"iteration": iteration, "env_steps": env_steps, "stopped_by": stopped_by,
+                          "final_eval_return_mean": final_eval.get("eval/return_mean")},
+            )
     finally:
         if progress:
             progress.close()

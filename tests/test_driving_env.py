@@ -89,7 +89,8 @@ def test_reward_terms_by_hand():
 
 
 def test_each_term_saturates_at_its_magnitude():
-    # 3x target speed earns 1x progress; 3 half-widths off centre costs 1x centering.
+    # 3x target speed earns 1x progress; 3 half-widths off centre costs 1x centering. Colliding
+    # while leaving the road ends the episode as a collision: its penalty only, once.
     m = replace(CRUISING, speed_mps=75.0, lateral_offset_m=6.0, collided=True, on_route=False)
     env = scripted_env([m])
     env.reset(seed=0)
@@ -98,11 +99,12 @@ def test_each_term_saturates_at_its_magnitude():
     w = env.config.reward
     assert info["reward_terms"] == pytest.approx(
         {"progress": w.progress, "lane_centering": -w.lane_centering, "collision": -w.collision,
-         "off_route": -w.off_route, "comfort": -w.comfort}
+         "off_route": 0.0, "comfort": -w.comfort}
     )
+    assert info["episode_end"] == "collision"
     # The documented per-step bounds: this step is the worst possible, but for progress.
     r_min, r_max = env.reward_bounds
-    assert (r_min, r_max) == pytest.approx((-(0.3 + 10.0 + 10.0 + 0.1), 1.0))
+    assert (r_min, r_max) == pytest.approx((-(0.3 + 10.0 + 0.1), 1.0))
     assert reward == pytest.approx(r_min + w.progress)
 
 

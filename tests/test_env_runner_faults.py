@@ -1,6 +1,7 @@
 """Fault tolerance: an env that raises in the middle of an episode is re-created inside its env
 runner; an env that takes its runner process down gets a new runner, with our restart settings,
-not RLlib's defaults. Training completes."""
+not RLlib's defaults. Training completes, with synchronous and with asynchronous sampling (where
+the runner dies with a sample request in flight)."""
 
 import json
 from pathlib import Path
@@ -16,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["raise", "exit"])
-def test_a_crashing_env_or_env_runner_is_replaced_and_training_completes(ray_local, tmp_path, how):
+@pytest.mark.parametrize("how, async_sampling", [("raise", False), ("exit", False), ("exit", True)])
+def test_a_crashing_env_or_env_runner_is_replaced_and_training_completes(ray_local, tmp_path, how, async_sampling):
     marker = tmp_path / "crashed"
     exp = load_config(
         ROOT / "configs" / "pendulum_td3.yaml",
@@ -28,6 +29,7 @@ def test_a_crashing_env_or_env_runner_is_replaced_and_training_completes(ray_loc
             "experiment.stop_env_steps=1280",
             "algo.learning_starts=320",
             "resources.num_env_runners=1",
+            f"resources.async_sampling={str(async_sampling).lower()}",
             "resources.env_runner_restart_delay_s=0",
             "evaluation.interval_iters=0",
             "evaluation.episodes=1",

@@ -7,6 +7,14 @@ each; the new transitions go into a flat `TransitionReplayBuffer`; then one lear
 for image batches, bounded by `learner_batch_max_mb`) runs `updates_per_env_step` minibatch
 updates per new env step. RLlib's overhead is per call, not per gradient step, so this keeps
 TD3's one-update-per-step ratio at a useful speed.
+
+Two ways to interleave sampling and learning, the same updates per env step in both:
+- synchronous (the default): all runners sample, then the learner learns, then weights go out;
+- asynchronous (`async_sampling`): each runner always has one sample request in flight; the
+  driver learns from each fragment as it arrives while the others go on sampling (the way
+  Ape-X and RLlib's IMPALA keep both sides busy). The replay ratio cannot drift: updates are
+  owed only for steps received, and a runner gets its next request only after its last
+  fragment arrived, so neither side runs more than one fragment ahead of the other.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+import ray
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -46,6 +56,15 @@ REPLAY_REWARD_ABS_MEAN = "replay_reward_abs_mean"  # the reward scale the health
 START_Q_MEAN, START_RETURN_MEAN = "start_q_mean", "start_return_mean"
 OVERESTIMATION = "overestimation"
 UPDATE_CREDIT = "td3_update_credit"  # checkpoint key
+# Learner updates between the weights a fragment was sampled with and the learner's when the
+# fragment arrives (0 in the synchronous loop): how off-policy asynchronous sampling makes it.
+POLICY_LAG_MEAN, POLICY_LAG_MAX = "policy_lag_mean", "policy_lag_max"
+# Updates per env step past `learning_starts`, this iteration: `updates_per_env_step` held.
+REPLAY_RATIO = "replay_ratio"
+# Asynchronous sampling: seconds this iteration the learner waited with nothing to learn from.
+LEARNER_WAIT_TIMER = "learner_wait_for_samples"
+SAMPLE_TAG = "td3_sample"
+POLL_S = 0.005  # how long one wait for arriving fragments blocks before the next look
 
 
 class TD3Config(AlgorithmConfig):
@@ -69,6 +88,10 @@ class TD3Config(AlgorithmConfig):
         # Upper bound on the replayed transitions handed to one learner call: image batches
         # (56 KB per 4x84x84 transition as the learner gets it) would otherwise take GBs per iteration.
         self.learner_batch_max_mb = 256.0
+        # Sampling overlaps learning (see the module docstring); weights go to the runners after
+        # this many updates since the last time.
+        self.async_sampling = False
+        self.weights_sync_every_updates = 1
         # Module-wise L2 clipping limits (None: no clipping, stated explicitly); RLlib's own
         # one-limit-for-all `grad_clip` stays off.
         self.grad_clip_by_group = dict(DEFAULT_GRAD_CLIP)
@@ -99,6 +122,8 @@ class TD3Config(AlgorithmConfig):
         updates_per_env_step: float = NotProvided,
         learner_batch_max_mb: float = NotProvided,
         grad_clip_by_group: dict = NotProvided,
+        async_sampling: bool = NotProvided,
+        weights_sync_every_updates: int = NotProvided,
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)
@@ -121,6 +146,8 @@ class TD3Config(AlgorithmConfig):
             "replay_buffer_capacity": self.replay_buffer_capacity >= self.total_train_batch_size,
             "updates_per_env_step": self.updates_per_env_step > 0.0,
             "learner_batch_max_mb": self.learner_batch_max_mb > 0.0,
+            "weights_sync_every_updates": self.weights_sync_every_updates >= 1,
+            "async_sampling": not self.async_sampling or self.num_env_runners >= 1 or self.in_evaluation,
             "grad_clip_by_group": all(
                 limit is None or limit > 0 for limit in self.grad_clip_by_group.values()
             ),
@@ -180,49 +207,143 @@ class TD3(Algorithm):
         self.replay_buffer = TransitionReplayBuffer(config.replay_buffer_capacity, seed=config.seed)
         self._update_credit = 0.0  # fractional updates owed to sampled steps
         self._episode_starts = EpisodeStarts(config.gamma)
+        # Learner updates made by this process, and how many of them the runners' weights have
+        # seen: the policy lag of a fragment is the difference when it arrives.
+        self._num_updates = self._weights_version = 0
+        self._published_weights: list = []  # asynchronous sampling: [ObjectRef] once published
 
     def training_step(self) -> None:
-        config = self.config
+        self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
+                           "wait_s": 0.0, "lags": []}
+        if self.config.async_sampling:
+            self._sample_and_learn_async()
+        else:
+            self._sample_then_learn()
+        self._log_iteration()
+
+    def _sample_then_learn(self) -> None:
+        """Synchronous: every runner samples one fragment, then the learner makes the updates
+        owed, then the new weights go out."""
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             episodes, env_runner_results = synchronous_parallel_sample(
                 worker_set=self.env_runner_group,
                 concat=True,
-                sample_timeout_s=config.sample_timeout_s,
+                sample_timeout_s=self.config.sample_timeout_s,
                 _uses_new_env_runners=True,
                 _return_metrics=True,
             )
-        self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
+        self._store(episodes, env_runner_results, sampled_with=self._weights_version)
+        self._learn_owed()
+        if self._num_updates > self._weights_version:
+            self._sync_weights()
 
+    def _sample_and_learn_async(self) -> None:
+        """Asynchronous: runners sample while the driver learns. One iteration ends when as many
+        steps arrived as a synchronous iteration samples (`sample_timeout_s` at most)."""
+        config = self.config
+        runners = self.env_runner_group
+        steps_per_iteration = (
+            config.num_env_runners * config.num_envs_per_env_runner * config.get_rollout_fragment_length()
+        )
+        received = 0
+        deadline = time.monotonic() + config.sample_timeout_s
+        while received < steps_per_iteration and time.monotonic() < deadline:
+            # Every healthy runner without a request in flight gets one (RLlib's in-flight limit,
+            # one per runner, drops the rest).
+            self._request_samples()
+            if runners.num_in_flight_async_reqs(SAMPLE_TAG) == 0:
+                break  # no healthy runner: RLlib restores them between iterations
+            waited = time.perf_counter()
+            arrived = runners.fetch_ready_async_reqs(tags=SAMPLE_TAG, timeout_seconds=POLL_S)
+            self._this_iteration["wait_s"] += time.perf_counter() - waited
+            for _, (episodes, env_runner_metrics, sampled_with) in arrived:
+                received += self._store(episodes, [env_runner_metrics], sampled_with)
+                # The runner that sent this samples its next fragment while we learn from it.
+                self._request_samples()
+                self._learn_owed()
+                if self._num_updates - self._weights_version >= config.weights_sync_every_updates:
+                    self._publish_weights()
+
+    def _request_samples(self) -> None:
+        """Sample requests carry the newest published weights: a runner loads them first if it
+        has older ones. (RLlib's `sync_weights` would queue them behind the fragment being
+        sampled, and drop later ones while that one waits.)"""
+        self.env_runner_group.foreach_env_runner_async(
+            _sample_with_metrics,
+            tag=SAMPLE_TAG,
+            kwargs={"weights": self._published_weights, "version": self._weights_version},
+        )
+
+    def _store(self, episodes: list, env_runner_results: list, sampled_with: int) -> int:
+        """Adds sampled episodes to the replay buffer, logs what they show, and owes the learner
+        `updates_per_env_step` updates per new step past `learning_starts`. Returns the steps."""
+        config = self.config
+        self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
             new_steps = self.replay_buffer.add_episodes(episodes)
         finished = self._episode_starts.add(episodes)
+        self._this_iteration["lags"].append(self._num_updates - sampled_with)
         for name, value in observation_stats(episodes).items():
             self.metrics.log_value(name, value, window=1)
-        self.metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
-        if len(self.replay_buffer):
-            low, high = self.replay_buffer.reward_range
-            self.metrics.log_value(REPLAY_REWARD_MIN, low, window=1)
-            self.metrics.log_value(REPLAY_REWARD_MAX, high, window=1)
-            self.metrics.log_value(REPLAY_REWARD_ABS_MEAN, self.replay_buffer.reward_abs_mean, window=1)
-
-        # One update per env step sampled after `learning_starts` (the reference code's loop).
         lifetime_steps = self.metrics.peek(
             (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
         )
         steps_past_start = lifetime_steps - config.num_steps_sampled_before_learning_starts
         if finished and steps_past_start > 0:
             self._log_overestimation(finished)
-        self._update_credit += max(0, min(new_steps, steps_past_start)) * config.updates_per_env_step
-        num_updates = int(self._update_credit)
-        if num_updates == 0:
-            return
-        self._update_credit -= num_updates
-        self._learn(num_updates, lifetime_steps)
+        # One update per env step sampled after `learning_starts` (the reference code's loop).
+        learning_steps = max(0, min(new_steps, steps_past_start))
+        self._this_iteration["learning_steps"] += learning_steps
+        self._update_credit += learning_steps * config.updates_per_env_step
+        return new_steps
 
+    def _learn_owed(self) -> None:
+        num_updates = int(self._update_credit)
+        if num_updates > 0:
+            self._update_credit -= num_updates
+            self._learn(num_updates)
+
+    def _sync_weights(self) -> None:
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True
             )
+        self._weights_version = self._num_updates
+
+    def _publish_weights(self) -> None:
+        """Asynchronous sampling: the learner's weights into the object store, once, for the
+        sample requests from now on to carry (in a list, so that Ray passes the reference and
+        only a runner with older weights fetches them)."""
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            state = self.learner_group.get_state(
+                components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}", inference_only=True
+            )[COMPONENT_LEARNER]
+            weights = {COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE]}
+            self._published_weights = [ray.put(weights)]
+            if self.env_runner is not None:
+                # The driver's own runner: RLlib restores failed runners from its state.
+                self.env_runner.set_state(weights)
+        self._weights_version = self._num_updates
+
+    def _log_iteration(self) -> None:
+        metrics, iteration = self.metrics, self._this_iteration
+        metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
+        if len(self.replay_buffer):
+            low, high = self.replay_buffer.reward_range
+            metrics.log_value(REPLAY_REWARD_MIN, low, window=1)
+            metrics.log_value(REPLAY_REWARD_MAX, high, window=1)
+            metrics.log_value(REPLAY_REWARD_ABS_MEAN, self.replay_buffer.reward_abs_mean, window=1)
+        if iteration["lags"]:
+            metrics.log_value(POLICY_LAG_MEAN, float(np.mean(iteration["lags"])), window=1)
+            metrics.log_value(POLICY_LAG_MAX, max(iteration["lags"]), window=1)
+        if iteration["learning_steps"]:
+            metrics.log_value(REPLAY_RATIO, iteration["updates"] / iteration["learning_steps"], window=1)
+        if iteration["updates"]:
+            # Same reduction as `log_time` (EMA over iterations), of this iteration's totals.
+            metrics.log_value((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER), iteration["sample_s"])
+            metrics.log_value((TIMERS, LEARNER_UPDATE_TIMER), iteration["learn_s"])
+        if self.config.async_sampling:
+            metrics.log_value((TIMERS, LEARNER_WAIT_TIMER), iteration["wait_s"])
 
     # Checkpoints carry the update schedule, so a resumed run goes on with the same counters. The
     # replay buffer is not in this state: rl/checkpoints.py saves it beside the checkpoints, in
@@ -252,7 +373,7 @@ class TD3(Algorithm):
         self.metrics.log_value(START_RETURN_MEAN, float(returns.mean()), window=1)
         self.metrics.log_value(OVERESTIMATION, float((q_start - returns).mean()), window=1)
 
-    def _learn(self, num_updates: int, lifetime_steps: int) -> None:
+    def _learn(self, num_updates: int) -> None:
         """Runs `num_updates` minibatch updates on replayed transitions, in learner calls of at
         most `learner_batch_max_mb` each (one call for vector observations, several for images),
         each call's batch replayed just before it."""
@@ -260,7 +381,7 @@ class TD3(Algorithm):
         rows_per_update = config.total_train_batch_size
         call_bytes = rows_per_update * self.replay_buffer.bytes_per_sample
         max_updates_per_call = max(1, int(config.learner_batch_max_mb * 2**20 // call_bytes))
-        sample_s = learn_s = 0.0
+        lifetime_steps = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         while num_updates > 0:
             n = min(num_updates, max_updates_per_call)
             num_updates -= n
@@ -276,8 +397,17 @@ class TD3(Algorithm):
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime_steps},
             )
             self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-            sample_s += sampled - start
-            learn_s += time.perf_counter() - sampled
-        # Same reduction as `log_time` (EMA over iterations), of this iteration's totals.
-        self.metrics.log_value((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER), sample_s)
-        self.metrics.log_value((TIMERS, LEARNER_UPDATE_TIMER), learn_s)
+            self._num_updates += n
+            self._this_iteration["updates"] += n
+            self._this_iteration["sample_s"] += sampled - start
+            self._this_iteration["learn_s"] += time.perf_counter() - sampled
+
+
+def _sample_with_metrics(env_runner, weights: list, version: int) -> tuple:
+    """Runs on the env runner: loads `weights` ([ObjectRef], or [] for the ones it started with)
+    unless it has that `version` already, then samples one fragment. Returns the fragment, the
+    runner's metrics since its last one, and the version it was sampled with."""
+    if weights and getattr(env_runner, "_td3_weights_version", None) != version:
+        env_runner.set_state(ray.get(weights[0]))
+        env_runner._td3_weights_version = version
+    return env_runner.sample(), env_runner.get_metrics(), version
