@@ -2,8 +2,10 @@
 users compare runs on), the resolved config, alerts, the run's health in its summary, videos of
 evaluation episodes, and the checkpoint the run ended with as a model artifact.
 
-Online only with WANDB_API_KEY in the environment (the key is never read from or written to a
-file of ours, nor logged); otherwise offline, into `<run_dir>/wandb/`. When the server cannot be
+Online only with a key: WANDB_API_KEY, or the file WANDB_API_KEY_FILE names (a Kubernetes Secret
+mounted as a file: the key then stays out of every process's environment, Ray's workers
+included). The key is never written to a file of ours, nor logged. Without one, the run goes
+offline, into `<run_dir>/wandb/`. When the server cannot be
 reached within `init_timeout_s`, the run is logged offline instead (upload it later with `wandb
 sync`). Any other W&B error is reported once on stderr and W&B is switched off for the rest of
 the run: it never stops training.
@@ -22,15 +24,32 @@ from rl.config import WandbSection
 # Our levels -> wandb.alert's.
 WANDB_LEVELS = {"INFO": "INFO", "WARN": "WARN", "CRITICAL": "ERROR"}
 STEP_METRIC = "env/steps_sampled"  # every logged row has it
+KEY_FILE_ENV = "WANDB_API_KEY_FILE"
+
+
+def api_key() -> str | None:
+    """The W&B key: WANDB_API_KEY, else the contents of the file WANDB_API_KEY_FILE names. A
+    file that is missing or unreadable (an optional Secret not created) means no key."""
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    path = os.environ.get(KEY_FILE_ENV)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as error:
+        print(f"{KEY_FILE_ENV}={path}: cannot read the W&B key ({error.strerror}); W&B runs offline", file=sys.stderr)
+        return None
 
 
 class WandbRun:
     def __init__(self, section: WandbSection, run_dir: str, name: str, config: dict[str, Any]):
         self._run = None
         self.mode = section.mode
+        self._key = api_key()
         if self.mode == "auto":
             wanted = os.environ.get("WANDB_MODE", "")
-            self.mode = wanted if wanted in ("online", "offline") else "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.mode = wanted if wanted in ("online", "offline") else "online" if self._key else "offline"
         if section.enabled:
             self._guard(self._init_or_offline, section, run_dir, name, config)
 
@@ -66,7 +85,8 @@ class WandbRun:
             config=config,
             dir=run_dir,
             mode=mode,
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=section.init_timeout_s),
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=section.init_timeout_s,
+                                    api_key=self._key),
         )
         # Charts against env steps, so runs with different fragment lengths or runner counts line up.
         self._run.define_metric(STEP_METRIC)

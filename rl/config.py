@@ -263,7 +263,7 @@ class WandbSection(Section):
     tags: list[str] = Field(default_factory=list)
     mode: Literal["auto", "online", "offline"] = Field(
         default="auto",
-        description="auto: WANDB_MODE if set, else online with WANDB_API_KEY set, offline without",
+        description="auto: WANDB_MODE if set, else online with a key (WANDB_API_KEY or WANDB_API_KEY_FILE), offline without",
     )
     # Online, W&B waits this long for its server; then the run is logged offline instead.
     init_timeout_s: float = Field(default=30.0, gt=0.0)

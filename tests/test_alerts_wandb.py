@@ -1,5 +1,6 @@
 """Where alerts go (callbacks/alerts.py) and W&B's failure handling (callbacks/wandb_run.py)."""
 
+import os
 import socket
 import threading
 import time
@@ -8,7 +9,7 @@ import pytest
 
 from callbacks.alerts import AlertSinks, read_alerts
 from callbacks.health import CRITICAL, Alert
-from callbacks.wandb_run import WandbRun
+from callbacks.wandb_run import WandbRun, api_key
 from rl.config import WandbSection
 from tests.wandb_records import read_run, read_summary_and_step_metric, run_files
 
@@ -47,6 +48,28 @@ def test_mode_auto_is_offline_without_an_api_key_and_online_with_one_unless_wand
     assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")  # a key in the environment, but no network here
     assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "offline"
+
+
+def test_the_key_can_come_from_a_mounted_secret_file_and_stays_out_of_the_environment(tmp_path, monkeypatch, capsys):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    secret = "sk-file-" + "3" * 32
+    (tmp_path / "api-key").write_text(secret + "\n")  # as `kubectl create secret --from-file` leaves it
+    monkeypatch.setenv("WANDB_API_KEY_FILE", str(tmp_path / "api-key"))
+    assert api_key() == secret
+    assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "online"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run = WandbRun(WandbSection(mode="offline"), str(run_dir), "x", {})
+    assert run.active
+    run.log({"q/q1_max": 1.0}, step=1)
+    run.finish()
+    assert "WANDB_API_KEY" not in os.environ
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    # An optional Secret that was not created: no key, W&B offline, and a line that says so.
+    monkeypatch.setenv("WANDB_API_KEY_FILE", str(tmp_path / "missing"))
+    assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "offline"
+    assert "WANDB_API_KEY_FILE=" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("server", ["silent", "closed port"])

@@ -112,15 +112,21 @@ def all_containers() -> list[tuple[str, dict]]:
     return containers + [("submitter", c) for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]]
 
 
-def test_the_wandb_key_comes_from_a_secret_only_to_the_head_and_no_manifest_holds_one():
+def test_the_wandb_key_is_a_secret_file_only_on_the_head_and_no_manifest_holds_one():
     text = "\n".join(p.read_text() for p in K8S.glob("*.yaml"))
-    head = cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    (key,) = [e for e in head["env"] if e["name"] == "WANDB_API_KEY"]
-    assert key["valueFrom"]["secretKeyRef"]["name"] == "wandb" and "value" not in key
+    head_pod = cluster()["spec"]["headGroupSpec"]["template"]["spec"]
+    head = head_pod["containers"][0]
+    (key_file,) = [e["value"] for e in head["env"] if e["name"] == "WANDB_API_KEY_FILE"]
+    (volume,) = [v for v in head_pod["volumes"] if "secret" in v]
+    assert volume["secret"] == {"secretName": "wandb", "optional": True, "defaultMode": 0o400}
+    (mount,) = [m for m in head["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] and key_file == f"{mount['mountPath']}/api-key"  # the Secret's key
     assert "kind: Secret" not in text
-    # The driver (on the head) is the only process that talks to W&B: no other pod gets the key.
-    with_key = [group for group, c in all_containers() if any(e["name"] == "WANDB_API_KEY" for e in c.get("env", []))]
-    assert with_key == ["head"]
+    # The driver (on the head) is the only process that talks to W&B: no other pod gets the
+    # key, and no pod as an environment variable.
+    assert not [group for group, c in all_containers() if any(e["name"] == "WANDB_API_KEY" for e in c.get("env", []))]
+    with_file = [group for group, c in all_containers() if any(e["name"] == "WANDB_API_KEY_FILE" for e in c.get("env", []))]
+    assert with_file == ["head"]
 
 
 def test_the_head_takes_requests_only_with_the_clusters_token_and_only_from_its_own_pods():
