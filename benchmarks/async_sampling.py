@@ -39,7 +39,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "driving_embedded_td3
 NEVER = 10**9
 
 
-def experiment(args, *, async_sampling: bool, ratio: float, learning: bool):
+def experiment(args, *, async_sampling: bool, ratio: float, learning: bool, extra: tuple[str, ...] = ()):
     model = [o for o in DRIVING_CI_SIZE if o.startswith(("model.", "algo.actor_lr", "algo.critic_lr"))]
     return load_config(CONFIG, [
         *model,
@@ -52,12 +52,14 @@ def experiment(args, *, async_sampling: bool, ratio: float, learning: bool):
         f"resources.async_sampling={str(async_sampling).lower()}",
         "evaluation.interval_iters=0",
         "wandb.enabled=false",
+        *extra,
     ])
 
 
-def run(args, *, async_sampling: bool, ratio: float, learning: bool = True) -> dict:
+def run(args, *, async_sampling: bool, ratio: float, learning: bool = True, extra: tuple[str, ...] = ()) -> dict:
     """Trains `args.iters` iterations; rates over the ones after the warm-up."""
-    algo = build_td3_config(experiment(args, async_sampling=async_sampling, ratio=ratio, learning=learning)).build_algo()
+    exp = experiment(args, async_sampling=async_sampling, ratio=ratio, learning=learning, extra=extra)
+    algo = build_td3_config(exp).build_algo()
     try:
         marks, learner_s = [], 0.0
         for i in range(args.iters):

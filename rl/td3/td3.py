@@ -213,8 +213,9 @@ class TD3(Algorithm):
         self._published_weights: list = []  # asynchronous sampling: [ObjectRef] once published
 
     def training_step(self) -> None:
+        # This iteration's counts and times, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
-                           "wait_s": 0.0, "lags": []}
+                                "wait_s": 0.0, "lags": []}
         if self.config.async_sampling:
             self._sample_and_learn_async()
         else:
