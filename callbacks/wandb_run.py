@@ -77,6 +77,10 @@ class WandbRun:
         self._run = wandb.init(
             id=run_id,
             resume="allow",
+            # A run still open in this process (a Tune trial's actor reused, a run whose W&B was
+            # switched off after an error) is finished first: by default, outside notebooks,
+            # wandb.init would return that run, and this one's metrics would go into it.
+            reinit="finish_previous",
             project=section.project,
             entity=section.entity,
             group=section.group,

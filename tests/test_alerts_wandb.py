@@ -50,6 +50,27 @@ def test_mode_auto_is_offline_without_an_api_key_and_online_with_one_unless_wand
     assert WandbRun(WandbSection(enabled=False), "/nonexistent", "x", {}).mode == "offline"
 
 
+def test_a_run_left_open_in_the_process_is_finished_not_reused(tmp_path, monkeypatch):
+    """wandb.init, by default, returns a run still open in the process instead of starting the one
+    asked for: a reused Tune actor, or a run whose W&B was switched off, would take the next run's
+    metrics into its own files."""
+    import wandb
+
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    left_open = wandb.init(mode="offline", dir=str(tmp_path), project="x", id="leftover0001")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run = WandbRun(WandbSection(mode="offline"), str(run_dir), "x", {})
+    run.log({"q/q1_max": 2.0}, step=1)
+    run.finish()
+    assert left_open._is_finished
+    (path,) = run_files(run_dir)  # its own run, in its own run directory, with its own id
+    assert (run_dir / "wandb_run_id").read_text() in path.name
+    history, _ = read_run(run_dir)
+    assert [row["q/q1_max"] for row in history] == [2.0]
+
+
 def test_the_key_can_come_from_a_mounted_secret_file_and_stays_out_of_the_environment(tmp_path, monkeypatch, capsys):
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
