@@ -61,6 +61,7 @@ CONFIG_RULES = ("horizon", "learning_rate", "tau", "target_lag", "reward_scale")
 # Every rule, with the check it stands for in the validation report (rl/report.py).
 RULE_TITLES = {
     "non_finite": "no NaN or Inf in losses, Q values or weights",
+    "sampling_stalled": "new env steps every iteration",
     "missing_metric": "losses and Q reported every iteration since learning started",
     "observation_non_finite": "observations finite",
     "observation_frozen": "no observation part frozen (a dead sensor)",
@@ -196,6 +197,8 @@ class HealthMonitor:
         self._saturation = deque(maxlen=config.window_iters)
         self._frozen_obs: dict[str, int] = {}  # part -> judged iterations running it was frozen
         self._below_warmup = 0  # consecutive judged iterations worse than the warm-up
+        self._last_steps: float | None = None  # env/steps_sampled of the previous iteration
+        self._stalled = 0  # iterations running without a new env step
 
     # --- At start ---------------------------------------------------------------------------
 
@@ -277,6 +280,7 @@ class HealthMonitor:
         alerts = self._warmup_checks(metrics, iteration) if self._iters_learning == 1 and learning else []
 
         self._check_non_finite(metrics, conditions)
+        self._check_sampling(metrics, conditions)
         if self._iters_learning > self.config.grace_iters:
             self._check_missing(metrics, conditions)
         self._check_observations(metrics, conditions)
@@ -326,6 +330,24 @@ class HealthMonitor:
                 "later update inherits it. Likely cause: a diverging critic (check q/ and "
                 "grad/ just before), a learning rate too high, or a NaN in the observations or rewards.",
                 bad,
+            )
+
+    def _check_sampling(self, m: dict, conditions: dict) -> None:
+        steps = m.get("env/steps_sampled")
+        if steps is None:
+            return
+        self._stalled = self._stalled + 1 if self._last_steps is not None and steps <= self._last_steps else 0
+        self._last_steps = steps
+        if self._stalled >= self.config.stall_iters:
+            conditions["sampling_stalled"] = (
+                WARN,
+                f"no new env steps in the last {self._stalled} iterations (env/steps_sampled stays at "
+                f"{steps:,.0f}): every env runner is down, being replaced or hung, and the learner has "
+                "nothing new to learn from. Likely cause: a simulator that hangs or crashes over and "
+                "over (CARLA: env/server_restarts, env/tick_timeouts), runners that cannot be placed "
+                "after a node was lost, or fragments that take longer than RLlib's sample timeout "
+                "(`sample_timeout_s`, 60 s).",
+                {"env/steps_sampled": steps, "iterations": float(self._stalled)},
             )
 
     def _check_missing(self, m: dict, conditions: dict) -> None:

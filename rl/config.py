@@ -238,6 +238,8 @@ class HealthSection(Section):
     )
     # Iterations after learning starts before a missing required metric is an alert.
     grace_iters: int = Field(default=2, ge=1)
+    # This many iterations running without a new env step (every runner down or hung): WARN.
+    stall_iters: int = Field(default=3, ge=1)
     # A condition absent this many iterations running has cleared (an INFO alert); until then a
     # return of it is the same alert, not a new one.
     clear_iters: int = Field(default=3, ge=1)

@@ -32,10 +32,16 @@ def monitor(**health) -> HealthMonitor:
     return HealthMonitor(HealthSection(**{"window_iters": 3, **health}), FACTS)
 
 
+def sampling(rows: list[dict]) -> list[dict]:
+    """The rows with one more env step each iteration than the row before it says: sampling goes
+    on (iterations without new steps are `sampling_stalled`, tested on their own)."""
+    return [{**row, "env/steps_sampled": row["env/steps_sampled"] + i} for i, row in enumerate(rows)]
+
+
 def run(mon, sequence):
     """Feeds the metrics dicts in order; returns (health of the last, all alerts by iteration)."""
     alerts = []
-    for i, metrics in enumerate(sequence):
+    for i, metrics in enumerate(sampling(sequence)):
         health, new = mon.update(i, metrics)
         alerts += new
     return health, alerts
@@ -263,10 +269,23 @@ def test_a_monitor_replaying_the_rows_so_far_goes_on_like_one_that_saw_them_live
     rows = [{**HEALTHY, "env/steps_sampled": 50.0, "episode/count": 5.0, "episode/return_mean": r, "episode/len_mean": 10.0}
             for r in (-10, -30, -20, -10, -30)]
     rows += [{**HEALTHY, "episode/count": 5.0, "episode/return_mean": -60.0, "episode/len_mean": 3.0}] * 6
-    rows = [{**r, "iteration": i} for i, r in enumerate(rows)]
+    rows = [{**r, "iteration": i} for i, r in enumerate(sampling(rows))]
     config = {"min_window_episodes": 5, "min_window_iters": 1, "warmup_patience_iters": 3}
     live = monitor(**config).replay(rows)
     resumed = monitor(**config)
     resumed.replay(rows[:7])
     assert [(a.rule, a.iteration) for a in resumed.replay(rows[7:])] == [(a.rule, a.iteration) for a in live if a.iteration >= 7]
     assert [(a.level, a.rule) for a in live] == [(CRITICAL, "worse_than_warmup")]
+
+
+def test_iterations_without_new_env_steps_warn_that_sampling_stalled_until_steps_arrive_again():
+    # Every runner down or hung: iterations end (RLlib's sample timeout) with nothing new.
+    steps = [1000, 1064, 1064, 1064, 1064, 1128, 1192, 1256, 1320]
+    mon, alerts = monitor(), []
+    for i, s in enumerate(steps):
+        alerts += mon.update(i, {**HEALTHY, "env/steps_sampled": float(s)})[1]
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(WARN, "sampling_stalled", 4), (INFO, "sampling_stalled", 7)]
+    assert "no new env steps in the last 3 iterations" in alerts[0].message and "1,064" in alerts[0].message
+    # Two iterations without steps (a runner being replaced) are not a stall yet.
+    _, alerts = run(monitor(), [{**HEALTHY, "env/steps_sampled": 1000.0 - i} for i in range(3)])
+    assert alerts == []
