@@ -5,10 +5,9 @@ evaluation episodes, and the checkpoint the run ended with as a model artifact.
 Online only with a key: WANDB_API_KEY, or the file WANDB_API_KEY_FILE names (a Kubernetes Secret
 mounted as a file: the key then stays out of every process's environment, Ray's workers
 included). The key is never written to a file of ours, nor logged. Without one, the run goes
-offline, into `<run_dir>/wandb/`. When the server cannot be
-reached within `init_timeout_s`, the run is logged offline instead (upload it later with `wandb
-sync`). Any other W&B error is reported once on stderr and W&B is switched off for the rest of
-the run: it never stops training.
+offline, into `<run_dir>/wandb/`. When the server cannot be reached within `init_timeout_s`,
+the run is logged offline instead (upload it later with `wandb sync`). Any other W&B error is
+reported once on stderr and W&B is switched off for the rest of the run: it never stops training.
 """
 
 from __future__ import annotations
