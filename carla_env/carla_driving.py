@@ -36,7 +36,9 @@ class CarlaDrivingEnv(DrivingEnv):
                 server = ExternalServer(config.server, endpoint, ordinal, carla_module)
 
             def connect() -> ClientProcess:
-                return ClientProcess(config, server.host, server.rpc_port, server.tm_port, carla_module)
+                # An env made to render (evaluation, with videos on) gets the chase camera.
+                return ClientProcess(config, server.host, server.rpc_port, server.tm_port, carla_module,
+                                     view=render_mode == "rgb_array")
 
             simulator = SupervisedSimulator(server, connect, config.server.restart_every_episodes)
         except BaseException:

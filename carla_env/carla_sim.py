@@ -34,6 +34,12 @@ from carla_env.servers import ServerError, ServerLost, import_carla
 
 ROUTE_SPACING_M = 2.0
 CAMERA_MOUNT = {"x": 1.5, "z": 2.4}  # above the windscreen, metres from the car's origin
+# The chase view for people (episode videos, `view()`): behind and above the car, looking a
+# little down, like the third-person camera of CARLA's manual_control.py. Only envs made to
+# render (evaluation, with videos on) spawn it: it costs the server a second render per tick.
+VIEW_MOUNT = {"x": -5.5, "z": 2.8}
+VIEW_PITCH_DEG = -10.0
+VIEW_SIZE = (480, 270)  # width, height
 NPC_LENGTH_M = 4.5  # gaps are measured bumper to bumper, approximately
 BGR_TO_GRAY = np.array([0.114, 0.587, 0.299])  # CARLA images are BGRA
 EGO_ROLE = "hero"  # CARLA's convention for the ego car
@@ -45,8 +51,11 @@ def _xy(location) -> np.ndarray:
 
 
 class CarlaSimulator:
-    def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None):
+    def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None,
+                 view: bool = False):
+        """`view`: also spawn the chase camera, for `view()`."""
         self.config, self.host, self.rpc_port, self.tm_port = config, host, rpc_port, tm_port
+        self._with_view, self._view = view, None
         self.carla = carla_module or import_carla()
         self._rng = np.random.default_rng()
         self._actor_ids: list[int] = []  # vehicles and walkers, destroyed in one batch
@@ -126,6 +135,14 @@ class CarlaSimulator:
         frame = self._tick()
         self._episode_start_frame = frame  # contacts while spawning are not the policy's
         return self._camera_frame(frame), self._measure()
+
+    def view(self) -> np.ndarray | None:
+        """The chase camera's image of the last frame, RGB uint8 (height, width, 3); None without
+        the chase camera."""
+        if self._view is None:
+            return None
+        bgra = np.frombuffer(self._view.raw_data, dtype=np.uint8).reshape(self._view.height, self._view.width, 4)
+        return np.ascontiguousarray(bgra[:, :, 2::-1])
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
         throttle_brake = float(action[THROTTLE_BRAKE])
@@ -248,10 +265,18 @@ class CarlaSimulator:
         # that covers their frame was measured: each is counted once, at the next measurement.
         self._collision_frames: list[int] = []
         self._collision_lock = threading.Lock()
-        for blueprint, transform, callback in (
+        sensors = [
             (camera_bp, mount, self._camera_queue.put),
             (self._tagged(library.find("sensor.other.collision")), carla.Transform(), self._on_collision),
-        ):
+        ]
+        self._view_queue: queue.Queue = queue.Queue()
+        if self._with_view:
+            view_bp = self._tagged(library.find("sensor.camera.rgb"))
+            view_bp.set_attribute("image_size_x", str(VIEW_SIZE[0]))
+            view_bp.set_attribute("image_size_y", str(VIEW_SIZE[1]))
+            view_mount = carla.Transform(carla.Location(**VIEW_MOUNT), carla.Rotation(pitch=VIEW_PITCH_DEG))
+            sensors.append((view_bp, view_mount, self._view_queue.put))
+        for blueprint, transform, callback in sensors:
             sensor = self.world.spawn_actor(blueprint, transform, attach_to=self.ego)
             self._sensors.append(sensor)
             sensor.listen(callback)
@@ -288,18 +313,24 @@ class CarlaSimulator:
         return self._frame
 
     def _camera_frame(self, frame: int) -> np.ndarray:
-        """The camera image of exactly this world frame, as uint8 grayscale (height, width)."""
+        """The camera image of exactly this world frame, as uint8 grayscale (height, width). The
+        chase view's image of the frame is taken too, when there is a chase camera."""
+        image = self._image_of(self._camera_queue, frame, "camera")
+        if self._with_view:
+            self._view = self._image_of(self._view_queue, frame, "chase view")
+        bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
+        return np.rint(bgra[:, :, :3] @ BGR_TO_GRAY).clip(0, 255).astype(np.uint8)
+
+    def _image_of(self, images: queue.Queue, frame: int, what: str):
         timeout = self.config.server.tick_timeout_s
         while True:
             try:
-                image = self._camera_queue.get(timeout=timeout)
+                image = images.get(timeout=timeout)
             except queue.Empty:
-                raise ServerLost("sensor_timeouts", f"no camera image for frame {frame} within {timeout:g} s") from None
+                raise ServerLost("sensor_timeouts", f"no {what} image for frame {frame} within {timeout:g} s") from None
             if image.frame == frame:
-                break
+                return image
             # An image of an earlier frame (late delivery) is skipped, never used.
-        bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
-        return np.rint(bgra[:, :, :3] @ BGR_TO_GRAY).clip(0, 255).astype(np.uint8)
 
     # --- Route and measurements ---------------------------------------------------------
 

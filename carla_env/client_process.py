@@ -30,9 +30,10 @@ SETTLE_S = 5.0  # for replies that involve no server call (health, close), and f
 
 
 class ClientProcess:
-    """`CarlaSimulator(config, host, rpc_port, tm_port)` in a child process, same methods."""
+    """`CarlaSimulator(config, host, rpc_port, tm_port, view=view)` in a child process, same methods."""
 
-    def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None):
+    def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None,
+                 view: bool = False):
         self.config = config
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -43,7 +44,7 @@ class ClientProcess:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._health: dict[str, float] = {}
-        self._conn.send((config.model_dump(), host, rpc_port, tm_port, carla_module))
+        self._conn.send((config.model_dump(), host, rpc_port, tm_port, carla_module, view))
         server = config.server
         # Backstops for a child stuck where its own client timeouts do not reach.
         self._slow_call_s = 4 * server.connect_timeout_s + SETTLE_S
@@ -59,6 +60,9 @@ class ClientProcess:
 
     def step(self, action):
         return self._call("step", action, timeout_s=self._step_s)
+
+    def view(self):
+        return self._call("view", timeout_s=SETTLE_S)
 
     def health(self) -> dict[str, float]:
         """The last counters the child reported; they outlive it."""
@@ -117,7 +121,7 @@ def serve(fd: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
-    config, host, rpc_port, tm_port, carla_module = conn.recv()
+    config, host, rpc_port, tm_port, carla_module, view = conn.recv()
     config = CarlaEnvConfig.model_validate(config)
     simulator = None
     try:
@@ -128,7 +132,7 @@ def serve(fd: int) -> None:
                 return  # the env's process is gone
             try:
                 if method == "connect":
-                    simulator, result = CarlaSimulator(config, host, rpc_port, tm_port, carla_module), None
+                    simulator, result = CarlaSimulator(config, host, rpc_port, tm_port, carla_module, view), None
                 elif method == "close":
                     simulator.close()
                     simulator = None

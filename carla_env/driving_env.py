@@ -103,10 +103,10 @@ class DrivingEnv(gym.Env):
         return self._observation(m), sum(terms.values()), terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
-        """The backend's view of the scene for people (highway-env: top-down), RGB uint8
-        (H, W, 3); None where the backend has none (CARLA today: the episode videos then show
-        the camera frames only, rl/episode_video.py). Rendered on request only: envs made
-        without `render_mode` render too, at no cost to the steps in between."""
+        """The backend's view of the scene for people, RGB uint8 (H, W, 3): highway-env's top-down
+        view (drawn on request), CARLA's chase camera (an env made with `render_mode="rgb_array"`
+        spawns it; it renders every tick). None where there is none: episode videos then show the
+        camera frames only (rl/episode_video.py)."""
         view = getattr(self.simulator, "view", None)
         return view() if view is not None else None
 

@@ -53,6 +53,14 @@ class SupervisedSimulator:
             except ServerLost as lost:
                 self._recover(lost)
 
+    def view(self) -> np.ndarray | None:
+        """The chase view of the last step (None without one, or when the client is gone: the
+        next step recovers it)."""
+        try:
+            return self.client.view() if self.client is not None else None
+        except ServerLost:
+            return None
+
     def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
         try:
             return self.client.step(action)

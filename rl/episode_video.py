@@ -76,7 +76,16 @@ def record_episode(env, policy, path: Path, seed: int | None = None, fps: float 
     """Plays one episode of `policy` (observation -> action) in `env` and writes it to `path`."""
     start = time.perf_counter()
     obs, info = env.reset(seed=seed)
-    frames = [_draw(env, obs, [f"step 0   return 0.00   ({_describe(info)})"])]
+    first_view = _view(env)
+    blank = None if first_view is None else np.zeros_like(first_view)
+
+    def draw(lines: list[str]) -> Image.Image:
+        # Every frame the same size: a view lost mid-episode (a CARLA server lost, and its chase
+        # camera with it) is drawn black; an env that had none at the start gets none.
+        view = _view(env) if blank is not None else None
+        return _draw(blank if view is None or view.shape != blank.shape else view, obs, lines)
+
+    frames = [_draw(first_view, obs, [f"step 0   return 0.00   ({_describe(info)})"])]
     total, steps, done = 0.0, 0, False
     while not done and steps < MAX_STEPS:
         action = np.asarray(policy(obs), np.float64)
@@ -86,17 +95,20 @@ def record_episode(env, policy, path: Path, seed: int | None = None, fps: float 
             f"step {steps}   return {total:.2f}   reward {float(reward):+.2f} {_terms(info)}",
             f"action [{', '.join(f'{a:+.2f}' for a in action.ravel())}]   {_describe(info)}",
         ]
-        frames.append(_draw(env, obs, lines))
+        frames.append(draw(lines))
     end = info.get("episode_end") or ("terminated" if done and terminated else "truncated" if done else "step limit")
-    frames[-1] = _draw(env, obs, [*lines, f"episode ended: {end}"])
+    frames[-1] = draw([*lines, f"episode ended: {end}"])
     path.parent.mkdir(parents=True, exist_ok=True)
     fps = fps or env.metadata.get("render_fps") or 10.0
     _write_gif(frames, path, fps)
     return VideoInfo(path, steps, total, end, time.perf_counter() - start, path.stat().st_size)
 
 
-def _draw(env, obs, lines: list[str]) -> Image.Image:
-    view = env.render() if getattr(env, "render_mode", None) == "rgb_array" else None
+def _view(env) -> np.ndarray | None:
+    return env.render() if getattr(env, "render_mode", None) == "rgb_array" else None
+
+
+def _draw(view: np.ndarray | None, obs, lines: list[str]) -> Image.Image:
     camera = _camera_frames(obs)
     width = view.shape[1] if view is not None else None
     rows = [] if view is None else [Image.fromarray(np.asarray(view, np.uint8))]

@@ -348,7 +348,7 @@ class World:
         self.collisions: dict[int, int] = {}  # frame -> collision events on that frame
         self.collision_delay_ticks = 0  # events reach the client this many ticks late
         self.image_delay_s = 0.0  # every image reaches the client this long after its tick
-        self._held_images: list = []
+        self._held_images: dict[int, list] = {}  # sensor id -> its images held back (late frames)
         self._pending_collisions: list[tuple[int, int]] = []  # (deliver at frame, event frame)
         self._navigation_calls = 0
         self._streaming = _Streaming()
@@ -480,9 +480,9 @@ class World:
         for sensor in sensors:
             if sensor.type_id == "sensor.camera.rgb":
                 image = self._image(sensor, ego)
-                held, self._held_images = self._held_images, []
+                held = self._held_images.pop(sensor.id, [])
                 if self.frame in self.late_frames:
-                    self._held_images = [image]
+                    self._held_images[sensor.id] = [image]
                 elif self.frame not in self.drop_camera_frames:
                     self._streaming.deliver(sensor, image, self.image_delay_s)
                 for late in held:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from PIL import Image
 
 from carla_env.carla_sim import CarlaSimulator
 from carla_env.config import CarlaEnvConfig, load_env_config
@@ -51,15 +52,16 @@ class InProcessServer:
         self.stopped = True
 
 
-def carla_env(fake=None, **config) -> DrivingEnv:
+def carla_env(fake=None, render_mode=None, **config) -> DrivingEnv:
     config = CarlaEnvConfig.model_validate({"npc_vehicles": 5, **config})
     fake = fake or FakeCarla()
     server = InProcessServer(config.server.max_restarts)
+    view = render_mode == "rgb_array"  # as CarlaDrivingEnv decides
     simulator = SupervisedSimulator(
-        server, lambda: CarlaSimulator(config, server.host, server.rpc_port, server.tm_port, fake),
+        server, lambda: CarlaSimulator(config, server.host, server.rpc_port, server.tm_port, fake, view=view),
         config.server.restart_every_episodes,
     )
-    return DrivingEnv(simulator, config)
+    return DrivingEnv(simulator, config, render_mode)
 
 
 def actors_of(world, prefix: str) -> list:
@@ -241,6 +243,32 @@ def test_each_observation_is_the_camera_image_of_the_frame_just_ticked():
         assert np.all(left == round(0.114 * shade + 0.587 * shade + 0.299 * 255))
         assert np.all(right == shade)
     assert len(set(shades)) == len(shades), shades  # the car moved every step: a stale image would show
+
+
+def test_an_env_made_to_render_has_a_chase_view_of_the_same_frame_and_others_spawn_no_second_camera(tmp_path):
+    from carla_env.carla_sim import VIEW_MOUNT, VIEW_PITCH_DEG, VIEW_SIZE
+    from rl.episode_video import record_episode
+
+    plain_fake, fake = FakeCarla(), FakeCarla()
+    plain, env = carla_env(plain_fake), carla_env(fake, render_mode="rgb_array")
+    plain.reset(seed=0)
+    env.reset(seed=0)
+    assert len(actors_of(plain_fake.world, "sensor.camera.rgb")) == 1 and plain.render() is None
+    (chase,) = [c for c in actors_of(fake.world, "sensor.camera.rgb") if int(c.attributes["image_size_x"]) == VIEW_SIZE[0]]
+    assert chase.parent is fake.world.ego()
+    assert (chase._transform.location.x, chase._transform.location.z) == (VIEW_MOUNT["x"], VIEW_MOUNT["z"])
+    assert chase._transform.rotation.pitch == VIEW_PITCH_DEG  # behind and above, looking down
+    for _ in range(3):
+        obs, *_ = env.step(DRIVE)
+        view = env.render()
+        assert view.shape == (VIEW_SIZE[1], VIEW_SIZE[0], 3) and view.dtype == np.uint8
+        # RGB for people: the double's red left half is red (BGRA read the wrong way round
+        # would make it blue), and the gray right half is the shade of this very frame.
+        assert np.all(view[:, 0] == [255, view[0, 0, 1], view[0, 0, 1]]) and view[0, 0, 1] != 255
+        assert np.all(view[:, -1] == obs["image"][-1][0, -1])
+    # A video of a CARLA episode: the chase view on top, the camera frames below.
+    info = record_episode(env, lambda obs: DRIVE, tmp_path / "carla.gif", seed=1)
+    assert info.steps > 0 and Image.open(tmp_path / "carla.gif").size[0] >= VIEW_SIZE[0]
 
 
 def test_a_camera_image_that_never_comes_is_an_error_not_a_stale_image():

@@ -223,10 +223,10 @@ def test_D9_the_gpu_ray_gave_the_runner_is_found_among_vulkans_adapters_by_pci_b
 # --- Supervision: crash, hang, reconnection --------------------------------------------------
 
 
-def carla_driving_env(tmp_path, **server) -> CarlaDrivingEnv:
+def carla_driving_env(tmp_path, render_mode=None, **server) -> CarlaDrivingEnv:
     server = {"base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0,
               "tick_timeout_s": TICK_TIMEOUT_S, "probe_timeout_s": TICK_TIMEOUT_S, **server}
-    return CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=3, server=server)
+    return CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=3, server=server, render_mode=render_mode)
 
 
 FAILURES = {"crash": signal.SIGKILL, "hang": signal.SIGSTOP, "game_thread_hang": signal.SIGUSR1}
@@ -257,6 +257,24 @@ def test_D3_a_crashed_or_hung_server_is_replaced_with_a_new_client_and_training_
     finally:
         env.close()
     assert not env.simulator.server.alive()
+
+
+def test_the_chase_view_comes_through_the_client_process_and_a_lost_server_costs_it_no_error(carla_root, tmp_path):
+    from carla_env.carla_sim import VIEW_SIZE
+
+    env = carla_driving_env(tmp_path, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        env.step(DRIVE)
+        assert env.render().shape == (VIEW_SIZE[1], VIEW_SIZE[0], 3)
+        os.kill(server_binary(env.simulator.server.ports.rpc), signal.SIGKILL)
+        assert env.step(DRIVE)[4]["episode_end"] == "backend_failure"
+        env.simulator.client.kill()  # the new client's process gone too: no view, and no error
+        assert env.render() is None
+        env.reset(seed=1)  # recovered: a new client, with its chase camera
+        assert env.render().shape == (VIEW_SIZE[1], VIEW_SIZE[0], 3)
+    finally:
+        env.close()
 
 
 def test_D3_the_double_aborts_a_process_that_reconnects_in_process_as_real_carla_does(carla_root, tmp_path):

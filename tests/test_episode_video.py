@@ -57,6 +57,35 @@ def test_without_a_view_the_video_shows_the_camera_frames_only(tmp_path):
     assert info.steps == 5 and gif.n_frames == 6 and gif.size[1] < 300
 
 
+def test_a_view_lost_mid_episode_is_drawn_black_and_every_frame_keeps_its_size(tmp_path):
+    """A CARLA server lost mid-episode takes its chase camera with it (the episode then ends)."""
+    from tests.image_reach_env import ImageReach
+
+    class LosesItsView(gym.Wrapper):
+        render_mode = "rgb_array"
+        steps = 0
+
+        def step(self, action):
+            self.steps += 1
+            return self.env.step(action)
+
+        def render(self):
+            return np.full((40, 80, 3), 200, np.uint8) if self.steps < 2 else None
+
+    record_episode(LosesItsView(gym.wrappers.TimeLimit(ImageReach(), 4)), lambda obs: np.zeros(2), tmp_path / "e.gif", seed=0)
+    gif = Image.open(tmp_path / "e.gif")
+    frames = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        frames.append(np.asarray(gif.convert("RGB")))
+    left = (frames[0].shape[1] - 80) // 2
+    views = [tuple(frame[5, left + 5]) for frame in frames]  # inside the 80 x 40 view, top centre
+    assert views == [(200, 200, 200)] * 2 + [(0, 0, 0)] * 3, views
+    # The camera frame below it (the target does not move in ImageReach) stays where it was.
+    camera_rows = slice(44, 44 + 80)
+    assert all(np.array_equal(frame[camera_rows], frames[0][camera_rows]) for frame in frames)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("eval_runners", [0, 1])  # evaluation in the driver, or on a remote runner
 def test_a_run_records_a_video_at_each_evaluation_and_at_the_end_and_sends_videos_and_its_checkpoint_to_wandb(
