@@ -1,7 +1,10 @@
-"""A driver for tests/test_gpu_placement.py: joins the multi-node Ray cluster in RAY_ADDRESS,
-builds the CARLA cluster config's algorithm (its resources; the embedded env stands in for CARLA,
-which cannot run here), checks placement as `rl.train` does, trains a few iterations and prints
-where the learner ran, as one JSON line.
+"""A driver for tests/test_gpu_placement.py, in a process of its own: starts a local multi-node
+Ray cluster shaped like k8s/raycluster.yaml (a head without GPUs, a learner node with one GPU, a
+rollout node), builds the CARLA cluster config's algorithm (its resources; the embedded env
+stands in for CARLA, which cannot run here), checks placement as `rl.train` does, trains a few
+iterations, prints where the learner ran as one JSON line, and shuts the cluster down. (In the
+test's own process, the cluster's shutdown would reset Ray's internal state under the session's
+Ray instance.)
 
 Two changes a CPU-only machine needs, both because the learner's GPU is a Ray resource of a
 stand-in node, not a CUDA device: the learner group's torch backend is gloo (NCCL, which RLlib
@@ -44,7 +47,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(iterations: int) -> None:
-    ray.init(logging_level="ERROR")  # RAY_ADDRESS: the test's cluster
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=1)  # the learner group's pod
+        cluster.add_node(num_cpus=2, num_gpus=0)  # rollout pods
+        ray.init(address=cluster.address, logging_level="ERROR")
+        try:
+            print(json.dumps(train_on_the_cluster(iterations)))
+        finally:
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
+
+
+def train_on_the_cluster(iterations: int) -> dict:
     carla = load_config(ROOT / "configs" / "driving_carla_td3.yaml")
     exp = load_config(ROOT / "configs" / "driving_carla_td3.yaml", [
         "env.id=carla_env:EmbeddedDriving-v0",
@@ -70,12 +88,12 @@ def main(iterations: int) -> None:
                              "device": str(learner._device)})]
     finally:
         algo.stop()
-    print(json.dumps({
+    return {
         "driver_node": driver_node, "driver_node_gpus": nodes[driver_node].get("GPU", 0.0),
         "learner": learner, "learner_node_gpus": nodes[learner["node"]].get("GPU", 0.0),
         "num_learners": exp.resources.num_learners, "async_sampling": exp.resources.async_sampling,
         "critic_updates": result["learners"]["default_policy"]["num_critic_updates"],
-    }))
+    }
 
 
 if __name__ == "__main__":
