@@ -359,18 +359,24 @@ def _validate_driving_env(config: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"{source}: env.kwargs.server: {e}") from None
 
 
+def env_creator(env_id: str):
+    """The class or function a registered env id makes its env with (the id was checked at
+    load, which imported its module)."""
+    import gymnasium
+    from gymnasium.envs.registration import load_env_creator
+
+    entry_point = gymnasium.spec(env_id.rpartition(":")[2]).entry_point
+    return load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+
+
 def _check_env_takes_kwargs(config: ExperimentConfig, source: str) -> None:
     """Envs without a schema of ours: the kwargs must be arguments the env's constructor takes
     (otherwise a TypeError comes from deep inside an env runner, after Ray started)."""
     import inspect
 
-    import gymnasium
-    from gymnasium.envs.registration import load_env_creator
-
     if not config.env.kwargs:
         return
-    spec = gymnasium.spec(config.env.id.rpartition(":")[2])
-    creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    creator = env_creator(config.env.id)
     try:
         parameters = inspect.signature(creator).parameters
     except (TypeError, ValueError):  # a builtin or C extension: nothing to check against

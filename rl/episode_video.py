@@ -3,9 +3,10 @@
     info = record_episode(env, policy, Path("videos/iter_000050.gif"), seed=0)
 
 Each frame shows, top to bottom: the env's own view of the scene where it has one (`env.render()`
-of an env made with `render_mode="rgb_array"`: the embedded env's top-down view around the car), the camera frames the policy saw (its
-observation's image stack, oldest to newest, scaled up), and a text panel (step, return so far,
-this step's reward and its terms, speed, action; the last frame says how the episode ended).
+of an env made with `render_mode="rgb_array"`: the embedded env's top-down view around the car,
+CARLA's chase camera), the camera frames the policy saw (its observation's image stack, oldest
+to newest, scaled up), and a text panel (step, return so far, this step's reward and its terms,
+speed, action; the last frame says how the episode ended).
 
 Written as an animated GIF with Pillow, at the env's control rate (real time): no display, no
 ffmpeg, and W&B plays it. With `evaluation.video` on, rl/train.py records one at each evaluation
@@ -86,7 +87,7 @@ def record_episode(env, policy, path: Path, seed: int | None = None, fps: float 
         return _draw(blank if view is None or view.shape != blank.shape else view, obs, lines)
 
     frames = [_draw(first_view, obs, [f"step 0   return 0.00   ({_describe(info)})"])]
-    total, steps, done = 0.0, 0, False
+    total, steps, done, end = 0.0, 0, False, "step limit"
     while not done and steps < MAX_STEPS:
         action = np.asarray(policy(obs), np.float64)
         obs, reward, terminated, truncated, info = env.step(action)
@@ -95,9 +96,11 @@ def record_episode(env, policy, path: Path, seed: int | None = None, fps: float 
             f"step {steps}   return {total:.2f}   reward {float(reward):+.2f} {_terms(info)}",
             f"action [{', '.join(f'{a:+.2f}' for a in action.ravel())}]   {_describe(info)}",
         ]
+        if done:
+            end = info.get("episode_end") or ("terminated" if terminated else "truncated")
+        if done or steps == MAX_STEPS:
+            lines.append(f"episode ended: {end}")
         frames.append(draw(lines))
-    end = info.get("episode_end") or ("terminated" if done and terminated else "truncated" if done else "step limit")
-    frames[-1] = draw([*lines, f"episode ended: {end}"])
     path.parent.mkdir(parents=True, exist_ok=True)
     fps = fps or env.metadata.get("render_fps") or 10.0
     _write_gif(frames, path, fps)

@@ -7,7 +7,7 @@ from ray.rllib.algorithms.algorithm_config import NotProvided
 from callbacks.driving_metrics import DrivingMetricsCallback
 from callbacks.health import RunFacts
 from callbacks.health_callback import HealthCallback
-from rl.config import ConfigError, ExperimentConfig
+from rl.config import ConfigError, ExperimentConfig, env_creator
 from rl.td3 import TD3Config
 
 
@@ -21,16 +21,7 @@ def env_config(exp: ExperimentConfig) -> dict:
 
 def renders_rgb(env_id: str) -> bool:
     """Whether the env can draw itself as an RGB image (`render_mode="rgb_array"`)."""
-    import gymnasium
-    from gymnasium.envs.registration import load_env_creator
-
-    if ":" in env_id:  # "module:EnvId": importing the module registers the env
-        import importlib
-
-        importlib.import_module(env_id.partition(":")[0])
-    entry_point = gymnasium.spec(env_id.rpartition(":")[2]).entry_point
-    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
-    return "rgb_array" in getattr(creator, "metadata", {}).get("render_modes", [])
+    return "rgb_array" in getattr(env_creator(env_id), "metadata", {}).get("render_modes", [])
 
 
 CARLA_ENV = "carla_env/CarlaDriving"
