@@ -11,7 +11,7 @@ from callbacks.alerts import AlertSinks, read_alerts
 from callbacks.health import CRITICAL, Alert
 from callbacks.wandb_run import WandbRun, api_key
 from rl.config import WandbSection
-from tests.wandb_records import read_run, read_summary_and_step_metric, run_files
+from tests.wandb_records import read_run, read_summary_and_step_metric, records, run_files
 
 ALERT = Alert(CRITICAL, "non_finite", "NaN in losses/critic.", {"losses/critic": float("nan")}, 7)
 
@@ -65,10 +65,16 @@ def test_a_run_left_open_in_the_process_is_finished_not_reused(tmp_path, monkeyp
     run.log({"q/q1_max": 2.0}, step=1)
     run.finish()
     assert left_open._is_finished
+    # The W&B service writes the run files; stopping it waits until it has closed them (CI once
+    # read this run file, on a loaded machine, before its history row was in it).
+    wandb.teardown()
     (path,) = run_files(run_dir)  # its own run, in its own run directory, with its own id
     assert (run_dir / "wandb_run_id").read_text() in path.name
     history, _ = read_run(run_dir)
-    assert [row["q/q1_max"] for row in history] == [2.0]
+    kinds = [record.WhichOneof("record_type") for record in records(path)]
+    assert [row["q/q1_max"] for row in history] == [2.0], f"{path}: records {kinds}"
+    (left_path,) = run_files(tmp_path)
+    assert not read_run(tmp_path, left_path)[0], "the metrics went into the run left open"
 
 
 def test_the_key_can_come_from_a_mounted_secret_file_and_stays_out_of_the_environment(tmp_path, monkeypatch, capsys):
