@@ -62,6 +62,7 @@ CONFIG_RULES = ("horizon", "learning_rate", "tau", "target_lag", "reward_scale")
 RULE_TITLES = {
     "non_finite": "no NaN or Inf in losses, Q values or weights",
     "sampling_stalled": "new env steps every iteration",
+    "runner_silent": "every env runner delivering fragments",
     "missing_metric": "losses and Q reported every iteration since learning started",
     "observation_non_finite": "observations finite",
     "observation_frozen": "no observation part frozen (a dead sensor)",
@@ -348,6 +349,20 @@ class HealthMonitor:
                 "after a node was lost, or fragments that take longer than RLlib's sample timeout "
                 "(`sample_timeout_s`, 60 s).",
                 {"env/steps_sampled": steps, "iterations": float(self._stalled)},
+            )
+            return
+        silent_iters = m.get("sampling/runner_silent_iters")
+        if silent_iters is not None and silent_iters >= self.config.stall_iters:
+            silent_now = m.get("sampling/runners_silent", 1.0)
+            conditions["runner_silent"] = (
+                WARN,
+                f"an env runner has delivered no fragment for {silent_iters:.0f} iterations while "
+                f"sampling goes on without it ({silent_now:.0f} runner(s) delivered nothing this "
+                "iteration): the run samples slower than it should, and a synchronous iteration "
+                "waits `resources.sample_timeout_s` for it every time. Likely cause: its simulator "
+                "hangs (CARLA: a server frozen without a tick timeout, env/tick_timeouts), its node "
+                "is overloaded or lost, or it is being replaced (env runner restarts).",
+                {"sampling/runner_silent_iters": silent_iters, "sampling/runners_silent": silent_now},
             )
 
     def _check_missing(self, m: dict, conditions: dict) -> None:

@@ -158,6 +158,10 @@ class ResourcesSection(Section):
     # most, after this delay; training goes on meanwhile with the others.
     max_env_runner_restarts: int = Field(default=100, ge=0)
     env_runner_restart_delay_s: float = Field(default=10.0, ge=0.0)
+    # A training iteration waits this long at most for a runner's fragment (RLlib's
+    # `sample_timeout_s`); a runner is stuck if it cannot answer within it: silent for
+    # `health.stall_iters` iterations, it is alerted (`runner_silent`); at the run's end, killed.
+    sample_timeout_s: float = Field(default=60.0, gt=0.0)
     # Env runners keep sampling while the learner learns (rl/td3/td3.py): on a cluster, CARLA
     # servers and the GPU learner are both busy instead of taking turns. The replay ratio stays
     # exactly `algo.updates_per_env_step`; the price is policy lag (reported as `policy_lag`).
@@ -238,7 +242,8 @@ class HealthSection(Section):
     )
     # Iterations after learning starts before a missing required metric is an alert.
     grace_iters: int = Field(default=2, ge=1)
-    # This many iterations running without a new env step (every runner down or hung): WARN.
+    # This many iterations running without a new env step (every runner down or hung), or without
+    # a fragment from one of the runners (`runner_silent`): WARN.
     stall_iters: int = Field(default=3, ge=1)
     # A condition absent this many iterations running has cleared (an INFO alert); until then a
     # return of it is the same alert, not a new one.

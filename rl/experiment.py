@@ -199,6 +199,7 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             num_env_runners=res.num_env_runners,
             num_envs_per_env_runner=res.num_envs_per_env_runner,
             rollout_fragment_length=res.rollout_fragment_length,
+            sample_timeout_s=res.sample_timeout_s,
             num_cpus_per_env_runner=res.cpus_per_env_runner,
             num_gpus_per_env_runner=gpus_per_env_runner(exp),
             custom_resources_per_env_runner=dict(res.custom_resources_per_env_runner),

@@ -23,6 +23,8 @@ from rl.td3.td3 import (
     REPLAY_REWARD_MAX,
     REPLAY_REWARD_MIN,
     REPLAY_RATIO,
+    RUNNER_SILENT_ITERS,
+    RUNNERS_SILENT,
     START_Q_MEAN,
     START_RETURN_MEAN,
 )
@@ -63,6 +65,10 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "replay/ratio": (REPLAY_RATIO,),
     "sampling/policy_lag_mean": (POLICY_LAG_MEAN,),
     "sampling/policy_lag_max": (POLICY_LAG_MAX,),
+    # Iterations since the longest-silent env runner delivered a fragment; runners that
+    # delivered none this iteration (the `runner_silent` health rule).
+    "sampling/runner_silent_iters": (RUNNER_SILENT_ITERS,),
+    "sampling/runners_silent": (RUNNERS_SILENT,),
     # Seconds per iteration spent in each phase of `TD3.training_step` (RLlib's timers).
     "perf/sample_s": (M.TIMERS, M.ENV_RUNNER_SAMPLING_TIMER),
     "perf/replay_add_s": (M.TIMERS, M.REPLAY_BUFFER_ADD_DATA_TIMER),

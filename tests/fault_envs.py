@@ -55,6 +55,35 @@ if CRASHING_PENDULUM.split(":")[1] not in gym.registry:
     gym.register(CRASHING_PENDULUM.split(":")[1], entry_point=_crashing_pendulum, max_episode_steps=200)
 
 
+HANGING_PENDULUM = "tests.fault_envs:HangingPendulum-v0"
+
+
+class HangingPendulum(gym.Wrapper):
+    """Pendulum that freezes in the middle of an episode, once, like a simulator that stops
+    answering: the first env to reach `hang_at_step` steps writes its pid to `marker` and blocks
+    for `hang_s` seconds (its env runner answers nothing meanwhile). Bounded, so that a test that
+    goes wrong does not leave the process behind for long."""
+
+    def __init__(self, marker: str, hang_at_step: int = 150, hang_s: float = 300.0):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.marker, self.hang_at_step, self.hang_s, self.steps = Path(marker), hang_at_step, hang_s, 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == self.hang_at_step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(self.hang_s)
+        return self.env.step(action)
+
+
+def _hanging_pendulum(marker: str, hang_at_step: int = 150, hang_s: float = 300.0) -> HangingPendulum:
+    return HangingPendulum(marker, hang_at_step, hang_s)
+
+
+if HANGING_PENDULUM.split(":")[1] not in gym.registry:
+    gym.register(HANGING_PENDULUM.split(":")[1], entry_point=_hanging_pendulum, max_episode_steps=200)
+
+
 NAN_PENDULUM = "NanObservationPendulum-v0"
 
 

@@ -1,9 +1,12 @@
 """Fault tolerance: an env that raises in the middle of an episode is re-created inside its env
 runner; an env that takes its runner process down gets a new runner, with our restart settings,
-not RLlib's defaults. Training completes, with synchronous and with asynchronous sampling (where
-the runner dies with a sample request in flight)."""
+not RLlib's defaults; an env that hangs is alerted while the other runners sample on, and its
+runner is killed at the end. Training completes, with synchronous and with asynchronous sampling
+(where the runner dies with a sample request in flight)."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,11 @@ import pytest
 from rl.config import load_config
 from rl.experiment import build_td3_config
 from rl.train import train
-from tests.fault_envs import CRASHING_PENDULUM
+from callbacks.alerts import read_alerts
+from tests.fault_envs import CRASHING_PENDULUM, HANGING_PENDULUM
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_S = 600  # how long the stuck env blocks: far longer than the run
 
 
 @pytest.mark.slow
@@ -53,3 +58,50 @@ def test_a_crashing_env_or_env_runner_is_replaced_and_training_completes(ray_loc
     else:  # the runner process is gone: a new one makes its env (when depends on the machine's
         # load: 79 s once on 2 busy cores, so the delay is checked in the config above, not here)
         assert len(in_crashed_process) == 1 and after_crash_elsewhere, made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_sampling", [False, True])
+def test_a_runner_stuck_in_its_env_is_alerted_while_the_others_sample_and_is_killed_at_the_end(
+    ray_local, tmp_path, async_sampling
+):
+    marker = tmp_path / "hung"
+    exp = load_config(
+        ROOT / "configs" / "pendulum_td3.yaml",
+        [
+            f"env.id={HANGING_PENDULUM}",
+            f"env.kwargs={json.dumps({'marker': str(marker), 'hang_at_step': 150, 'hang_s': HANG_S})}",
+            f"experiment.output_dir={tmp_path}",
+            "experiment.stop_env_steps=640",
+            "algo.learning_starts=256",
+            "resources.num_env_runners=2",
+            f"resources.async_sampling={str(async_sampling).lower()}",
+            "resources.sample_timeout_s=2",
+            "evaluation.interval_iters=0",
+            "evaluation.episodes=1",
+        ],
+    )
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    # The stuck runner did not hold the run's end (RLlib's stop waits for every runner without a
+    # timeout): the run ended long before the hang would have, and the runner's process is gone.
+    assert time.time() < marker.stat().st_mtime + HANG_S / 2
+    assert summary["status"] == "completed" and summary["env_steps"] >= 640, summary
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(b["env/steps_sampled"] > a["env/steps_sampled"] for a, b in zip(rows, rows[1:]))
+    silent = [r["sampling/runner_silent_iters"] for r in rows]
+    assert silent[:2] == [0, 0] and silent[-1] >= 3, silent
+    alerts = [(a["level"], a["rule"]) for a in read_alerts(tmp_path / "run")]
+    assert ("WARN", "runner_silent") in alerts and ("WARN", "sampling_stalled") not in alerts, alerts
+    hung_pid = int(marker.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(hung_pid):
+        time.sleep(0.5)
+    assert not _alive(hung_pid), "the stuck env runner is still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -289,3 +289,24 @@ def test_iterations_without_new_env_steps_warn_that_sampling_stalled_until_steps
     # Two iterations without steps (a runner being replaced) are not a stall yet.
     _, alerts = run(monitor(), [{**HEALTHY, "env/steps_sampled": 1000.0 - i} for i in range(3)])
     assert alerts == []
+
+
+def test_one_runner_silent_for_stall_iters_warns_although_steps_keep_arriving():
+    # Runner 2 of 2 hangs after iteration 1; the other keeps sampling (steps grow every iteration).
+    silent = [0, 0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0]
+    rows = [{**HEALTHY, "sampling/runner_silent_iters": float(s), "sampling/runners_silent": float(s > 0)} for s in silent]
+    _, alerts = run(monitor(), rows)
+    assert [(a.level, a.rule, a.iteration) for a in alerts] == [(WARN, "runner_silent", 4), (INFO, "runner_silent", 9)]
+    assert "no fragment for 3 iterations" in alerts[0].message and "1 runner(s)" in alerts[0].message
+    # Silent for fewer iterations (a slow fragment, a runner replaced at once): nothing.
+    _, alerts = run(monitor(), [{**HEALTHY, "sampling/runner_silent_iters": float(i % 3)} for i in range(12)])
+    assert alerts == []
+
+
+def test_when_no_runner_delivers_the_stall_is_reported_once_not_also_per_runner():
+    steps = [1000, 1064, 1064, 1064, 1064]
+    mon, alerts = monitor(), []
+    for i, s in enumerate(steps):
+        row = {**HEALTHY, "env/steps_sampled": float(s), "sampling/runner_silent_iters": float(max(0, i - 1))}
+        alerts += mon.update(i, row)[1]
+    assert [(a.rule, a.iteration) for a in alerts] == [("sampling_stalled", 4)]

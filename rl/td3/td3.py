@@ -28,7 +28,6 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -61,6 +60,10 @@ UPDATE_CREDIT = "td3_update_credit"  # checkpoint key
 POLICY_LAG_MEAN, POLICY_LAG_MAX = "policy_lag_mean", "policy_lag_max"
 # Updates per env step past `learning_starts`, this iteration: `updates_per_env_step` held.
 REPLAY_RATIO = "replay_ratio"
+# Iterations since the longest-silent env runner last delivered a fragment, and how many runners
+# delivered none this iteration: one hung runner among several (its simulator frozen) leaves the
+# total of sampled steps growing, so `sampling_stalled` cannot see it.
+RUNNER_SILENT_ITERS, RUNNERS_SILENT = "runner_silent_iters", "runners_silent"
 # Asynchronous sampling: seconds this iteration the learner waited with nothing to learn from.
 LEARNER_WAIT_TIMER = "learner_wait_for_samples"
 SAMPLE_TAG = "td3_sample"
@@ -211,8 +214,11 @@ class TD3(Algorithm):
         # seen: the policy lag of a fragment is the difference when it arrives.
         self._num_updates = self._weights_version = 0
         self._published_weights: list = []  # asynchronous sampling: [ObjectRef] once published
+        self._iterations_run = 0  # by this process (not restored from a checkpoint)
+        self._last_delivery: dict[int, int] = {}  # env runner index -> iteration of its last fragment
 
     def training_step(self) -> None:
+        self._iterations_run += 1
         # This iteration's counts and times, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
                                 "wait_s": 0.0, "lags": []}
@@ -225,15 +231,21 @@ class TD3(Algorithm):
     def _sample_then_learn(self) -> None:
         """Synchronous: every runner samples one fragment, then the learner makes the updates
         owed, then the new weights go out."""
+        runners = self.env_runner_group
+        request = {"weights": [], "version": self._weights_version}
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            episodes, env_runner_results = synchronous_parallel_sample(
-                worker_set=self.env_runner_group,
-                concat=True,
-                sample_timeout_s=self.config.sample_timeout_s,
-                _uses_new_env_runners=True,
-                _return_metrics=True,
-            )
-        self._store(episodes, env_runner_results, sampled_with=self._weights_version)
+            if runners.num_remote_workers() > 0:
+                # A runner that has not answered within the timeout is left out of this iteration.
+                fragments = runners.foreach_env_runner(
+                    _sample_with_metrics, kwargs=request, local_env_runner=False,
+                    timeout_seconds=self.config.sample_timeout_s,
+                )
+            else:
+                fragments = [_sample_with_metrics(runners.local_env_runner, **request)]
+        episodes = [episode for fragment in fragments for episode in fragment[0]]
+        self._store(episodes, [fragment[1] for fragment in fragments], self._weights_version)
+        for fragment in fragments:
+            self._last_delivery[fragment[3]] = self._iterations_run
         self._learn_owed()
         if self._num_updates > self._weights_version:
             self._sync_weights()
@@ -257,8 +269,9 @@ class TD3(Algorithm):
             waited = time.perf_counter()
             arrived = runners.fetch_ready_async_reqs(tags=SAMPLE_TAG, timeout_seconds=POLL_S)
             self._this_iteration["wait_s"] += time.perf_counter() - waited
-            for _, (episodes, env_runner_metrics, sampled_with) in arrived:
+            for _, (episodes, env_runner_metrics, sampled_with, runner_index) in arrived:
                 received += self._store(episodes, [env_runner_metrics], sampled_with)
+                self._last_delivery[runner_index] = self._iterations_run
                 # The runner that sent this samples its next fragment while we learn from it.
                 self._request_samples()
                 self._learn_owed()
@@ -345,6 +358,10 @@ class TD3(Algorithm):
             metrics.log_value((TIMERS, LEARNER_UPDATE_TIMER), iteration["learn_s"])
         if self.config.async_sampling:
             metrics.log_value((TIMERS, LEARNER_WAIT_TIMER), iteration["wait_s"])
+        runner_indices = range(1, self.config.num_env_runners + 1) if self.config.num_env_runners else [0]
+        silent = [self._iterations_run - self._last_delivery.get(i, 0) for i in runner_indices]
+        metrics.log_value(RUNNER_SILENT_ITERS, max(silent), window=1)
+        metrics.log_value(RUNNERS_SILENT, sum(s > 0 for s in silent), window=1)
 
     # Checkpoints carry the update schedule, so a resumed run goes on with the same counters. The
     # replay buffer is not in this state: rl/checkpoints.py saves it beside the checkpoints, in
@@ -360,11 +377,30 @@ class TD3(Algorithm):
             self._update_credit = state[UPDATE_CREDIT]
 
     def cleanup(self) -> None:
+        self._kill_unresponsive_runners()
         super().cleanup()
         # Outside Tune, Ray's Trainable made an empty ~/ray_results/<time>... folder for this
         # algorithm; runs write to their own run directory, so the folder would only pile up.
         if self._storage is None and self.logdir and os.path.isdir(self.logdir) and not os.listdir(self.logdir):
             os.rmdir(self.logdir)
+
+    def _kill_unresponsive_runners(self) -> None:
+        """RLlib's stop waits for every env runner to run its `stop`, without a timeout: one
+        stuck in its env (a frozen simulator) would hold the run's end, and the process, forever.
+        Runners that cannot answer within `sample_timeout_s` (a fragment in flight finishes
+        first) are killed instead."""
+        if self.env_runner_group is None:
+            return
+        manager = self.env_runner_group._worker_manager  # RLlib exposes no actor handles
+        answered = {
+            result.actor_id
+            for result in manager.foreach_actor(
+                lambda runner: None, healthy_only=False, timeout_seconds=self.config.sample_timeout_s
+            )
+        }
+        for actor_id, actor in manager.actors().items():
+            if actor_id not in answered:
+                ray.kill(actor)
 
     def _log_overestimation(self, finished: list) -> None:
         """Q1 at the starts of the episodes that just ended, against what they returned."""
@@ -405,10 +441,10 @@ class TD3(Algorithm):
 
 
 def _sample_with_metrics(env_runner, weights: list, version: int) -> tuple:
-    """Runs on the env runner: loads `weights` ([ObjectRef], or [] for the ones it started with)
-    unless it has that `version` already, then samples one fragment. Returns the fragment, the
-    runner's metrics since its last one, and the version it was sampled with."""
+    """Runs on the env runner: loads `weights` ([ObjectRef], or [] for the ones it has) unless it
+    has that `version` already, then samples one fragment. Returns the fragment, the runner's
+    metrics since its last one, the version it was sampled with, and the runner's index."""
     if weights and getattr(env_runner, "_td3_weights_version", None) != version:
         env_runner.set_state(ray.get(weights[0]))
         env_runner._td3_weights_version = version
-    return env_runner.sample(), env_runner.get_metrics(), version
+    return env_runner.sample(), env_runner.get_metrics(), version, env_runner.worker_index
