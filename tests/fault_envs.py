@@ -84,30 +84,34 @@ if HANGING_PENDULUM.split(":")[1] not in gym.registry:
     gym.register(HANGING_PENDULUM.split(":")[1], entry_point=_hanging_pendulum, max_episode_steps=200)
 
 
-NAN_PENDULUM = "NanObservationPendulum-v0"
+BROKEN_SENSOR_PENDULUM = "tests.fault_envs:BrokenSensorPendulum-v0"
 
 
-class NanObservationPendulum(gym.Wrapper):
-    """Pendulum whose observation turns NaN from env step `nan_at_step` on (a broken sensor)."""
+class BrokenSensorPendulum(gym.Wrapper):
+    """Pendulum whose sensor breaks at env step `at_step` (0: at the first reset): from then on
+    every observation value is `value` (NaN: a sensor sending garbage; 0: a dead sensor sending
+    the same reading, across resets too)."""
 
-    def __init__(self, nan_at_step: int = 900):
+    def __init__(self, at_step: int = 900, value: float = float("nan")):
         super().__init__(gym.make("Pendulum-v1"))
-        self.nan_at_step, self.steps = nan_at_step, 0
+        self.at_step, self.value, self.steps = at_step, value, 0
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self._broken(obs), info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
-        if self.steps >= self.nan_at_step:
-            obs = obs.copy()
-            obs[1] = float("nan")
-        return obs, reward, terminated, truncated, info
+        return self._broken(obs), reward, terminated, truncated, info
+
+    def _broken(self, obs):
+        return obs if self.steps < self.at_step else obs * 0 + self.value
 
 
-def _nan_pendulum(nan_at_step: int = 900) -> NanObservationPendulum:
-    return NanObservationPendulum(nan_at_step)
+def _broken_sensor_pendulum(at_step: int = 900, value: float = float("nan")) -> BrokenSensorPendulum:
+    return BrokenSensorPendulum(at_step, value)
 
 
-def register_nan_pendulum() -> str:
-    if NAN_PENDULUM not in gym.registry:
-        gym.register(NAN_PENDULUM, entry_point=_nan_pendulum, max_episode_steps=200)
-    return NAN_PENDULUM
+if BROKEN_SENSOR_PENDULUM.split(":")[1] not in gym.registry:
+    gym.register(BROKEN_SENSOR_PENDULUM.split(":")[1], entry_point=_broken_sensor_pendulum, max_episode_steps=200)

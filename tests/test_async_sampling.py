@@ -17,6 +17,7 @@ from rl.config import ConfigError, load_config
 from rl.experiment import build_td3_config
 from rl.td3.td3 import TD3
 from rl.train import train
+from tests.fault_envs import BROKEN_SENSOR_PENDULUM
 
 ROOT = Path(__file__).resolve().parents[1]
 PENDULUM = ROOT / "configs" / "pendulum_td3.yaml"
@@ -107,3 +108,15 @@ def test_weights_go_out_once_the_set_number_of_updates_was_made(ray_local, every
     assert len(versions) >= 5 and all(every <= gap < every + per_arrival for gap in gaps), gaps
     # Sampling weights are never older than what the runners were last sent allows.
     assert 0 < max(lags) <= every + RUNNERS * 2 * per_arrival, lags
+
+
+def test_the_observation_checks_see_every_fragment_of_an_iteration_not_the_last_to_arrive(ray_local, tmp_path):
+    """A dead sensor (every observation 0, across resets): one fragment of 16 steps never spans
+    two episodes, an iteration's fragments from two runners do, and so show the sensor frozen."""
+    exp = load_config(PENDULUM, [
+        *ASYNC, f"env.id={BROKEN_SENSOR_PENDULUM}", f"env.kwargs={json.dumps({'at_step': 0, 'value': 0.0})}",
+        f"experiment.output_dir={tmp_path}", "evaluation.interval_iters=0", "evaluation.episodes=1",
+    ])
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    assert summary["status"] == "stopped_unhealthy" and summary["stopped_by"] == ["observation_frozen"], summary
+    assert summary["iterations"] <= 5, summary

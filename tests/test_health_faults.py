@@ -163,7 +163,7 @@ def test_metrics_and_alerts_reach_the_offline_wandb_run(ray_local, tmp_path, mon
 
 @pytest.mark.slow
 def test_nan_observations_stop_training_with_an_alert_that_names_them_and_keep_the_checkpoints(ray_local, tmp_path):
-    exp = pendulum(tmp_path, f"env.id={fault_envs.register_nan_pendulum()}")  # NaN from env step 900
+    exp = pendulum(tmp_path, f"env.id={fault_envs.BROKEN_SENSOR_PENDULUM}")  # NaN from env step 900
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
     assert summary["status"] == "crashed" and summary["stopped_by"] == ["training_error"], summary
     assert "non-finite actions: the observation holds NaN or Inf in `obs`" in summary["error"]

@@ -219,9 +219,9 @@ class TD3(Algorithm):
 
     def training_step(self) -> None:
         self._iterations_run += 1
-        # This iteration's counts and times, logged at its end (`_log_iteration`).
+        # This iteration's counts, times and episodes, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
-                                "wait_s": 0.0, "lags": []}
+                                "wait_s": 0.0, "lags": [], "episodes": []}
         if self.config.async_sampling:
             self._sample_and_learn_async()
         else:
@@ -297,8 +297,7 @@ class TD3(Algorithm):
             new_steps = self.replay_buffer.add_episodes(episodes)
         finished = self._episode_starts.add(episodes)
         self._this_iteration["lags"].append(self._num_updates - sampled_with)
-        for name, value in observation_stats(episodes).items():
-            self.metrics.log_value(name, value, window=1)
+        self._this_iteration["episodes"] += episodes  # for the observation checks, at its end
         lifetime_steps = self.metrics.peek(
             (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
         )
@@ -341,6 +340,9 @@ class TD3(Algorithm):
 
     def _log_iteration(self) -> None:
         metrics, iteration = self.metrics, self._this_iteration
+        # Over every fragment of the iteration (asynchronous sampling stores several).
+        for name, value in observation_stats(iteration["episodes"]).items():
+            metrics.log_value(name, value, window=1)
         metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
         if len(self.replay_buffer):
             low, high = self.replay_buffer.reward_range
