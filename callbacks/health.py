@@ -198,7 +198,7 @@ class HealthMonitor:
         self._saturation = deque(maxlen=config.window_iters)
         self._frozen_obs: dict[str, int] = {}  # part -> judged iterations running it was frozen
         self._below_warmup = 0  # consecutive judged iterations worse than the warm-up
-        self._last_steps: float | None = None  # env/steps_sampled of the previous iteration
+        self._last_steps = 0.0  # env/steps_sampled of the previous iteration (none before the first)
         self._stalled = 0  # iterations running without a new env step
 
     # --- At start ---------------------------------------------------------------------------
@@ -334,10 +334,8 @@ class HealthMonitor:
             )
 
     def _check_sampling(self, m: dict, conditions: dict) -> None:
-        steps = m.get("env/steps_sampled")
-        if steps is None:
-            return
-        self._stalled = self._stalled + 1 if self._last_steps is not None and steps <= self._last_steps else 0
+        steps = m.get("env/steps_sampled", 0.0)  # absent until a first fragment arrived
+        self._stalled = self._stalled + 1 if steps <= self._last_steps else 0
         self._last_steps = steps
         if self._stalled >= self.config.stall_iters:
             conditions["sampling_stalled"] = (

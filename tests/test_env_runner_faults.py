@@ -15,7 +15,7 @@ from rl.config import load_config
 from rl.experiment import build_td3_config
 from rl.train import train
 from callbacks.alerts import read_alerts
-from tests.fault_envs import CRASHING_PENDULUM, HANGING_PENDULUM
+from tests.fault_envs import BROKEN_SENSOR_PENDULUM, CRASHING_PENDULUM, HANGING_PENDULUM
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_S = 600  # how long the stuck env blocks: far longer than the run
@@ -97,6 +97,32 @@ def test_a_runner_stuck_in_its_env_is_alerted_while_the_others_sample_and_is_kil
     while time.monotonic() < deadline and _alive(hung_pid):
         time.sleep(0.5)
     assert not _alive(hung_pid), "the stuck env runner is still running"
+
+
+@pytest.mark.slow
+def test_runners_that_fail_after_every_restart_are_alerted_and_end_the_run_once_restarts_are_used_up(ray_local, tmp_path):
+    # A sensor broken from the start: the policy's NaN check takes each runner down in its first
+    # fragment, again after every restart. RLlib would leave the runners dead and run empty
+    # iterations, as fast as it can, forever.
+    exp = load_config(
+        ROOT / "configs" / "pendulum_td3.yaml",
+        [
+            f"env.id={BROKEN_SENSOR_PENDULUM}",
+            f"env.kwargs={json.dumps({'at_step': 5})}",
+            f"experiment.output_dir={tmp_path}",
+            "resources.num_env_runners=2",
+            "resources.max_env_runner_restarts=2",
+            "resources.env_runner_restart_delay_s=0",
+            "resources.sample_timeout_s=2",
+            "evaluation.interval_iters=0",
+            "evaluation.episodes=1",
+        ],
+    )
+    summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
+    assert summary["status"] == "crashed" and summary["env_steps"] == 0, summary
+    assert "none can be restarted (resources.max_env_runner_restarts=2 used up)" in summary["error"]
+    alerts = [(a["level"], a["rule"], a["iteration"]) for a in read_alerts(tmp_path / "run")]
+    assert ("WARN", "sampling_stalled", 3) in alerts and alerts[-1][:2] == ("CRITICAL", "training_error"), alerts
 
 
 def _alive(pid: int) -> bool:

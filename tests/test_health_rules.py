@@ -310,3 +310,8 @@ def test_when_no_runner_delivers_the_stall_is_reported_once_not_also_per_runner(
         row = {**HEALTHY, "env/steps_sampled": float(s), "sampling/runner_silent_iters": float(max(0, i - 1))}
         alerts += mon.update(i, row)[1]
     assert [(a.rule, a.iteration) for a in alerts] == [("sampling_stalled", 4)]
+    # Runners failing from the start (a sensor broken at the first reset): no step ever arrives,
+    # so the row has no env/steps_sampled at all.
+    mon = monitor()
+    alerts = [a for i in range(4) for a in mon.update(i + 1, {"sampling/runner_silent_iters": float(i + 1)})[1]]
+    assert [(a.rule, a.iteration) for a in alerts] == [("sampling_stalled", 3)]

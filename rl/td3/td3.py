@@ -219,6 +219,9 @@ class TD3(Algorithm):
 
     def training_step(self) -> None:
         self._iterations_run += 1
+        runners = self.env_runner_group
+        if runners.num_remote_workers() > 0 and runners.num_healthy_remote_workers() == 0:
+            self._raise_if_runners_gone()
         # This iteration's counts, times and episodes, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
                                 "wait_s": 0.0, "lags": [], "episodes": []}
@@ -385,6 +388,24 @@ class TD3(Algorithm):
         # algorithm; runs write to their own run directory, so the folder would only pile up.
         if self._storage is None and self.logdir and os.path.isdir(self.logdir) and not os.listdir(self.logdir):
             os.rmdir(self.logdir)
+
+    def _raise_if_runners_gone(self) -> None:
+        """RLlib leaves env runners that used up their restarts dead, and iterations then go on
+        with nothing to sample, as fast as they can, forever. A run none of whose runners can
+        come back ends with an error instead."""
+        for actor in self.env_runner_group._worker_manager.actors().values():
+            try:
+                ray.get(actor.ping.remote(), timeout=self.config.sample_timeout_s)
+                return
+            except ray.exceptions.ActorDiedError:
+                continue
+            except Exception:  # restarting, or busy: RLlib restores it
+                return
+        raise RuntimeError(
+            f"every env runner failed and none can be restarted (resources.max_env_runner_restarts="
+            f"{self.config.max_num_env_runner_restarts} used up): nothing can sample anymore. Why "
+            "they failed: the env runners' errors above, or in the Ray logs of their nodes."
+        )
 
     def _kill_unresponsive_runners(self) -> None:
         """RLlib's stop waits for every env runner to run its `stop`, without a timeout: one
