@@ -411,19 +411,20 @@ class TD3(Algorithm):
         """RLlib's stop waits for every env runner to run its `stop`, without a timeout: one
         stuck in its env (a frozen simulator) would hold the run's end, and the process, forever.
         Runners that cannot answer within `sample_timeout_s` (a fragment in flight finishes
-        first) are killed instead."""
-        if self.env_runner_group is None:
-            return
-        manager = self.env_runner_group._worker_manager  # RLlib exposes no actor handles
-        answered = {
-            result.actor_id
-            for result in manager.foreach_actor(
-                lambda runner: None, healthy_only=False, timeout_seconds=self.config.sample_timeout_s
-            )
-        }
-        for actor_id, actor in manager.actors().items():
-            if actor_id not in answered:
-                ray.kill(actor)
+        first) are killed instead, training and evaluation runners alike."""
+        for group in (self.env_runner_group, self.eval_env_runner_group):
+            if group is None:
+                continue
+            manager = group._worker_manager  # RLlib exposes no actor handles
+            answered = {
+                result.actor_id
+                for result in manager.foreach_actor(
+                    lambda runner: None, healthy_only=False, timeout_seconds=self.config.sample_timeout_s
+                )
+            }
+            for actor_id, actor in manager.actors().items():
+                if actor_id not in answered:
+                    ray.kill(actor)
 
     def _log_overestimation(self, finished: list) -> None:
         """Q1 at the starts of the episodes that just ended, against what they returned."""
