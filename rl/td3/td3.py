@@ -224,7 +224,7 @@ class TD3(Algorithm):
             self._raise_if_runners_gone()
         # This iteration's counts, times and episodes, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
-                                "wait_s": 0.0, "lags": [], "episodes": []}
+                                "wait_s": 0.0, "lags": [], "episodes": [], "finished": []}
         if self.config.async_sampling:
             self._sample_and_learn_async()
         else:
@@ -305,8 +305,8 @@ class TD3(Algorithm):
             (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
         )
         steps_past_start = lifetime_steps - config.num_steps_sampled_before_learning_starts
-        if finished and steps_past_start > 0:
-            self._log_overestimation(finished)
+        if steps_past_start > 0:
+            self._this_iteration["finished"] += finished  # for the overestimation check, at its end
         # One update per env step sampled after `learning_starts` (the reference code's loop).
         learning_steps = max(0, min(new_steps, steps_past_start))
         self._this_iteration["learning_steps"] += learning_steps
@@ -346,6 +346,8 @@ class TD3(Algorithm):
         # Over every fragment of the iteration (asynchronous sampling stores several).
         for name, value in observation_stats(iteration["episodes"]).items():
             metrics.log_value(name, value, window=1)
+        if iteration["finished"]:
+            self._log_overestimation(iteration["finished"])
         metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
         if len(self.replay_buffer):
             low, high = self.replay_buffer.reward_range
