@@ -1,4 +1,5 @@
-"""Envs with one thing broken, for the fault-injection tests (tests/test_health_faults.py)."""
+"""Envs with one thing broken, for the fault-injection tests (tests/test_health_faults.py,
+test_env_runner_faults.py, test_async_sampling.py)."""
 
 import os
 import time
