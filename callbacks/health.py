@@ -343,9 +343,9 @@ class HealthMonitor:
                 f"no new env steps in the last {self._stalled} iterations (env/steps_sampled stays at "
                 f"{steps:,.0f}): every env runner is down, being replaced or hung, and the learner has "
                 "nothing new to learn from. Likely cause: a simulator that hangs or crashes over and "
-                "over (CARLA: env/server_restarts, env/tick_timeouts), runners that cannot be placed "
-                "after a node was lost, or fragments that take longer than RLlib's sample timeout "
-                "(`sample_timeout_s`, 60 s).",
+                "over (CARLA: env/server_restarts, env/tick_timeouts; sampling/runner_restarts), "
+                "runners that cannot be placed after a node was lost, or fragments that take longer "
+                "than `resources.sample_timeout_s`.",
                 {"env/steps_sampled": steps, "iterations": float(self._stalled)},
             )
             return

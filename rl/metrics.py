@@ -69,6 +69,9 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     # delivered none this iteration (the `runner_silent` health rule).
     "sampling/runner_silent_iters": (RUNNER_SILENT_ITERS,),
     "sampling/runners_silent": (RUNNERS_SILENT,),
+    # Remote env runners healthy now, and how often RLlib has replaced one so far.
+    "sampling/runners_healthy": (M.FAULT_TOLERANCE_STATS, "num_healthy_workers"),
+    "sampling/runner_restarts": (M.FAULT_TOLERANCE_STATS, "num_remote_worker_restarts"),
     # Seconds per iteration spent in each phase of `TD3.training_step` (RLlib's timers).
     "perf/sample_s": (M.TIMERS, M.ENV_RUNNER_SAMPLING_TIMER),
     "perf/replay_add_s": (M.TIMERS, M.REPLAY_BUFFER_ADD_DATA_TIMER),

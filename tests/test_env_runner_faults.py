@@ -123,6 +123,8 @@ def test_runners_that_fail_after_every_restart_are_alerted_and_end_the_run_once_
     assert "none can be restarted (resources.max_env_runner_restarts=2 used up)" in summary["error"]
     alerts = [(a["level"], a["rule"], a["iteration"]) for a in read_alerts(tmp_path / "run")]
     assert ("WARN", "sampling_stalled", 3) in alerts and alerts[-1][:2] == ("CRITICAL", "training_error"), alerts
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["sampling/runners_healthy"] == 0 and rows[-1]["sampling/runner_restarts"] >= 2, rows[-1]
 
 
 def _alive(pid: int) -> bool:
