@@ -95,6 +95,11 @@ class TD3Config(AlgorithmConfig):
         # this many updates since the last time.
         self.async_sampling = False
         self.weights_sync_every_updates = 1
+        # RLlib gathers every runner's connector states after each iteration, to merge them: a
+        # blocking call that queues behind a fragment in flight, and waits 10 s for a hung runner.
+        # Our connectors hold no state (no observation filters); the env step count still goes
+        # out to the runners (RLlib's broadcast, which does not wait), for the warm-up's end.
+        self.merge_env_runner_states = False
         # Module-wise L2 clipping limits (None: no clipping, stated explicitly); RLlib's own
         # one-limit-for-all `grad_clip` stays off.
         self.grad_clip_by_group = dict(DEFAULT_GRAD_CLIP)
