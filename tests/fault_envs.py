@@ -21,6 +21,18 @@ def register() -> str:
     return SCALED_PENDULUM
 
 
+def _first_to_claim(marker: Path, text: str) -> bool:
+    """Creates `marker` holding `text` unless it exists: True for exactly one env of all the
+    runners, however close together they get there (runners sampling in step reach the same
+    step at the same moment)."""
+    try:
+        with open(marker, "x") as file:
+            file.write(text)
+    except FileExistsError:
+        return False
+    return True
+
+
 CRASHING_PENDULUM = "tests.fault_envs:CrashingPendulum-v0"
 
 
@@ -39,8 +51,7 @@ class CrashingPendulum(gym.Wrapper):
 
     def step(self, action):
         self.steps += 1
-        if self.steps == self.crash_at_step and not self.marker.exists():
-            self.marker.write_text(f"{os.getpid()} {time.time()}")
+        if self.steps == self.crash_at_step and _first_to_claim(self.marker, f"{os.getpid()} {time.time()}"):
             if self.how == "exit":
                 os._exit(1)
             raise RuntimeError("simulated env failure mid-episode")
@@ -71,8 +82,7 @@ class HangingPendulum(gym.Wrapper):
 
     def step(self, action):
         self.steps += 1
-        if self.steps == self.hang_at_step and not self.marker.exists():
-            self.marker.write_text(str(os.getpid()))
+        if self.steps == self.hang_at_step and _first_to_claim(self.marker, str(os.getpid())):
             time.sleep(self.hang_s)
         return self.env.step(action)
 
