@@ -21,24 +21,32 @@ ROOT = Path(__file__).resolve().parents[1]
 HANG_S = 600  # how long the stuck env blocks: far longer than the run
 
 
+def pendulum_with(tmp_path, env_id: str, env_kwargs: dict, *overrides: str):
+    """Pendulum's config with a fault env, its run in `tmp_path`, evaluation only at the end."""
+    return load_config(
+        ROOT / "configs" / "pendulum_td3.yaml",
+        [
+            f"env.id={env_id}",
+            f"env.kwargs={json.dumps(env_kwargs)}",
+            f"experiment.output_dir={tmp_path}",
+            "evaluation.interval_iters=0",
+            "evaluation.episodes=1",
+            *overrides,
+        ],
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how, async_sampling", [("raise", False), ("exit", False), ("exit", True)])
 def test_a_crashing_env_or_env_runner_is_replaced_and_training_completes(ray_local, tmp_path, how, async_sampling):
     marker = tmp_path / "crashed"
-    exp = load_config(
-        ROOT / "configs" / "pendulum_td3.yaml",
-        [
-            f"env.id={CRASHING_PENDULUM}",
-            f"env.kwargs={json.dumps({'marker': str(marker), 'crash_at_step': 300, 'how': how})}",
-            f"experiment.output_dir={tmp_path}",
-            "experiment.stop_env_steps=1280",
-            "algo.learning_starts=320",
-            "resources.num_env_runners=1",
-            f"resources.async_sampling={str(async_sampling).lower()}",
-            "resources.env_runner_restart_delay_s=0",
-            "evaluation.interval_iters=0",
-            "evaluation.episodes=1",
-        ],
+    exp = pendulum_with(
+        tmp_path, CRASHING_PENDULUM, {"marker": str(marker), "crash_at_step": 300, "how": how},
+        "experiment.stop_env_steps=1280",
+        "algo.learning_starts=320",
+        "resources.num_env_runners=1",
+        f"resources.async_sampling={str(async_sampling).lower()}",
+        "resources.env_runner_restart_delay_s=0",
     )
     # Our settings, not RLlib's defaults (which would also restart runners, after 60 s).
     ft = build_td3_config(exp)
@@ -66,20 +74,13 @@ def test_a_runner_stuck_in_its_env_is_alerted_while_the_others_sample_and_is_kil
     ray_local, tmp_path, async_sampling
 ):
     marker = tmp_path / "hung"
-    exp = load_config(
-        ROOT / "configs" / "pendulum_td3.yaml",
-        [
-            f"env.id={HANGING_PENDULUM}",
-            f"env.kwargs={json.dumps({'marker': str(marker), 'hang_at_step': 150, 'hang_s': HANG_S})}",
-            f"experiment.output_dir={tmp_path}",
-            "experiment.stop_env_steps=640",
-            "algo.learning_starts=256",
-            "resources.num_env_runners=2",
-            f"resources.async_sampling={str(async_sampling).lower()}",
-            "resources.sample_timeout_s=2",
-            "evaluation.interval_iters=0",
-            "evaluation.episodes=1",
-        ],
+    exp = pendulum_with(
+        tmp_path, HANGING_PENDULUM, {"marker": str(marker), "hang_at_step": 150, "hang_s": HANG_S},
+        "experiment.stop_env_steps=640",
+        "algo.learning_starts=256",
+        "resources.num_env_runners=2",
+        f"resources.async_sampling={str(async_sampling).lower()}",
+        "resources.sample_timeout_s=2",
     )
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
     # The stuck runner did not hold the run's end (RLlib's stop waits for every runner without a
@@ -104,19 +105,12 @@ def test_runners_that_fail_after_every_restart_are_alerted_and_end_the_run_once_
     # A sensor broken from the start: the policy's NaN check takes each runner down in its first
     # fragment, again after every restart. RLlib would leave the runners dead and run empty
     # iterations, as fast as it can, forever.
-    exp = load_config(
-        ROOT / "configs" / "pendulum_td3.yaml",
-        [
-            f"env.id={BROKEN_SENSOR_PENDULUM}",
-            f"env.kwargs={json.dumps({'at_step': 5})}",
-            f"experiment.output_dir={tmp_path}",
-            "resources.num_env_runners=2",
-            "resources.max_env_runner_restarts=2",
-            "resources.env_runner_restart_delay_s=0",
-            "resources.sample_timeout_s=2",
-            "evaluation.interval_iters=0",
-            "evaluation.episodes=1",
-        ],
+    exp = pendulum_with(
+        tmp_path, BROKEN_SENSOR_PENDULUM, {"at_step": 5},
+        "resources.num_env_runners=2",
+        "resources.max_env_runner_restarts=2",
+        "resources.env_runner_restart_delay_s=0",
+        "resources.sample_timeout_s=2",
     )
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
     assert summary["status"] == "crashed" and summary["env_steps"] == 0, summary
