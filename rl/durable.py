@@ -37,3 +37,19 @@ def publish(partial: Path, final: Path) -> None:
         shutil.rmtree(final)
     os.replace(partial, final)
     fsync_dir(final.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replaces the file at `path` with `text`, whole or not at all (a full disk leaves the old
+    file, never a truncated one)."""
+    partial = path.with_name(f".partial-{path.name}")
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

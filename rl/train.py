@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -33,7 +34,9 @@ from callbacks.health import CRITICAL, TRAINING_ERROR
 from callbacks.health_callback import HealthCallback
 from rl import checkpoints, run_directory
 from rl.config import ConfigError, ExperimentConfig, load_config
+from rl.durable import write_text_atomic
 from rl.episode_video import record_evaluation_video
+from rl.interrupt import EXIT_CODES, StopRequests
 from rl.metrics import summarize
 from rl.progress import TrainingProgress
 from rl.storage import sync_run_dir
@@ -133,11 +136,14 @@ def train(
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     check_placement(exp, list(nodes.values()), nodes.get(ray.get_runtime_context().get_node_id(), {}))
     run_dir = run_dir or run_directory.make(exp)
-    with run_directory.locked(run_dir):
-        return _train_in(run_dir, exp, show_progress, resume, on_iteration)
+    # After Ray's start: its own SIGTERM handler would end the run without a checkpoint.
+    with run_directory.locked(run_dir), StopRequests() as stops:
+        return _train_in(run_dir, exp, show_progress, resume, on_iteration, stops)
 
 
-def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, on_iteration) -> dict:
+def _train_in(
+    run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, on_iteration, stops: StopRequests
+) -> dict:
     import ray
     import torch
 
@@ -171,7 +177,7 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
     try:
         try:
             with open(run_dir / "metrics.jsonl", "a") as metrics_file:
-                while env_steps < exp.experiment.stop_env_steps:
+                while env_steps < exp.experiment.stop_env_steps and not stops.signal:
                     try:
                         result = algo.train()
                     except Exception as error:  # the run cannot go on: say why, keep what was written
@@ -215,7 +221,13 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
                         if exp.experiment.storage_uri:
                             sync_run_dir(run_dir, exp.experiment.storage_uri)
             train_time = time.monotonic() - start
-            if not stopped_by:
+            if stops.signal and not stopped_by:
+                # Stopped by its user or host: the iteration just finished is kept, with no final
+                # evaluation (it could outlast Kubernetes' 30 s grace period).
+                saved = checkpoints.periodic(run_dir / "checkpoints")
+                if iteration and not (saved and saved[-1].name == f"iter_{iteration:06d}"):
+                    checkpoints.save(algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep)
+            elif not stopped_by:
                 final_eval = summarize({"evaluation": algo.evaluate()})
                 if exp.evaluation.video:
                     record_video(algo, exp, run_dir, "final", iteration)
@@ -225,13 +237,15 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
             error_text = f"{type(error).__name__}: {error} (writing the run directory {run_dir})"
             monitor(algo).report_error(iteration, error_text)
             stopped_by = [TRAINING_ERROR]
-        if stopped_by:
+        if stopped_by or stops.signal:
             newest = checkpoints.periodic(run_dir / "checkpoints")
             final_checkpoint = newest[-1] if newest else None
+        if stops.signal and not stopped_by:
+            monitor(algo).report_interrupted(iteration, stops.signal.name, final_checkpoint)
         if final_checkpoint and exp.wandb.log_checkpoints:
             monitor(algo).wandb_run.log_checkpoint(
                 final_checkpoint,
-                aliases=["newest-healthy" if stopped_by else "final", "latest"],
+                aliases=["newest-healthy" if stopped_by else "interrupted" if stops.signal else "final", "latest"],
                 metadata={"iteration": iteration, "env_steps": env_steps, "stopped_by": stopped_by,
                           "final_eval_return_mean": final_eval.get("eval/return_mean")},
             )
@@ -257,12 +271,17 @@ def _train_in(run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume:
         # "stopped_unhealthy": a CRITICAL alert ended the run (alerts.jsonl says why); the
         # final checkpoint is then the newest one written while the run was healthy.
         # "crashed": training raised (the `training_error` alert and `error` say what).
-        "status": "crashed" if error_text else "stopped_unhealthy" if stopped_by else "completed",
+        # "interrupted": SIGINT or SIGTERM (`signal`) stopped it; it resumes from its checkpoint.
+        "status": (
+            "crashed" if error_text else "stopped_unhealthy" if stopped_by
+            else "interrupted" if stops.signal else "completed"
+        ),
         "stopped_by": stopped_by,
+        "signal": stops.signal.name if stops.signal else None,
         "error": error_text,
     }
-    try:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:  # atomically: a full disk must not leave a truncated summary for rl.report to trip on
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     except OSError as error:
         print(f"could not write {run_dir / 'summary.json'}: {error}", file=sys.stderr)
     if exp.experiment.storage_uri:
@@ -307,6 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # a second Ctrl-C (rl/interrupt.py), or one before training began
+            print("\nStopped at once: what this iteration did is not checkpointed; the checkpoints "
+                  "already written are intact (resume: python -m rl.train --resume RUN_DIR)", file=sys.stderr)
+            return 130
+    if summary["status"] == "interrupted":
+        print(
+            f"\nStopped by {summary['signal']} after {summary['env_steps']:,.0f} env steps "
+            f"(iteration {summary['iterations']}); checkpoint: {summary['final_checkpoint']}\n"
+            f"  resume: python -m rl.train --resume {summary['run_dir']}",
+            file=sys.stderr,
+        )
+        return EXIT_CODES[getattr(signal, summary["signal"])]
     if summary["status"] == "crashed":
         print(
             f"\nTraining failed after {summary['env_steps']:,.0f} env steps: {summary['error']}\n"
