@@ -118,7 +118,7 @@ def test_the_wandb_key_is_a_secret_file_only_on_the_head_and_no_manifest_holds_o
     head = head_pod["containers"][0]
     (key_file,) = [e["value"] for e in head["env"] if e["name"] == "WANDB_API_KEY_FILE"]
     (volume,) = [v for v in head_pod["volumes"] if "secret" in v]
-    assert volume["secret"] == {"secretName": "wandb", "optional": True, "defaultMode": 0o400}
+    assert volume["secret"] == {"secretName": "wandb", "optional": True, "defaultMode": 0o440}
     (mount,) = [m for m in head["volumeMounts"] if m["name"] == volume["name"]]
     assert mount["readOnly"] and key_file == f"{mount['mountPath']}/api-key"  # the Secret's key
     assert "kind: Secret" not in text
@@ -127,6 +127,101 @@ def test_the_wandb_key_is_a_secret_file_only_on_the_head_and_no_manifest_holds_o
     assert not [group for group, c in all_containers() if any(e["name"] == "WANDB_API_KEY" for e in c.get("env", []))]
     with_file = [group for group, c in all_containers() if any(e["name"] == "WANDB_API_KEY_FILE" for e in c.get("env", []))]
     assert with_file == ["head"]
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(where, pod spec) for every pod template in every manifest: any object with containers."""
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if isinstance(node.get("containers"), list):
+                found.append((where, node))
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for name, doc in manifests():
+        walk(doc, f"{name}:{doc['kind']}")
+    return found
+
+
+def containers_of(pod: dict) -> list[dict]:
+    return pod["containers"] + pod.get("initContainers", []) + pod.get("ephemeralContainers", [])
+
+
+def secret_file(secret: dict, key: str, pod: dict) -> tuple[str, int, int, int]:
+    """(path in the volume, uid, gid, mode) the kubelet gives a Secret volume's file: owned by
+    root:root (kubernetes#57923) with the item's mode, else defaultMode (0644 unset). With a pod
+    fsGroup it is chowned to that group and, the volume being read-only, given mode | 0440
+    (SetVolumeOwnership, pkg/volume/volume_linux.go)."""
+    items = secret.get("items")
+    if items is not None:
+        (item,) = [i for i in items if i["key"] == key]
+        path, mode = item["path"], item.get("mode", secret.get("defaultMode", 0o644))
+    else:
+        path, mode = key, secret.get("defaultMode", 0o644)
+    fs_group = pod.get("securityContext", {}).get("fsGroup")
+    if fs_group is None:
+        return path, 0, 0, mode
+    return path, 0, fs_group, mode | 0o440
+
+
+def identity(container: dict, pod: dict) -> tuple[int | None, set[int]]:
+    """The uid and the gids a container's processes run with, as far as the manifest says (the
+    image's primary group, unknown here, is left out)."""
+    pod_ctx, ctx = pod.get("securityContext", {}), container.get("securityContext", {})
+    uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    group = ctx.get("runAsGroup", pod_ctx.get("runAsGroup"))
+    gids = {g for g in [group, pod_ctx.get("fsGroup"), *pod_ctx.get("supplementalGroups", [])] if g is not None}
+    return uid, gids
+
+
+def can_read(uid: int, gids: set[int], owner: int, group: int, mode: int) -> bool:
+    if uid == 0:
+        return True
+    if uid == owner:
+        return bool(mode & 0o400)
+    if group in gids:
+        return bool(mode & 0o040)
+    return bool(mode & 0o004)
+
+
+def test_every_container_that_mounts_the_wandb_secret_can_read_the_key():
+    """Read as the kubelet writes it: a root-owned 0400 file is unreadable for uid 1000, and the
+    driver would log every run offline."""
+    mounted = []
+    for where, pod in pod_specs():
+        for volume in pod.get("volumes", []):
+            sources = volume.get("projected", {}).get("sources", [])
+            assert not [s for s in sources if s.get("secret", {}).get("name") == "wandb"], where  # modelled: secret volumes
+            if volume.get("secret", {}).get("secretName") != "wandb":
+                continue
+            path, owner, group, mode = secret_file(volume["secret"], "api-key", pod)
+            for container in containers_of(pod):
+                for mount in container.get("volumeMounts", []):
+                    if mount["name"] != volume["name"]:
+                        continue
+                    uid, gids = identity(container, pod)
+                    assert uid is not None, (where, container["name"], "runAsUser unset: the file's reader is unknown")
+                    assert can_read(uid, gids, owner, group, mode), (
+                        where, container["name"], f"uid {uid} groups {sorted(gids)} vs {owner}:{group} {mode:o}")
+                    key_files = [e["value"] for e in container.get("env", []) if e["name"] == "WANDB_API_KEY_FILE"]
+                    assert key_files in ([], [f"{mount['mountPath']}/{path}"]), (where, container["name"])
+                    mounted.append(container["name"])
+    assert mounted == ["ray-head"]
+
+
+def test_no_manifest_puts_the_wandb_key_in_an_environment_variable():
+    for where, pod in pod_specs():
+        for container in containers_of(pod):
+            for env in container.get("env", []):
+                assert env["name"] != "WANDB_API_KEY", (where, container["name"])
+                assert env.get("valueFrom", {}).get("secretKeyRef", {}).get("name") != "wandb", (where, container["name"])
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("name") != "wandb", (where, container["name"])
 
 
 def test_the_head_takes_requests_only_with_the_clusters_token_and_only_from_its_own_pods():
