@@ -224,15 +224,127 @@ def test_no_manifest_puts_the_wandb_key_in_an_environment_variable():
                 assert source.get("secretRef", {}).get("name") != "wandb", (where, container["name"])
 
 
+# NetworkPolicy semantics, evaluated on the manifests. Ours are applied in one namespace (OURS);
+# a pod is {"namespace", "labels"}, an address outside the cluster is {"ip"}.
+OURS = "carla"
+HEAD = {"namespace": OURS, "labels": {"ray.io/cluster": "carla-td3", "ray.io/node-type": "head"}}
+WORKER = {"namespace": OURS, "labels": {"ray.io/cluster": "carla-td3", "ray.io/node-type": "worker", "ray.io/group": "carla-rollout"}}
+SUBMITTER = {"namespace": OURS, "labels": {"carla-td3/submits-jobs": "true", "job-name": "carla-td3-train"}}
+# The operator's pod labels as its Helm chart and its kustomize manifests set them.
+OPERATORS = [
+    {"namespace": "kuberay-system", "labels": {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/component": "kuberay-operator"}},
+    {"namespace": "ray-system", "labels": {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"}},
+]
+KUBE_DNS = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+NEIGHBOUR = {"namespace": OURS, "labels": {"app": "web"}}
+ELSEWHERE = {"namespace": "other", "labels": {"app": "db"}}
+INTERNET = {"ip": "35.186.228.49"}
+METADATA_SERVER = {"ip": "169.254.169.254"}
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    ops = {
+        "In": lambda k, v: k in labels and labels[k] in v,
+        "NotIn": lambda k, v: k not in labels or labels[k] not in v,
+        "Exists": lambda k, v: k in labels,
+        "DoesNotExist": lambda k, v: k not in labels,
+    }
+    selector = selector or {}
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+        ops[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])
+    )
+
+
+def peer_matches(peer: dict, endpoint: dict) -> bool:
+    if "ipBlock" in peer:  # addresses outside the cluster (pod IPs: up to the network plugin)
+        if "ip" not in endpoint:
+            return False
+        import ipaddress
+
+        ip = ipaddress.ip_address(endpoint["ip"])
+        block = peer["ipBlock"]
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(c) for c in block.get("except", []))
+    if "ip" in endpoint:
+        return False
+    namespace_labels = {"kubernetes.io/metadata.name": endpoint["namespace"]}
+    if "namespaceSelector" in peer:
+        in_namespace = selects(peer["namespaceSelector"], namespace_labels)
+    else:
+        in_namespace = endpoint["namespace"] == OURS
+    return in_namespace and selects(peer.get("podSelector"), endpoint["labels"])
+
+
+def port_matches(ports: list | None, port: int, protocol: str) -> bool:
+    if not ports:
+        return True
+    return any(
+        p.get("protocol", "TCP") == protocol
+        and ("port" not in p or p["port"] <= port <= p.get("endPort", p["port"]))
+        for p in ports
+    )
+
+
+def policies() -> list[dict]:
+    return [doc for _, doc in manifests() if doc["kind"] == "NetworkPolicy"]
+
+
+def allowed(direction: str, pod: dict, other: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether the policies let `pod` take a connection from `other` (Ingress) or open one to
+    it (Egress): a pod no policy of that direction selects is open; else any rule may allow."""
+    isolating = [
+        p for p in policies()
+        if pod["namespace"] == OURS and selects(p["spec"]["podSelector"], pod["labels"])
+        and direction in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    peers = "from" if direction == "Ingress" else "to"
+    return not isolating or any(
+        (not rule.get(peers) or any(peer_matches(peer, other) for peer in rule[peers]))
+        and port_matches(rule.get("ports"), port, protocol)
+        for p in isolating for rule in p["spec"].get(direction.lower(), [])
+    )
+
+
+RAY_PORTS = [6379, 8265, 10001, 20000]  # GCS, dashboard, client, a worker's port
+
+
 def test_the_head_takes_requests_only_with_the_clusters_token_and_only_from_its_own_pods():
     assert cluster()["spec"]["authOptions"] == {"mode": "token", "secretName": "carla-td3-ray-token"}
-    (policy,) = [doc for _, doc in manifests() if doc["kind"] == "NetworkPolicy"]
-    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "carla-td3"}
-    sources = [rule["from"][0]["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"]]
-    assert sources == [{"ray.io/cluster": "carla-td3"}, {"carla-td3/submits-jobs": "true"}]
-    assert policy["spec"]["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 8265}]
     job = next(doc for _, doc in manifests() if doc["kind"] == "RayJob")
-    assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"] == {"carla-td3/submits-jobs": "true"}
+    assert SUBMITTER["labels"].items() >= job["spec"]["submitterPodTemplate"]["metadata"]["labels"].items()
+    for pod in (HEAD, WORKER):
+        for port in RAY_PORTS:
+            assert allowed("Ingress", pod, HEAD, port) and allowed("Ingress", pod, WORKER, port)
+            for stranger in (NEIGHBOUR, ELSEWHERE, {**ELSEWHERE, "labels": HEAD["labels"]}):
+                assert not allowed("Ingress", pod, stranger, port), (stranger, port)
+    assert allowed("Ingress", HEAD, SUBMITTER, 8265) and not allowed("Ingress", HEAD, SUBMITTER, 6379)
+
+
+def test_the_kuberay_operator_reaches_the_dashboard_which_rayjobs_need():
+    """KubeRay follows and retries a RayJob through the head's dashboard (8265)."""
+    for operator in OPERATORS:
+        assert allowed("Ingress", HEAD, operator, 8265), operator
+        assert not allowed("Ingress", HEAD, operator, 6379), operator
+        assert not allowed("Ingress", HEAD, {**operator, "labels": {}}, 8265)  # only the operator's pods
+
+
+def test_the_pods_reach_each_other_dns_and_https_and_nothing_else():
+    for pod in (HEAD, WORKER):
+        for port in RAY_PORTS:
+            assert allowed("Egress", pod, HEAD, port) and allowed("Egress", pod, WORKER, port)
+        assert allowed("Egress", pod, KUBE_DNS, 53, "UDP") and allowed("Egress", pod, KUBE_DNS, 53, "TCP")
+        assert allowed("Egress", pod, INTERNET, 443)  # W&B: no fixed addresses, any IP on 443
+        for other, port, protocol in [
+            (INTERNET, 80, "TCP"), (INTERNET, 53, "UDP"), (INTERNET, 22, "TCP"), (METADATA_SERVER, 80, "TCP"),
+            (NEIGHBOUR, 8080, "TCP"), (ELSEWHERE, 5432, "TCP"), (KUBE_DNS, 9153, "TCP"),
+        ]:
+            assert not allowed("Egress", pod, other, port, protocol), (other, port, protocol)
+    # The submitter: the head's dashboard and DNS only; nothing may connect to it.
+    assert allowed("Egress", SUBMITTER, HEAD, 8265) and allowed("Egress", SUBMITTER, KUBE_DNS, 53, "UDP")
+    for other, port in [(HEAD, 6379), (WORKER, 10001), (INTERNET, 443), (NEIGHBOUR, 80)]:
+        assert not allowed("Egress", SUBMITTER, other, port), (other, port)
+    for other in (HEAD, NEIGHBOUR):
+        assert not allowed("Ingress", SUBMITTER, other, 8080)
 
 
 def test_every_container_runs_unprivileged_and_our_image_is_always_pulled():
