@@ -356,6 +356,145 @@ def test_every_container_runs_unprivileged_and_our_image_is_always_pulled():
             assert container["imagePullPolicy"] == "Always", (group, container["name"])
 
 
+# The "restricted" Pod Security Standard (with the "baseline" one it includes), as of Kubernetes
+# 1.30: https://kubernetes.io/docs/concepts/security/pod-security-standards/
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t"}
+
+
+def restricted_violations(pod: dict, annotations: dict | None = None) -> list[str]:
+    bad = []
+    pod_ctx = pod.get("securityContext", {})
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            bad.append(field)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"volume {volume['name']}: {sorted(kinds - RESTRICTED_VOLUMES)}")
+    for sysctl in pod_ctx.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            bad.append(f"sysctl {sysctl['name']}")
+    for key, value in (annotations or {}).items():
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and not (
+                value == "runtime/default" or value.startswith("localhost/")):
+            bad.append(f"{key}: {value}")
+    pod_non_root = pod_ctx.get("runAsNonRoot") is True
+    pod_seccomp = pod_ctx.get("seccompProfile", {}).get("type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        bad.append(f"pod seccompProfile {pod_seccomp}")
+    for ctx, who in [(pod_ctx, "pod")] + [(c.get("securityContext", {}), c["name"]) for c in containers_of(pod)]:
+        if ctx.get("windowsOptions", {}).get("hostProcess"):
+            bad.append(f"{who}: hostProcess")
+        if ctx.get("runAsUser") == 0:
+            bad.append(f"{who}: runAsUser 0")
+        if ctx.get("appArmorProfile", {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+            bad.append(f"{who}: appArmorProfile")
+        selinux = ctx.get("seLinuxOptions", {})
+        if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+            bad.append(f"{who}: seLinuxOptions {selinux}")
+    for container in containers_of(pod):
+        name, ctx = container["name"], container.get("securityContext", {})
+        if ctx.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation not false")
+        if ctx.get("runAsNonRoot", pod_non_root) is not True:
+            bad.append(f"{name}: runAsNonRoot not true")
+        if ctx.get("seccompProfile", {}).get("type", pod_seccomp) not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile not RuntimeDefault or Localhost")
+        caps = ctx.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            bad.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities add {caps['add']}")
+        if ctx.get("procMount", "Default") != "Default":
+            bad.append(f"{name}: procMount")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            bad.append(f"{name}: hostPort")
+    return bad
+
+
+def pod_templates() -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, annotations) for every pod template in every manifest."""
+    templates = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if isinstance(node.get("spec"), dict) and isinstance(node["spec"].get("containers"), list):
+                templates.append((f"{where}.spec", node["spec"], node.get("metadata", {}).get("annotations", {})))
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for name, doc in manifests():
+        walk(doc, f"{name}:{doc['kind']}")
+    assert [w for w, _, _ in templates] == [w for w, _ in pod_specs()]  # no pod spec outside a template
+    return templates
+
+
+def test_every_pod_template_meets_the_restricted_pod_security_standard():
+    templates = pod_templates()
+    assert len(templates) == 4  # head, learner, carla-rollout, the RayJob's submitter
+    for where, pod, annotations in templates:
+        assert restricted_violations(pod, annotations) == [], where
+
+
+def test_the_restricted_check_catches_what_it_is_for():
+    _, pod, _ = pod_templates()[2]  # the rollout pod: three containers
+    for change in [
+        lambda p: p.update(hostNetwork=True),
+        lambda p: p.setdefault("securityContext", {}).pop("seccompProfile", None),
+        lambda p: p["containers"][1]["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        lambda p: p["containers"][1]["securityContext"].pop("capabilities", None),
+        lambda p: p["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+        lambda p: p["containers"][2]["securityContext"].update(runAsNonRoot=False),
+        lambda p: p["containers"][2]["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda p: p["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+        lambda p: p.setdefault("initContainers", []).append({"name": "init", "image": "busybox"}),
+    ]:
+        changed = copy.deepcopy(pod)
+        change(changed)
+        assert restricted_violations(changed), change
+
+
+def test_root_file_systems_are_read_only_with_scratch_mounts_and_no_service_account_token():
+    """readOnlyRootFilesystem everywhere but the CARLA server, whose exception k8s/README.md
+    gives; what our processes write goes to emptyDir mounts (and /runs)."""
+    readme = (K8S / "README.md").read_text()
+    writable = []
+    for where, pod, _ in pod_templates():
+        assert pod.get("automountServiceAccountToken") is False, where
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        for container in containers_of(pod):
+            if container.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
+                writable.append(container["name"])
+                continue
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in empty_dirs}
+            assert "/tmp" in mounts, (where, container["name"])
+            if container["name"] != "carla-probe":  # Ray, pip, torch and W&B write under $HOME
+                assert {"/home/ray/.cache", "/home/ray/.config"} <= mounts, (where, container["name"])
+    assert writable == ["carla-server"]
+    assert "`carla-server`" in readme and "readOnlyRootFilesystem" in readme
+
+
+def test_every_image_names_a_version_and_the_readme_says_how_to_pin_digests():
+    for where, pod, _ in pod_templates():
+        for container in containers_of(pod):
+            image = container["image"]
+            tag = image.rsplit("/", 1)[-1].partition(":")[2].partition("@")[0]
+            assert "@sha256:" in image or tag not in ("", "latest"), (where, image)
+    assert "@sha256:" in (K8S / "README.md").read_text()
+
+
 def test_the_image_leaves_out_local_environments_results_and_history():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs", "wandb", "benchmarks/results"} <= set(ignored)
