@@ -4,8 +4,9 @@
         iter_000010/            RLlib's checkpoint (weights, optimizers, counters) and replay.json,
         iter_000015/            the replay buffer's manifest: which chunks hold its rows
         final/
-        replay/rows_A_B/        replay rows A..B-1, written once, shared by every checkpoint that
-                                needs them, deleted when none of the kept ones does
+        replay/shard0/rows_A_B/ replay rows A..B-1 of the first learner's shard, written once,
+                                shared by every checkpoint that needs them, deleted when none
+                                of the kept ones does (rl/td3/learner_replay.py)
         .partial-iter_000020/   a checkpoint being written; never read (a crash may leave one)
 
 A checkpoint appears under its final name only once complete (rl/durable.py). Resuming takes the
@@ -41,7 +42,7 @@ def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         algo.save_to_path(str(partial.resolve()))
-        manifest = algo.replay_buffer.save(checkpoints / REPLAY_CHUNKS)
+        manifest = algo.replay.save(checkpoints / REPLAY_CHUNKS)
         (partial / REPLAY_MANIFEST).write_text(json.dumps(manifest))
         publish(partial, checkpoints / name)
     except BaseException:
@@ -62,7 +63,7 @@ def restore_newest(algo, checkpoints: Path) -> Path:
         try:
             manifest = json.loads((path / REPLAY_MANIFEST).read_text())
             algo.restore_from_path(str(path.resolve()))
-            algo.replay_buffer.load(checkpoints / REPLAY_CHUNKS, manifest)
+            algo.replay.load(checkpoints / REPLAY_CHUNKS, manifest)
             return path
         except Exception as error:  # any reason it cannot be loaded: try the one before
             reason = f"{type(error).__name__}: {error}"
@@ -75,15 +76,18 @@ def restore_newest(algo, checkpoints: Path) -> Path:
 
 
 def _prune_replay_chunks(checkpoints: Path) -> None:
-    """Deletes the chunks no kept checkpoint needs, and chunks a crash left half-written."""
+    """Deletes the chunks no kept checkpoint needs, and chunks a crash left half-written (per
+    learner shard: replay/shard<i>/)."""
     chunks = checkpoints / REPLAY_CHUNKS
     if not chunks.is_dir():
         return
-    needed = set()
+    needed: dict[str, set[str]] = {}
     for path in [*periodic(checkpoints), checkpoints / "final"]:
         manifest = path / REPLAY_MANIFEST
         if manifest.is_file():
-            needed.update(json.loads(manifest.read_text())["chunks"])
-    for chunk in chunks.iterdir():
-        if chunk.name not in needed:
-            shutil.rmtree(chunk)
+            for i, shard in enumerate(json.loads(manifest.read_text())["shards"]):
+                needed.setdefault(f"shard{i}", set()).update(shard["chunks"])
+    for shard in chunks.iterdir():
+        for chunk in shard.iterdir() if shard.is_dir() else []:
+            if chunk.name not in needed.get(shard.name, ()):
+                shutil.rmtree(chunk)

@@ -14,11 +14,13 @@ from ray.rllib.utils import metrics as M
 
 from rl.td3 import td3_learner as L
 from rl.td3.td3 import (
+    LEARNER_INPUT_BYTES,
     LEARNER_WAIT_TIMER,
     OVERESTIMATION,
     POLICY_LAG_MAX,
     POLICY_LAG_MEAN,
     REPLAY_BUFFER_SIZE,
+    REPLAY_BYTES_PER_TRANSITION,
     REPLAY_REWARD_ABS_MEAN,
     REPLAY_REWARD_MAX,
     REPLAY_REWARD_MIN,
@@ -60,6 +62,7 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "replay/reward_min": (REPLAY_REWARD_MIN,),
     "replay/reward_max": (REPLAY_REWARD_MAX,),
     "replay/reward_abs_mean": (REPLAY_REWARD_ABS_MEAN,),
+    "replay/bytes_per_transition": (REPLAY_BYTES_PER_TRANSITION,),
     # Updates per env step past learning_starts this iteration (= algo.updates_per_env_step), and
     # how many updates older than the learner's the weights that sampled the data were.
     "replay/ratio": (REPLAY_RATIO,),
@@ -80,6 +83,8 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "perf/weight_sync_s": (M.TIMERS, M.SYNCH_WORKER_WEIGHTS_TIMER),
     "perf/learner_wait_s": (M.TIMERS, LEARNER_WAIT_TIMER),  # asynchronous sampling only
     "perf/iteration_s": (M.TIMERS, M.TRAINING_ITERATION_TIMER),
+    # Bytes handed to the learners this iteration (new transitions once, update requests).
+    "perf/learner_input_bytes": (LEARNER_INPUT_BYTES,),
 }
 
 

@@ -40,7 +40,7 @@ def assert_resumes_from_the_first_iteration(store: Path) -> None:
     resumed = fresh_algo()
     try:
         assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
-        assert resumed.training_iteration == 1 and len(resumed.replay_buffer) == 64
+        assert resumed.training_iteration == 1 and len(resumed.replay) == 64
     finally:
         resumed.stop()
 
@@ -70,12 +70,12 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_the_older_ones_t
     monkeypatch.undo()
     # Nothing under the new name, nothing half-written left, the older checkpoint untouched.
     assert sorted(p.name for p in store.iterdir()) == ["iter_000001", "replay"]
-    assert [p.name for p in (store / "replay").iterdir()] == ["rows_0000000000000_0000000000064"]
+    assert [p.name for p in (store / "replay" / "shard0").iterdir()] == ["rows_0000000000000_0000000000064"]
 
     assert_resumes_from_the_first_iteration(store)
     # The run itself can go on checkpointing once there is space again.
     checkpoints.save(algo, store, "iter_000002", keep=3)
-    assert json.loads((store / "iter_000002" / "replay.json").read_text())["chunks"] == [
+    assert json.loads((store / "iter_000002" / "replay.json").read_text())["shards"][0]["chunks"] == [
         "rows_0000000000000_0000000000064", "rows_0000000000064_0000000000128"]
 
 
@@ -87,7 +87,7 @@ def test_resume_skips_a_checkpoint_that_does_not_load_and_says_why(algo, tmp_pat
     # iter 3: cut short as a pre-atomic writer or a damaged disk leaves it; iter 2: its replay rows lost.
     state = store / "iter_000003" / "algorithm_state.pkl"
     state.write_bytes(state.read_bytes()[:100])
-    shutil.rmtree(store / "replay" / "rows_0000000000064_0000000000128")
+    shutil.rmtree(store / "replay" / "shard0" / "rows_0000000000064_0000000000128")
 
     assert_resumes_from_the_first_iteration(store)
     err = capsys.readouterr().err
@@ -106,14 +106,16 @@ def test_replay_chunks_are_shared_by_checkpoints_and_deleted_when_none_needs_the
     # Each checkpoint wrote only its own iteration's 64 rows; the chunks of iterations 1 and 2
     # stay, needed by iter 3 and 4 (their buffer holds every row so far).
     assert sorted(p.name for p in store.iterdir()) == ["iter_000003", "iter_000004", "replay"]
-    assert len(list((store / "replay").iterdir())) == 4
+    assert len(list((store / "replay" / "shard0").iterdir())) == 4
     assert sizes[1] == 2 * sizes[0] and sizes[3] == 4 * sizes[0]
 
     resumed = fresh_algo()
     try:
         checkpoints.restore_newest(resumed, store)
-        assert same_buffer(algo.replay_buffer, resumed.replay_buffer)
-        assert resumed.replay_buffer._rng.bit_generator.state == algo.replay_buffer._rng.bit_generator.state
+        # The replay lives in the learner (here, in this process).
+        before, after = algo.learner_group._learner.replay, resumed.learner_group._learner.replay
+        assert same_buffer(before, after)
+        assert after._rng.bit_generator.state == before._rng.bit_generator.state
     finally:
         resumed.stop()
 
@@ -157,7 +159,7 @@ def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     algo = build_td3_config(exp).build_algo()
     try:
         rows = restore(algo, run_dir)
-        assert algo.training_iteration == rows[-1]["iteration"] == 5 and len(algo.replay_buffer) == 320
+        assert algo.training_iteration == rows[-1]["iteration"] == 5 and len(algo.replay) == 320
     finally:
         algo.stop()
     err = capsys.readouterr().err
@@ -170,7 +172,7 @@ def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     assert rows[5]["replay/size"] == 320 + 64
     left = sorted(p.name for p in store.iterdir())
     assert left == ["final", "iter_000015", "iter_000020", "replay"]  # the partial one is gone
-    assert not [p for p in (store / "replay").iterdir() if p.name.startswith(".partial")]
+    assert not [p for p in (store / "replay" / "shard0").iterdir() if p.name.startswith(".partial")]
     assert os.path.getsize(run_dir / "metrics.torn.jsonl") > 0
 
 

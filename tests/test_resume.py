@@ -87,7 +87,7 @@ def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_l
     try:
         row = restore(algo, run_dir)[-1]
         assert row["iteration"] == algo.training_iteration == 10
-        assert len(algo.replay_buffer) == row["replay/size"] == 640
+        assert len(algo.replay) == row["replay/size"] == 640
         learner = algo.learner_group._learner
         module_file = run_dir / "checkpoints" / "iter_000010" / "learner_group" / "learner" / "rl_module" / "default_policy" / "module_state.pkl"
         saved = pickle.loads(module_file.read_bytes())

@@ -34,6 +34,7 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from rl.durable import publish
 from rl.td3.frame_store import FrameStore
+from rl.td3.transition_wire import EpisodeChunk, chunks_of, is_camera_stack_sequence
 
 
 # The replay buffer may take at most this share of the memory (the rest: Ray, torch, the envs).
@@ -57,6 +58,10 @@ def memory_limit_bytes() -> int:
 
 
 class TransitionReplayBuffer:
+    # What `stats` says of a buffer nothing was added to.
+    EMPTY_STATS = {"size": 0, "reward_range": (np.inf, -np.inf), "reward_abs_sum": 0.0, "rewards_seen": 0,
+                   "bytes_per_transition": 0}
+
     def __init__(self, capacity: int, seed: int | None = None):
         if capacity <= 0:
             raise ValueError(f"replay buffer capacity must be > 0, got {capacity}")
@@ -91,6 +96,11 @@ class TransitionReplayBuffer:
         """The mean |reward| per step over every transition ever added: the run's reward scale."""
         return self._reward_abs_sum / max(self._rewards_seen, 1)
 
+    def stats(self) -> dict[str, Any]:
+        """What the driver logs of a buffer that lives in a learner (rl/td3/learner_replay.py)."""
+        return {"size": self._size, "reward_range": self._reward_range, "reward_abs_sum": self._reward_abs_sum,
+                "rewards_seen": self._rewards_seen, "bytes_per_transition": self.bytes_per_transition}
+
     @property
     def bytes_per_transition(self) -> int:
         """Memory one stored transition takes, its share of the frame stores included; 0 before
@@ -120,7 +130,11 @@ class TransitionReplayBuffer:
         self._add_sequence(sequence, np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2), actions, rewards, terminateds)
 
     def add_episodes(self, episodes: Iterable[SingleAgentEpisode]) -> int:
-        """Flattens sampled episode chunks into transitions; returns how many env steps they hold.
+        """Adds sampled RLlib episode chunks; returns how many env steps they hold."""
+        return self.add_chunks(chunks_of(episodes))
+
+    def add_chunks(self, chunks: Iterable[EpisodeChunk]) -> int:
+        """Flattens episode chunks into transitions; returns how many env steps they hold.
 
         A chunk of length n holds n + 1 observations. Only its last step can be terminal; a
         truncated last step is stored as non-terminal so that its target bootstraps. A chunk that
@@ -128,19 +142,16 @@ class TransitionReplayBuffer:
         frames are those already stored.
         """
         steps = 0
-        for episode in episodes:
-            n = len(episode)
-            if n == 0:
-                continue
+        for chunk in chunks:
+            n = len(chunk.rewards)
             terminateds = np.zeros(n, np.float32)
-            terminateds[-1] = float(episode.is_terminated)
+            terminateds[-1] = float(chunk.terminated)
             last = self._add_sequence(
-                episode.get_observations(slice(0, n + 1)), np.arange(n), np.arange(1, n + 1),
-                episode.get_actions(slice(0, n)), episode.get_rewards(slice(0, n)), terminateds,
-                link=self._links.pop(episode.id_, None),
+                chunk.observations, np.arange(n), np.arange(1, n + 1), chunk.actions, chunk.rewards,
+                terminateds, link=self._links.pop(chunk.id, None),
             )
-            if not episode.is_done and last:
-                self._links[episode.id_] = last
+            if not chunk.done and last:
+                self._links[chunk.id] = last
             steps += n
         # Episodes that never came back (an env runner replaced): their frames are gone by now.
         self._links = {
@@ -380,7 +391,7 @@ OBS_COLUMNS = (Columns.OBS, Columns.NEXT_OBS)
 
 def _stacked_camera_paths(observations: Any) -> list[tuple]:
     """Paths of the observation leaves that are stacked camera frames: uint8 (k, H, W) each."""
-    return [tuple(path) for path, leaf in tree.flatten_with_path(observations) if leaf.dtype == np.uint8 and leaf.ndim == 4]
+    return [tuple(path) for path, leaf in tree.flatten_with_path(observations) if is_camera_stack_sequence(leaf)]
 
 
 def _get(nested: Any, path: tuple) -> Any:

@@ -3,10 +3,12 @@
 Shaped like RLlib's own off-policy algorithms (DQN, SAC, TQC): a config, an algorithm whose
 `training_step` samples, stores, replays and updates, a learner and an RL module. One thing
 differs: the replay path. Each iteration, the env runners collect `rollout_fragment_length` steps
-each; the new transitions go into a flat `TransitionReplayBuffer`; then one learner call (a few
-for image batches, bounded by `learner_batch_max_mb`) runs `updates_per_env_step` minibatch
-updates per new env step. RLlib's overhead is per call, not per gradient step, so this keeps
-TD3's one-update-per-step ratio at a useful speed.
+each; the new transitions go once to the replay, which lives with the learners
+(rl/td3/learner_replay.py: a flat `TransitionReplayBuffer` per learner); then the learners run
+`updates_per_env_step` minibatch updates per new env step, sampling their own minibatches, in
+one call (a few for image batches, bounded by `learner_batch_max_mb`). RLlib's overhead is per
+call, not per gradient step, and no minibatch crosses a process boundary, so this keeps TD3's
+one-update-per-step ratio at a useful speed.
 
 Two ways to interleave sampling and learning, the same updates per env step in both:
 - synchronous (the default): all runners sample, then the learner learns, then weights go out;
@@ -26,9 +28,8 @@ import numpy as np
 import ray
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     ENV_RUNNER_SAMPLING_TIMER,
@@ -43,7 +44,7 @@ from ray.rllib.utils.metrics import (
 
 from rl.config import DEFAULT_GRAD_CLIP, ModelSection
 from rl.td3.observation_checks import observation_stats
-from rl.td3.replay_buffer import TransitionReplayBuffer
+from rl.td3.learner_replay import ReplayShards
 from rl.td3.start_values import EpisodeStarts, start_values
 
 REPLAY_BUFFER_SIZE = "replay_buffer_size"
@@ -51,6 +52,10 @@ REPLAY_BUFFER_SIZE = "replay_buffer_size"
 # when an env documents none.
 REPLAY_REWARD_MIN, REPLAY_REWARD_MAX = "replay_reward_min", "replay_reward_max"
 REPLAY_REWARD_ABS_MEAN = "replay_reward_abs_mean"  # the reward scale the health rules divide by
+REPLAY_BYTES_PER_TRANSITION = "replay_bytes_per_transition"  # memory one stored transition takes
+# Bytes handed to the learners this iteration (new transitions, update requests), serialized: what
+# crosses to learners in other processes (rl/td3/learner_replay.py).
+LEARNER_INPUT_BYTES = "learner_input_bytes"
 # The overestimation diagnostic (rl/td3/start_values.py), on episodes finished this iteration.
 START_Q_MEAN, START_RETURN_MEAN = "start_q_mean", "start_return_mean"
 OVERESTIMATION = "overestimation"
@@ -212,7 +217,7 @@ class TD3(Algorithm):
 
     def setup(self, config: TD3Config) -> None:
         super().setup(config)
-        self.replay_buffer = TransitionReplayBuffer(config.replay_buffer_capacity, seed=config.seed)
+        self.replay = ReplayShards(self.learner_group)  # the learners hold it
         self._update_credit = 0.0  # fractional updates owed to sampled steps
         self._episode_starts = EpisodeStarts(config.gamma)
         # Learner updates made by this process, and how many of them the runners' weights have
@@ -229,7 +234,8 @@ class TD3(Algorithm):
             self._raise_if_runners_gone()
         # This iteration's counts, times and episodes, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
-                                "wait_s": 0.0, "lags": [], "episodes": [], "finished": []}
+                                "wait_s": 0.0, "lags": [], "episodes": [], "finished": [],
+                                "bytes_before": self.replay.bytes_sent}
         if self.config.async_sampling:
             self._sample_and_learn_async()
         else:
@@ -302,7 +308,7 @@ class TD3(Algorithm):
         config = self.config
         self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
-            new_steps = self.replay_buffer.add_episodes(episodes)
+            new_steps = self.replay.add(episodes)
         finished = self._episode_starts.add(episodes)
         self._this_iteration["lags"].append(self._num_updates - sampled_with)
         self._this_iteration["episodes"] += episodes  # for the observation checks, at its end
@@ -320,7 +326,7 @@ class TD3(Algorithm):
 
     def _learn_owed(self) -> None:
         num_updates = int(self._update_credit)
-        if num_updates > 0:
+        if num_updates > 0 and self.replay.ready:
             self._update_credit -= num_updates
             self._learn(num_updates)
 
@@ -353,12 +359,14 @@ class TD3(Algorithm):
             metrics.log_value(name, value, window=1)
         if iteration["finished"]:
             self._log_overestimation(iteration["finished"])
-        metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay_buffer), window=1)
-        if len(self.replay_buffer):
-            low, high = self.replay_buffer.reward_range
+        metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay), window=1)
+        if len(self.replay):
+            low, high = self.replay.reward_range
             metrics.log_value(REPLAY_REWARD_MIN, low, window=1)
             metrics.log_value(REPLAY_REWARD_MAX, high, window=1)
-            metrics.log_value(REPLAY_REWARD_ABS_MEAN, self.replay_buffer.reward_abs_mean, window=1)
+            metrics.log_value(REPLAY_REWARD_ABS_MEAN, self.replay.reward_abs_mean, window=1)
+            metrics.log_value(REPLAY_BYTES_PER_TRANSITION, self.replay.bytes_per_transition, window=1)
+        metrics.log_value(LEARNER_INPUT_BYTES, self.replay.bytes_sent - iteration["bytes_before"], window=1)
         if iteration["lags"]:
             metrics.log_value(POLICY_LAG_MEAN, float(np.mean(iteration["lags"])), window=1)
             metrics.log_value(POLICY_LAG_MAX, max(iteration["lags"]), window=1)
@@ -442,33 +450,15 @@ class TD3(Algorithm):
         self.metrics.log_value(OVERESTIMATION, float((q_start - returns).mean()), window=1)
 
     def _learn(self, num_updates: int) -> None:
-        """Runs `num_updates` minibatch updates on replayed transitions, in learner calls of at
-        most `learner_batch_max_mb` each (one call for vector observations, several for images),
-        each call's batch replayed just before it."""
-        config = self.config
-        rows_per_update = config.total_train_batch_size
-        call_bytes = rows_per_update * self.replay_buffer.bytes_per_sample
-        max_updates_per_call = max(1, int(config.learner_batch_max_mb * 2**20 // call_bytes))
+        """The learners make `num_updates` minibatch updates, each replayed from its own shard."""
         lifetime_steps = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        while num_updates > 0:
-            n = min(num_updates, max_updates_per_call)
-            num_updates -= n
-            start = time.perf_counter()
-            columns = self.replay_buffer.sample(n * rows_per_update)
-            sampled = time.perf_counter()
-            learner_results = self.learner_group.update(
-                batch=MultiAgentBatch(
-                    {DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n * rows_per_update
-                ),
-                minibatch_size=config.train_batch_size_per_learner,
-                num_epochs=1,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime_steps},
-            )
-            self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-            self._num_updates += n
-            self._this_iteration["updates"] += n
-            self._this_iteration["sample_s"] += sampled - start
-            self._this_iteration["learn_s"] += time.perf_counter() - sampled
+        start = time.perf_counter()
+        learner_results, sample_s = self.replay.update(num_updates, {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime_steps})
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        self._num_updates += num_updates
+        self._this_iteration["updates"] += num_updates
+        self._this_iteration["sample_s"] += sample_s
+        self._this_iteration["learn_s"] += time.perf_counter() - start - sample_s
 
 
 def _sample_with_metrics(env_runner, weights: list, version: int) -> tuple:

@@ -15,6 +15,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
+from rl.td3.learner_replay import LearnerReplay
 from rl.td3.td3_rl_module import CRITIC_FEATURES, Q1, Q2
 
 CRITIC, ACTOR = "critic", "actor"
@@ -70,9 +71,10 @@ def clipped_double_q_target(
     return rewards + gamma * (1.0 - terminateds) * torch.min(q1_next, q2_next)
 
 
-class TD3TorchLearner(TorchLearner):
+class TD3TorchLearner(LearnerReplay, TorchLearner):
     def build(self) -> None:
         super().build()
+        self.build_replay()  # this learner's shard of the replay (rl/td3/learner_replay.py)
         self.module.foreach_module(lambda mid, module: module.make_target_networks())
         # Parameter refs of each gradient-clipping group, per module (checked to cover all).
         self._gradient_groups = {
