@@ -84,9 +84,16 @@ def _prune_replay_chunks(checkpoints: Path) -> None:
     needed: dict[str, set[str]] = {}
     for path in [*periodic(checkpoints), checkpoints / "final"]:
         manifest = path / REPLAY_MANIFEST
-        if manifest.is_file():
-            for i, shard in enumerate(json.loads(manifest.read_text())["shards"]):
-                needed.setdefault(f"shard{i}", set()).update(shard["chunks"])
+        try:
+            shards = json.loads(manifest.read_text())["shards"]
+        except FileNotFoundError:
+            continue
+        except (ValueError, KeyError, TypeError) as error:  # damaged: that checkpoint cannot load anyway
+            print(f"checkpoints: {manifest} is damaged ({type(error).__name__}: {error}); "
+                  "that checkpoint cannot be resumed from", file=sys.stderr)
+            continue
+        for i, shard in enumerate(shards):
+            needed.setdefault(f"shard{i}", set()).update(shard["chunks"])
     for shard in chunks.iterdir():
         for chunk in shard.iterdir() if shard.is_dir() else []:
             if chunk.name not in needed.get(shard.name, ()):

@@ -101,8 +101,9 @@ def restore(algo, run_dir: Path) -> list[dict]:
                   f"set aside in metrics.torn.jsonl", file=sys.stderr)
             continue
         (kept if row["iteration"] <= iteration else after).append(line)
-    if after:
-        (run_dir / f"metrics.after_{iteration:06d}.jsonl").write_text("".join(r + "\n" for r in after))
+    if after:  # appended: a second crash after the same checkpoint keeps the first one's rows too
+        with open(run_dir / f"metrics.after_{iteration:06d}.jsonl", "a") as f:
+            f.write("".join(r + "\n" for r in after))
     if torn:
         with open(run_dir / "metrics.torn.jsonl", "a") as f:
             f.write("".join(r + "\n" for r in torn))
@@ -149,7 +150,8 @@ def _train_in(
 
     from rl.experiment import build_td3_config, open_carla_endpoint_pools
 
-    run_directory.record_config(run_dir, exp)
+    if not resume:  # a resumed run records its config once its checkpoint loaded with it
+        run_directory.record_config(run_dir, exp)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     res = exp.resources
     print(f"{'Resuming' if resume else 'Training'} {exp.experiment.name}: TD3 on {exp.env.id}, "
@@ -162,7 +164,15 @@ def _train_in(
     algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
-        rows = restore(algo, run_dir)
+        try:
+            rows = restore(algo, run_dir)
+        except BaseException:  # config.yaml stays the one the checkpoints were written with
+            monitor(algo).close()
+            algo.stop()
+            for pool in endpoint_pools:
+                ray.kill(pool)
+            raise
+        run_directory.record_config(run_dir, exp)
         monitor(algo).resume(rows)
         row = rows[-1]
         env_steps = row.get("env/steps_sampled", 0.0)

@@ -216,3 +216,19 @@ def test_a_run_whose_disk_fills_stops_with_a_clear_error_and_resumes_once_there_
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 11))
     assert rows[2]["replay/size"] == 3 * 64  # iteration 3 again, after iteration 2's checkpoint
+
+
+def test_a_damaged_replay_manifest_is_skipped_when_pruning_not_a_crash(tmp_path, capsys):
+    """A checkpoint whose replay.json is damaged cannot be resumed from; the next checkpoint's
+    pruning says so and keeps what the intact ones need (it used to crash the run)."""
+    store = tmp_path / "checkpoints"
+    for name, manifest in (("iter_000001", "{not json"), ("iter_000002", '{"shards": [{"chunks": ["rows_a"]}]}'),
+                           ("iter_000003", '["a list"]')):
+        (store / name).mkdir(parents=True)
+        (store / name / checkpoints.REPLAY_MANIFEST).write_text(manifest)
+    for chunk in ("rows_a", "rows_b"):
+        (store / "replay" / "shard0" / chunk).mkdir(parents=True)
+    checkpoints._prune_replay_chunks(store)
+    assert [p.name for p in (store / "replay" / "shard0").iterdir()] == ["rows_a"]
+    err = capsys.readouterr().err
+    assert "iter_000001/replay.json is damaged (JSONDecodeError" in err and "iter_000003/replay.json is damaged" in err

@@ -87,6 +87,12 @@ def test_a_stopped_run_writes_a_checkpoint_and_summary_and_resumes(ray_local, tm
     alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
     assert [a["level"] for a in alerts if a["rule"] == "interrupted"] == ["INFO"]
 
+    # A resume with a setting the checkpoint cannot take fails, and leaves config.yaml as it was
+    # (the plain resume after it must work).
+    config = (run_dir / "config.yaml").read_bytes()
+    assert main(["--resume", str(run_dir), "--no-progress", "--set", "algo.buffer_size=1000"]) == 2
+    assert (run_dir / "config.yaml").read_bytes() == config
+
     # It goes on from the checkpoint: every iteration once, the counters continued.
     stop = int(rows[-1]["env/steps_sampled"]) + 128
     assert main(["--resume", str(run_dir), "--no-progress", "--set", f"experiment.stop_env_steps={stop}"]) == 0
