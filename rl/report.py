@@ -1,16 +1,22 @@
 """The validation report of a run, from its run directory alone:
 
-    python -m rl.report RUN_DIR
+    python -m rl.report RUN_DIR [--out DIR]
 
-writes into RUN_DIR/report/:
+writes into RUN_DIR/report/ (or DIR):
     report.md     a PASS/FAIL checklist with the numbers behind each line, and the alerts
     report.png    Q values (with the return bound), returns and lengths (against the random
                   warm-up), losses, gradient norms per group (against their limits), actor saturation
     metrics.csv   every metric per iteration;  alerts.csv  every alert
 
+Exit status: 0 the verdict is PASS, 1 it is FAIL, 2 no report was made (a file of the run is
+missing or damaged, or the report cannot be written there; one line says which and what was
+expected). So CI can tell a failed run from a report that could not be made.
+
 The checklist replays the health rules (callbacks/health.py) over metrics.jsonl with the run's
 own `health:` thresholds (config.yaml) and facts (run_facts.json), so the report can be made for
-any run, also one whose monitoring was off or that crashed.
+any run, also one whose monitoring was off or that crashed. A `training_error` the run was
+resumed past, to completion, is shown as a note and does not fail it: a killed and resumed run
+leaves no alert at all, and the two must be judged alike.
 """
 
 from __future__ import annotations
@@ -19,16 +25,33 @@ import argparse
 import csv
 import json
 import math
+import reprlib
 import sys
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from callbacks.alerts import read_alerts
-from callbacks.health import CRITICAL, FACTS_FILE, INFO, RULE_TITLES, Alert, HealthMonitor, RunFacts
+from callbacks.alerts import ALERTS_FILE
+from callbacks.health import (
+    CRITICAL, FACTS_FILE, INFO, RULE_TITLES, TRAINING_ERROR, Alert, HealthMonitor, RunFacts,
+)
+from common.config import load_yaml
 from rl.config import AlgoSection, HealthSection
+
+EXIT_PASS, EXIT_FAIL, EXIT_NO_REPORT = 0, 1, 2
+SECTIONS = ("experiment", "env", "algo", "health")  # the config.yaml sections the report reads
+ALERT_FIELDS = {"level": str, "rule": str, "message": str, "iteration": int}
+
+
+class ReportError(Exception):
+    """The run directory cannot be read as a run, or the report not written there. The message
+    is one line naming the file (and line, key) and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -42,21 +65,141 @@ class Check:
         return self.result != "FAIL"
 
 
+def _got(value: Any) -> str:
+    # reprlib: bounded in length and depth, whatever a damaged file holds
+    return f"got {type(value).__name__} {reprlib.repr(value)}"
+
+
+def _field(record: dict, key: str, kind: type, expected: str, where: str) -> None:
+    if key not in record:
+        raise ReportError(f'{where}: "{key}" is missing (expected {expected})')
+    if type(record[key]) is not kind:  # `type is`: a bool is not a number here
+        raise ReportError(f'{where}: "{key}": expected {expected}, {_got(record[key])}')
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:  # another user's run directory, a lost mount
+        raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not UTF-8 text (a damaged file?)") from None
+
+
+def _why(error: ValueError | RecursionError) -> str:
+    return "JSON nested too deeply" if isinstance(error, RecursionError) else f"not valid JSON ({error})"
+
+
+def _json_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, object) per line of a JSON-lines file. A line a crash or a full disk cut short
+    is skipped with a warning: the rest stands. Any other damage is a ReportError."""
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        where = f"{path} line {n}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {where} is not valid JSON; skipped", file=sys.stderr)
+            continue
+        except (ValueError, RecursionError) as e:  # a number too long to convert, deep nesting
+            raise ReportError(f"{where}: {_why(e)}") from None
+        if not isinstance(value, dict):
+            raise ReportError(f"{where}: expected a JSON object, {_got(value)}")
+        yield where, value
+
+
+def _metrics_row(row: dict, where: str) -> dict:
+    _field(row, "iteration", int, "a whole number", where)
+    for key, value in row.items():
+        if type(value) not in (int, float):
+            raise ReportError(f'{where}: "{key}": expected a number, {_got(value)}')
+    return row
+
+
+def _alert(alert: dict, where: str) -> dict:
+    for key, kind in ALERT_FIELDS.items():
+        _field(alert, key, kind, "a whole number" if kind is int else "a string", where)
+    return alert
+
+
+def _errors(error: ValidationError, prefix: str = "") -> str:
+    """A pydantic error on one line: the missing keys, then `key: what is wrong; ...`."""
+    def key(e: dict) -> str:
+        return prefix + ".".join(map(str, e["loc"]))
+
+    missing = [key(e) for e in error.errors() if e["type"] == "missing"]
+    parts = [f"required keys missing: {', '.join(missing)}"] if missing else []
+    parts += [
+        f"{key(e)}: " + ("unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} ({_got(e.get('input'))})")
+        for e in error.errors() if e["type"] != "missing"
+    ]
+    return "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    if getattr(error, "problem", None) and mark:
+        return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
+def _load_config(path: Path) -> dict:
+    try:
+        config = load_yaml(_read(path))
+    except RecursionError:
+        raise ReportError(f"{path}: YAML nested too deeply") from None
+    except yaml.YAMLError as e:
+        raise ReportError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}, ...), {_got(config)}")
+    for name in SECTIONS:
+        config[name] = {} if config.get(name) is None else config[name]
+        if not isinstance(config[name], dict):
+            raise ReportError(f"{path}: {name}: expected a mapping, {_got(config[name])}")
+    try:
+        HealthSection.model_validate(config["health"])
+    except ValidationError as e:
+        raise ReportError(f"{path}: {_errors(e, 'health.')}") from None
+    return config
+
+
+def _load_summary(path: Path) -> dict:
+    """{} for a run that did not finish. rl.train writes summary.json atomically, so a damaged
+    one was cut short elsewhere (a copy, a sync): the run's end is then unknown, which fails the
+    `run completed` check; it is no reason not to make the report."""
+    if not path.is_file():
+        return {}
+    text = _read(path)
+    try:
+        summary = json.loads(text)
+    except (ValueError, RecursionError):
+        summary = None
+    if isinstance(summary, dict) and isinstance(summary.get("status"), str):
+        return summary
+    why = "0 bytes" if not text else "cut short or not JSON" if summary is None else 'not an object with a "status"'
+    print(f"warning: {path} is damaged ({why}): how the run ended is unknown", file=sys.stderr)
+    return {"status": f"unknown: summary.json is damaged ({why})"}
+
+
 def load_run(run_dir: Path) -> tuple[dict, list[dict], list[dict], dict]:
-    """(resolved config, metrics rows, alerts, summary); a missing file is a clear error."""
+    """(resolved config, metrics rows, alerts, summary); a missing or damaged file is a
+    ReportError naming it."""
     for name in ("config.yaml", "metrics.jsonl"):
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a run directory of rl.train?")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = []
-    for n, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash or a full disk: the rest stands
-            print(f"warning: {run_dir / 'metrics.jsonl'} line {n} is not valid JSON; skipped", file=sys.stderr)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return config, rows, read_alerts(run_dir), summary
+            raise ReportError(f"{run_dir / name} not found: is {run_dir} a run directory of rl.train?")
+    config = _load_config(run_dir / "config.yaml")
+    rows = [_metrics_row(row, where) for where, row in _json_objects(run_dir / "metrics.jsonl")]
+    alerts_path = run_dir / ALERTS_FILE
+    alerts = [_alert(a, where) for where, a in _json_objects(alerts_path)] if alerts_path.is_file() else []
+    return config, rows, alerts, _load_summary(run_dir / "summary.json")
+
+
+def _facts(data: Any, where: str, prefix: str = "") -> RunFacts:
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: expected a JSON object, {_got(data)}")
+    try:
+        return TypeAdapter(RunFacts).validate_python(data)
+    except ValidationError as e:
+        raise ReportError(f"{where}: {_errors(e, prefix)}") from None
 
 
 def run_facts(run_dir: Path, config: dict) -> RunFacts:
@@ -64,15 +207,21 @@ def run_facts(run_dir: Path, config: dict) -> RunFacts:
     the ones the config alone gives (no reward bounds an env documents itself)."""
     path = run_dir / FACTS_FILE
     if path.is_file():
-        return RunFacts.from_dict(json.loads(path.read_text()))
-    algo = AlgoSection.model_validate(config.get("algo", {}))
-    bounds = config.get("env", {}).get("reward_bounds")
-    return RunFacts(
-        gamma=algo.gamma, grad_clip=dict(algo.grad_clip), learning_starts=algo.learning_starts,
-        actor_lr=algo.actor_lr, critic_lr=algo.critic_lr, tau=algo.tau,
-        reward_bounds=tuple(bounds) if bounds else None,
-        max_episode_steps=config.get("env", {}).get("max_episode_steps"),
-    )
+        try:
+            data = json.loads(_read(path))
+        except (ValueError, RecursionError) as e:
+            raise ReportError(f"{path}: {_why(e)}") from None
+        return _facts(data, str(path))
+    try:
+        algo = AlgoSection.model_validate(config["algo"])
+    except ValidationError as e:
+        raise ReportError(f"{run_dir / 'config.yaml'}: {_errors(e, 'algo.')}") from None
+    return _facts({
+        "gamma": algo.gamma, "grad_clip": dict(algo.grad_clip), "learning_starts": algo.learning_starts,
+        "actor_lr": algo.actor_lr, "critic_lr": algo.critic_lr, "tau": algo.tau,
+        "reward_bounds": config["env"].get("reward_bounds"),
+        "max_episode_steps": config["env"].get("max_episode_steps"),
+    }, str(run_dir / "config.yaml"), "env.")
 
 
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -91,10 +240,24 @@ def replay_monitor(health: HealthSection, facts: RunFacts, rows: list[dict]) -> 
     return monitor.start_checks() + monitor.replay(rows)
 
 
+def resumed_crashes(alerts: list[dict], rows: list[dict], summary: dict) -> list[dict]:
+    """The `training_error` alerts of a run that was resumed past them and then completed. The
+    crash is history, not the verdict: a SIGKILLed and resumed run leaves no alert at all, and
+    both must be judged alike. A crash with no completion after it still fails."""
+    if summary.get("status") != "completed" or not rows:
+        return []
+    last = max(r["iteration"] for r in rows)
+    return [a for a in alerts if a["rule"] == TRAINING_ERROR and a["level"] == CRITICAL and a["iteration"] <= last]
+
+
+def crash_note(alert: dict) -> str:
+    return f"crashed at iteration {alert['iteration']}, resumed (`{TRAINING_ERROR}`: {alert['message']})"
+
+
 def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict, facts: RunFacts) -> list[Check]:
     """One line per health rule (FAIL: it raised CRITICAL, WARN: a warning), then the live
     alerts and how the run ended."""
-    health = HealthSection.model_validate(config.get("health", {}))
+    health = HealthSection.model_validate(config.get("health") or {})
     replayed = replay_monitor(health, facts, rows)
     out = []
     for rule, title in RULE_TITLES.items():
@@ -107,11 +270,13 @@ def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict, fa
         iterations = ", ".join(str(a.iteration) for a in fired[:5])
         out.append(Check(title, result, f"`{rule}` at iteration {iterations}: {worst.message}"))
 
-    critical = [a for a in alerts if a["level"] == CRITICAL]
+    resumed = resumed_crashes(alerts, rows, summary)
+    critical = [a for a in alerts if a["level"] == CRITICAL and a not in resumed]
     out.append(Check(
         "no CRITICAL health alert during the run",
         "FAIL" if critical else "PASS",
-        ", ".join(f"{a['rule']} (iteration {a['iteration']})" for a in critical) or "none",
+        "; ".join([", ".join(f"{a['rule']} (iteration {a['iteration']})" for a in critical) or "none"]
+                  + [crash_note(a) for a in resumed]),
     ))
     status = summary.get("status", "unknown (no summary.json: the run did not finish)")
     out.append(Check("run completed", "PASS" if status == "completed" else "FAIL", f"status: {status}"))
@@ -200,7 +365,7 @@ def plot(rows: list[dict], alerts: list[dict], facts: RunFacts, path: Path) -> N
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:  # alert lines alone have no labels
             ax.legend(fontsize=7)
     for ax in axes[2]:
         ax.set_xlabel("training iteration (grey: warm-up; red/orange lines: CRITICAL/WARN alerts)")
@@ -221,29 +386,27 @@ def write_csvs(rows: list[dict], alerts: list[dict], out: Path) -> None:
         writer.writerows(alerts)
 
 
-def write_report(run_dir: Path) -> tuple[bool, Path]:
-    """Writes RUN_DIR/report/; returns (passed, path of report.md)."""
+def write_report(run_dir: Path, out: Path | None = None) -> tuple[bool, Path]:
+    """Writes RUN_DIR/report/ (or `out`); returns (passed, path of report.md). A run that cannot
+    be read, or a report that cannot be written, is a ReportError."""
     config, rows, alerts, summary = load_run(run_dir)
     facts = run_facts(run_dir, config)
     results = checks(config, rows, alerts, summary, facts)
     passed = all(c.passed for c in results)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    plot(rows, alerts, facts, out / "report.png")
-    write_csvs(rows, alerts, out)
     failed = [c.name for c in results if not c.passed]
     warned = [c.name for c in results if c.result == "WARN"]
     lines = [
-        f"# Validation report: {config.get('experiment', {}).get('name', run_dir.name)}",
+        f"# Validation report: {config['experiment'].get('name', run_dir.name)}",
         "",
         f"Run: `{run_dir}`  ",
-        f"Env: `{config.get('env', {}).get('id', '?')}`, {rows[-1].get('env/steps_sampled', 0):,.0f} env steps, "
+        f"Env: `{config['env'].get('id', '?')}`, {rows[-1].get('env/steps_sampled', 0):,.0f} env steps, "
         f"{len(rows)} iterations" if rows else "No iterations recorded.",
         "",
         f"## Verdict: {'PASS' if passed else 'FAIL'}",
         "",
         ("All checks passed." if passed else "Failed: " + "; ".join(failed) + ".")
         + (f" Warnings: {'; '.join(warned)}." if warned else ""),
+        *[f"Note: {crash_note(a)}; it completed." for a in resumed_crashes(alerts, rows, summary)],
         "",
         "## At a glance",
         "",
@@ -265,22 +428,38 @@ def write_report(run_dir: Path) -> tuple[bool, Path]:
         "",
         "Series: `metrics.csv` (every metric per iteration), `alerts.csv`.",
     ]
+    out = out or run_dir / "report"
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plot(rows, alerts, facts, out / "report.png")
+        write_csvs(rows, alerts, out)
+        path.write_text("\n".join(lines) + "\n")
+    except OSError as e:  # a read-only run directory, another user's, a full disk
+        raise ReportError(f"cannot write the report into {out}: {e.strerror or e} "
+                          "(--out DIR writes it elsewhere)") from None
     return passed, path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.report", description="validation report of a run")
+    parser = argparse.ArgumentParser(
+        prog="python -m rl.report", description="validation report of a run",
+        epilog="exit status: 0 PASS, 1 FAIL, 2 no report made (a missing or damaged file, or --out not writable)",
+    )
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, metavar="DIR", help="write the report here (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     try:
-        passed, path = write_report(args.run_dir)
-    except (FileNotFoundError, ValueError) as e:
+        passed, path = write_report(args.run_dir, args.out)
+    except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_NO_REPORT
+    except Exception:  # a bug of ours: its traceback, and still not the exit status of a FAIL
+        traceback.print_exc()
+        print("error: the report could not be made (the unexpected error above)", file=sys.stderr)
+        return EXIT_NO_REPORT
     print(f"{'PASS' if passed else 'FAIL'}: {path}")
-    return 0 if passed else 1
+    return EXIT_PASS if passed else EXIT_FAIL
 
 
 if __name__ == "__main__":

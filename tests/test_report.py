@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from callbacks.health import RULE_TITLES
+from rl import report
 from rl.report import checks, load_run, main, run_facts
 
 CONFIG = {
@@ -91,3 +93,118 @@ def test_a_directory_that_is_not_a_run_is_a_clear_error_without_a_traceback(tmp_
     assert proc.returncode == 2
     assert f"{tmp_path / 'config.yaml'} not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "report").exists()
+
+
+# --- Bad input: one line naming the file and what was expected, exit 2 (bug report F8) ---------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json and yaml both recurse: RecursionError
+
+
+def metrics_line_2(text: str):
+    def damage(path: Path) -> None:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        lines[1] = text
+        (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return damage
+
+
+def write(name: str, text: str):
+    return lambda path: (path / name).write_text(text)
+
+
+BAD_INPUT = {
+    "config not YAML": (write("config.yaml", "experiment: [unclosed\n"), "config.yaml: not valid YAML"),
+    "config a list": (write("config.yaml", "- env\n- algo\n"), "config.yaml: expected a mapping of sections"),
+    "config section a number": (write("config.yaml", "env: 5\n"), "config.yaml: env: expected a mapping, got int"),
+    "config health key unknown": (write("config.yaml", "health: {q_bound: 1}\n"), "config.yaml: health.q_bound: unknown key"),
+    "config deeply nested": (write("config.yaml", DEEP), "config.yaml: YAML nested too deeply"),
+    "reward bounds a number": (write("config.yaml", "env: {reward_bounds: 5}\n"), "config.yaml: env.reward_bounds:"),
+    "row without iteration": (metrics_line_2('{"env/steps_sampled": 128.0}'),
+                              'metrics.jsonl line 2: "iteration" is missing (expected a whole number)'),
+    "row not an object": (metrics_line_2("[1, 2]"), "metrics.jsonl line 2: expected a JSON object, got list"),
+    "metric a string": (metrics_line_2('{"iteration": 1, "q/q1_max": "high"}'),
+                        "metrics.jsonl line 2: \"q/q1_max\": expected a number, got str 'high'"),
+    "row deeply nested": (metrics_line_2(DEEP), "metrics.jsonl line 2: JSON nested too deeply"),
+    "run facts empty": (write("run_facts.json", "{}"), "run_facts.json: required keys missing: gamma, grad_clip, learning_starts"),
+    "run facts a list": (write("run_facts.json", "[]"), "run_facts.json: expected a JSON object, got list"),
+    "run facts deeply nested": (write("run_facts.json", DEEP), "run_facts.json: JSON nested too deeply"),
+    "alert not an object": (write("alerts.jsonl", '"CRITICAL"\n'), "alerts.jsonl line 1: expected a JSON object"),
+    "alert without level": (write("alerts.jsonl", '{"rule": "x", "message": "m", "iteration": 1}\n'),
+                            'alerts.jsonl line 1: "level" is missing'),
+    "metrics not text": (lambda path: (path / "metrics.jsonl").write_bytes(b"\xff\xfe{}\n"), "metrics.jsonl: not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("damage, expected", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_F8_a_damaged_run_file_is_one_error_line_and_exit_2(tmp_path, capsys, damage, expected):
+    path = run_dir(tmp_path, rows())
+    damage(path)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and expected in err, err
+
+
+def test_F8_a_run_directory_the_report_cannot_be_written_to_says_so_and_out_writes_elsewhere(tmp_path, capsys, monkeypatch):
+    (tmp_path / "run").mkdir()
+    path = run_dir(tmp_path / "run", rows())
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # as for a read-only or another user's run directory (tests may run as root)
+        if self.is_relative_to(path):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cannot write the report into {path / 'report'}: Permission denied" in err
+    assert "--out DIR" in err
+    assert main([str(path), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert "## Verdict: PASS" in (tmp_path / "elsewhere" / "report.md").read_text()
+
+
+def test_F8_the_exit_status_tells_a_failed_run_1_from_a_report_that_could_not_be_made_2(tmp_path, capsys, monkeypatch):
+    path = run_dir(tmp_path, rows(), status="stopped_unhealthy")
+    assert main([str(path)]) == 1  # the verdict: FAIL
+
+    def bug(*args):
+        raise RuntimeError("a bug in the plotting")
+
+    monkeypatch.setattr(report, "plot", bug)
+    assert main([str(path)]) == 2  # not 1: CI must not read a broken report as a failed run
+    err = capsys.readouterr().err
+    assert "RuntimeError: a bug in the plotting" in err and "the report could not be made" in err
+
+
+# --- A crash the run was resumed past (bug report F12) -----------------------------------------
+
+
+def crashed_at(path: Path, iteration: int) -> Path:
+    alert = {"level": "CRITICAL", "rule": "training_error", "iteration": iteration, "evidence": {},
+             "message": f"training stopped on an error in iteration {iteration}: RuntimeError: boom."}
+    (path / "alerts.jsonl").write_text(json.dumps(alert) + "\n")
+    return path
+
+
+def test_F12_a_crash_resumed_to_completion_is_a_note_not_a_failure(tmp_path):
+    path = crashed_at(run_dir(tmp_path, rows(30)), 12)
+    assert main([str(path)]) == 0
+    report = (path / "report" / "report.md").read_text()
+    assert "## Verdict: PASS" in report and "Note: crashed at iteration 12, resumed" in report
+
+
+def test_F12_a_crash_not_followed_by_a_completed_resume_still_fails(tmp_path):
+    results = verdicts(crashed_at(run_dir(tmp_path, rows(12), status="crashed"), 12))
+    assert results["no CRITICAL health alert during the run"] == "FAIL" and results["run completed"] == "FAIL"
+    assert main([str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("text", ["", '{"run_dir": "/runs/x", "stat'], ids=["0 bytes", "truncated"])
+def test_F12_a_damaged_summary_is_named_and_fails_run_completed_without_a_crash(tmp_path, capsys, text):
+    path = run_dir(tmp_path, rows())
+    (path / "summary.json").write_text(text)
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{path / 'summary.json'} is damaged" in err
+    assert "summary.json is damaged" in (path / "report" / "report.md").read_text()
