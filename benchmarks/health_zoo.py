@@ -119,41 +119,79 @@ def flipped_reward(obs, reward):
 
 
 @contextlib.contextmanager
-def learner_fault(kind: str, at_step: int, factor: float = 1.0) -> Iterator[None]:
-    """From env step `at_step` on: `lr_spike` multiplies both learning rates by `factor`;
-    `frozen_targets` skips the Polyak update (the target networks never move again)."""
+def from_step(at_step: int, patches: dict[tuple[type, str], Callable]) -> Iterator[None]:
+    """Replaces methods (class, name) -> fault(real_method) for as long as the context is open;
+    each fault acts from the iteration whose start has sampled `at_step` env steps (the flag
+    `state["active"]`, passed to the fault factories)."""
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
     from rl.td3.td3 import TD3
-    from rl.td3.td3_learner import TD3TorchLearner
 
     state = {"active": False}
-    real_learn, real_apply, real_polyak = TD3._learn, TD3TorchLearner.apply_gradients, TD3TorchLearner._polyak_update_targets
+    real_step = TD3.training_step
 
-    def learn(self, num_updates, lifetime_steps):
-        state["active"] = lifetime_steps >= at_step
-        return real_learn(self, num_updates, lifetime_steps)
+    def training_step(self):
+        state["active"] = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0) >= at_step
+        return real_step(self)
 
-    def apply_gradients(self, gradients_dict):
-        spiked = kind == "lr_spike" and state["active"]
-        groups = [g for optimizer in self._optimizer_parameters for g in optimizer.param_groups]
-        for group in groups if spiked else []:
-            group["lr"] *= factor
-        try:
-            return real_apply(self, gradients_dict)
-        finally:  # RLlib's schedule owns the lr between steps
-            for group in groups if spiked else []:
-                group["lr"] /= factor
-
-    def polyak(self, module_id):
-        if not (kind == "frozen_targets" and state["active"]):
-            real_polyak(self, module_id)
-
-    TD3._learn, TD3TorchLearner.apply_gradients = learn, apply_gradients
-    TD3TorchLearner._polyak_update_targets = polyak
+    reals = {key: getattr(*key) for key in patches}
+    TD3.training_step = training_step
+    for (owner, name), make in patches.items():
+        setattr(owner, name, make(reals[(owner, name)], state))
     try:
         yield
     finally:
-        TD3._learn, TD3TorchLearner.apply_gradients = real_learn, real_apply
-        TD3TorchLearner._polyak_update_targets = real_polyak
+        TD3.training_step = real_step
+        for (owner, name), real in reals.items():
+            setattr(owner, name, real)
+
+
+def learner_fault(kind: str, at_step: int, factor: float = 1.0) -> contextlib.AbstractContextManager:
+    """From env step `at_step` on: `lr_spike` multiplies both learning rates by `factor`;
+    `frozen_targets` skips the Polyak update (the target networks never move again)."""
+    from rl.td3.td3_learner import TD3TorchLearner
+
+    def spiked_apply(real_apply, state):
+        def apply_gradients(self, gradients_dict):
+            groups = [g for optimizer in self._optimizer_parameters for g in optimizer.param_groups] if state["active"] else []
+            for group in groups:
+                group["lr"] *= factor
+            try:
+                return real_apply(self, gradients_dict)
+            finally:  # RLlib's schedule owns the lr between steps
+                for group in groups:
+                    group["lr"] /= factor
+        return apply_gradients
+
+    def frozen_polyak(real_polyak, state):
+        return lambda self, module_id: None if state["active"] else real_polyak(self, module_id)
+
+    patch = {"lr_spike": ((TD3TorchLearner, "apply_gradients"), spiked_apply),
+             "frozen_targets": ((TD3TorchLearner, "_polyak_update_targets"), frozen_polyak)}[kind]
+    return from_step(at_step, dict([patch]))
+
+
+def data_path_fault(kind: str, at_step: int) -> contextlib.AbstractContextManager:
+    """From env step `at_step` on, between sampling and learning (rl/td3/learner_replay.py):
+    `weights_stale`: the driver stops publishing weights (the runners keep theirs);
+    `replay_not_filling`: the learner takes no transitions in; `learner_behind`: the learner
+    makes half the updates asked."""
+    from rl.td3.learner_replay import LearnerReplay
+    from rl.td3.td3 import TD3
+
+    def no_publishing(real, state):
+        return lambda self: None if state["active"] else real(self)
+
+    def dropped(real, state):
+        return lambda self, chunks: self.replay.stats() if state["active"] else real(self, chunks)
+
+    def halved(real, state):
+        return lambda self, num_updates, timesteps: real(self, num_updates // 2 if state["active"] else num_updates, timesteps)
+
+    patch = {"weights_stale": ((TD3, "_publish_weights"), no_publishing),
+             "replay_not_filling": ((LearnerReplay, "add_to_replay"), dropped),
+             "learner_behind": ((LearnerReplay, "replay_and_update"), halved)}[kind]
+    return from_step(at_step, dict([patch]))
 
 
 # --- Scenarios -----------------------------------------------------------------------------------
@@ -221,6 +259,13 @@ SCENARIOS = [
              ci=True),
     Scenario("frozen_targets", "the Polyak update stops at step 2000", DRIVING, DRIVING_SMALL,
              expected=("targets_frozen",), fault=lambda: learner_fault("frozen_targets", 2000), onset_step=2000),
+    Scenario("weights_stale", "the weights stop reaching the runners at step 3000", DRIVING, DRIVING_SMALL,
+             expected=("weights_stale",), fault=lambda: data_path_fault("weights_stale", 3000), onset_step=3000),
+    Scenario("replay_not_filling", "transitions stop reaching the learner's replay at step 3000", DRIVING,
+             DRIVING_SMALL, expected=("replay_not_filling",), fault=lambda: data_path_fault("replay_not_filling", 3000),
+             onset_step=3000),
+    Scenario("learner_behind", "the learner makes half the updates owed from step 3000", DRIVING, DRIVING_SMALL,
+             expected=("learner_behind",), fault=lambda: data_path_fault("learner_behind", 3000), onset_step=3000),
     Scenario("tiny_tau", "tau 1e-5: targets that barely move", "pendulum_td3.yaml",
              ("experiment.stop_env_steps=6000", "algo.tau=1e-5", "evaluation.interval_iters=0",
               "evaluation.episodes=3"), expected=("target_lag",)),

@@ -64,6 +64,9 @@ RULE_TITLES = {
     "non_finite": "no NaN or Inf in losses, Q values or weights",
     "sampling_stalled": "new env steps every iteration",
     "runner_silent": "every env runner delivering fragments",
+    "weights_stale": "new weights reaching the env runners",
+    "replay_not_filling": "new transitions reaching the learners' replay",
+    "learner_behind": "the learners keeping the replay ratio",
     "missing_metric": "losses and Q reported every iteration since learning started",
     "observation_non_finite": "observations finite",
     "observation_frozen": "no observation part frozen (a dead sensor)",
@@ -114,6 +117,7 @@ class RunFacts:
     reward_bounds: tuple[float, float] | None = None  # documented by the env, if it does
     max_episode_steps: int | None = None
     planned_updates: float | None = None  # learner updates the whole run will do
+    updates_per_env_step: float | None = None  # the replay ratio the learners must keep
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +205,9 @@ class HealthMonitor:
         self._below_warmup = 0  # consecutive judged iterations worse than the warm-up
         self._last_steps = 0.0  # env/steps_sampled of the previous iteration (none before the first)
         self._stalled = 0  # iterations running without a new env step
+        # (env steps, learner updates, replay transitions added) of the last iterations, oldest
+        # first: the data path's rules compare now with `stall_iters` iterations ago.
+        self._data_path: deque[tuple[float, float, float]] = deque(maxlen=config.stall_iters + 1)
 
     # --- At start ---------------------------------------------------------------------------
 
@@ -283,6 +290,7 @@ class HealthMonitor:
 
         self._check_non_finite(metrics, conditions)
         self._check_sampling(metrics, conditions)
+        self._check_data_path(metrics, conditions)
         if self._iters_learning > self.config.grace_iters:
             self._check_missing(metrics, conditions)
         self._check_observations(metrics, conditions)
@@ -362,6 +370,52 @@ class HealthMonitor:
                 "hangs (CARLA: a server frozen without a tick timeout, env/tick_timeouts), its node "
                 "is overloaded or lost, or it is being replaced (env runner restarts).",
                 {"sampling/runner_silent_iters": silent_iters, "sampling/runners_silent": silent_now},
+            )
+
+    def _check_data_path(self, m: dict, conditions: dict) -> None:
+        """Between sampling and learning (rl/td3/learner_replay.py): transitions must reach the
+        learners' replay, the learners must make the updates owed, and their weights must reach
+        the runners. Each failure leaves the run looking alive: steps grow, losses are logged."""
+        if not {"env/steps_sampled", "replay/added", "learner/num_critic_updates"} <= m.keys():
+            return
+        self._data_path.append((m["env/steps_sampled"], m["learner/num_critic_updates"], m["replay/added"]))
+        if len(self._data_path) <= self.config.stall_iters:
+            return
+        (steps0, updates0, added0), (steps, updates, added) = self._data_path[0], self._data_path[-1]
+        n = self.config.stall_iters
+        if steps > steps0 and (added - added0 < 0.5 * (steps - steps0)):
+            conditions["replay_not_filling"] = (
+                CRITICAL,
+                f"{steps - steps0:,.0f} env steps were sampled in the last {n} iterations, but the "
+                f"learners' replay took in {added - added0:,.0f} transitions (replay/added): the "
+                "learners go on training on old data only. Likely cause: a learner restarted and "
+                "lost its replay shard, or transitions dropped on their way to it.",
+                {"env_steps": steps - steps0, "replay_added": added - added0},
+            )
+        learning0 = max(0.0, steps0 - self.facts.learning_starts)
+        learning = max(0.0, steps - self.facts.learning_starts)
+        ratio = self.facts.updates_per_env_step
+        if ratio and learning0 > 0 and learning > learning0:
+            kept = (updates - updates0) / (learning - learning0)
+            if kept < 0.9 * ratio:
+                conditions["learner_behind"] = (
+                    WARN,
+                    f"the learners made {updates - updates0:,.0f} updates for {learning - learning0:,.0f} "
+                    f"new env steps in the last {n} iterations: {kept:.3f} per step, where "
+                    f"algo.updates_per_env_step is {ratio:g}. The policy learns less from each step "
+                    "than configured. Likely cause: a learner shard without data (several learners), "
+                    "or learner calls that fail or return early.",
+                    {"updates_per_env_step": kept, "configured": ratio},
+                )
+        missed = m.get("sampling/weights_missed_iters")
+        if missed is not None and missed >= n:
+            conditions["weights_stale"] = (
+                WARN,
+                f"a fragment was sampled with weights the learner had moved past {missed:.0f} "
+                "iterations before (sampling/weights_missed_iters): new weights no longer reach "
+                "that env runner, and it samples with an old policy. Likely cause: weights that fail "
+                "to load on the runner, or a publishing step that stopped (perf/weight_sync_s).",
+                {"sampling/weights_missed_iters": missed, "sampling/policy_lag_max": m.get("sampling/policy_lag_max", math.nan)},
             )
 
     def _check_missing(self, m: dict, conditions: dict) -> None:

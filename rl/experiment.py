@@ -186,6 +186,7 @@ def run_facts(exp: ExperimentConfig) -> RunFacts:
         max_episode_steps=max_steps,
         planned_updates=max(exp.experiment.stop_env_steps - exp.algo.learning_starts, 0)
         * exp.algo.updates_per_env_step,
+        updates_per_env_step=exp.algo.updates_per_env_step,
     )
 
 

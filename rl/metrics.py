@@ -19,6 +19,7 @@ from rl.td3.td3 import (
     OVERESTIMATION,
     POLICY_LAG_MAX,
     POLICY_LAG_MEAN,
+    REPLAY_ADDED,
     REPLAY_BUFFER_SIZE,
     REPLAY_BYTES_PER_TRANSITION,
     REPLAY_REWARD_ABS_MEAN,
@@ -29,6 +30,7 @@ from rl.td3.td3 import (
     RUNNERS_SILENT,
     START_Q_MEAN,
     START_RETURN_MEAN,
+    WEIGHTS_MISSED_ITERS,
 )
 
 # stable name -> path in the RLlib result dict
@@ -63,11 +65,13 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "replay/reward_max": (REPLAY_REWARD_MAX,),
     "replay/reward_abs_mean": (REPLAY_REWARD_ABS_MEAN,),
     "replay/bytes_per_transition": (REPLAY_BYTES_PER_TRANSITION,),
+    "replay/added": (REPLAY_ADDED,),
     # Updates per env step past learning_starts this iteration (= algo.updates_per_env_step), and
     # how many updates older than the learner's the weights that sampled the data were.
     "replay/ratio": (REPLAY_RATIO,),
     "sampling/policy_lag_mean": (POLICY_LAG_MEAN,),
     "sampling/policy_lag_max": (POLICY_LAG_MAX,),
+    "sampling/weights_missed_iters": (WEIGHTS_MISSED_ITERS,),
     # Iterations since the longest-silent env runner delivered a fragment; runners that
     # delivered none this iteration (the `runner_silent` health rule).
     "sampling/runner_silent_iters": (RUNNER_SILENT_ITERS,),

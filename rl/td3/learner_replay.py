@@ -154,6 +154,12 @@ class ReplayShards:
         return sum(stats["size"] for stats in self._stats)
 
     @property
+    def added(self) -> int:
+        """Transitions the learners' shards ever took in: grows with the env steps sent, unless
+        they stop reaching the replay (the `replay_not_filling` health rule)."""
+        return sum(stats["added"] for stats in self._stats)
+
+    @property
     def reward_range(self) -> tuple[float, float]:
         return (min(s["reward_range"][0] for s in self._stats), max(s["reward_range"][1] for s in self._stats))
 

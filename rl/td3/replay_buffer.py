@@ -59,8 +59,8 @@ def memory_limit_bytes() -> int:
 
 class TransitionReplayBuffer:
     # What `stats` says of a buffer nothing was added to.
-    EMPTY_STATS = {"size": 0, "reward_range": (np.inf, -np.inf), "reward_abs_sum": 0.0, "rewards_seen": 0,
-                   "bytes_per_transition": 0}
+    EMPTY_STATS = {"size": 0, "added": 0, "reward_range": (np.inf, -np.inf), "reward_abs_sum": 0.0,
+                   "rewards_seen": 0, "bytes_per_transition": 0}
 
     def __init__(self, capacity: int, seed: int | None = None):
         if capacity <= 0:
@@ -98,7 +98,7 @@ class TransitionReplayBuffer:
 
     def stats(self) -> dict[str, Any]:
         """What the driver logs of a buffer that lives in a learner (rl/td3/learner_replay.py)."""
-        return {"size": self._size, "reward_range": self._reward_range, "reward_abs_sum": self._reward_abs_sum,
+        return {"size": self._size, "added": self._added, "reward_range": self._reward_range, "reward_abs_sum": self._reward_abs_sum,
                 "rewards_seen": self._rewards_seen, "bytes_per_transition": self.bytes_per_transition}
 
     @property

@@ -21,6 +21,7 @@ Two ways to interleave sampling and learning, the same updates per env step in b
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 
@@ -53,6 +54,7 @@ REPLAY_BUFFER_SIZE = "replay_buffer_size"
 REPLAY_REWARD_MIN, REPLAY_REWARD_MAX = "replay_reward_min", "replay_reward_max"
 REPLAY_REWARD_ABS_MEAN = "replay_reward_abs_mean"  # the reward scale the health rules divide by
 REPLAY_BYTES_PER_TRANSITION = "replay_bytes_per_transition"  # memory one stored transition takes
+REPLAY_ADDED = "replay_added"  # transitions the learners' replay ever took in
 # Bytes handed to the learners this iteration (new transitions, update requests), serialized: what
 # crosses to learners in other processes (rl/td3/learner_replay.py).
 LEARNER_INPUT_BYTES = "learner_input_bytes"
@@ -63,6 +65,9 @@ UPDATE_CREDIT = "td3_update_credit"  # checkpoint key
 # Learner updates between the weights a fragment was sampled with and the learner's when the
 # fragment arrives (0 in the synchronous loop): how off-policy asynchronous sampling makes it.
 POLICY_LAG_MEAN, POLICY_LAG_MAX = "policy_lag_mean", "policy_lag_max"
+# Iterations since the learner first moved past the weights a fragment was sampled with (0: the
+# runner had the newest): grows by one an iteration once new weights stop reaching a runner.
+WEIGHTS_MISSED_ITERS = "weights_missed_iters"
 # Updates per env step past `learning_starts`, this iteration: `updates_per_env_step` held.
 REPLAY_RATIO = "replay_ratio"
 # Iterations since the longest-silent env runner last delivered a fragment, and how many runners
@@ -226,6 +231,8 @@ class TD3(Algorithm):
         self._published_weights: list = []  # asynchronous sampling: [ObjectRef] once published
         self._iterations_run = 0  # by this process (not restored from a checkpoint)
         self._last_delivery: dict[int, int] = {}  # env runner index -> iteration of its last fragment
+        # Learner updates made by the end of each iteration of this process (non-decreasing).
+        self._updates_at_end: list[int] = []
 
     def training_step(self) -> None:
         self._iterations_run += 1
@@ -234,7 +241,7 @@ class TD3(Algorithm):
             self._raise_if_runners_gone()
         # This iteration's counts, times and episodes, logged at its end (`_log_iteration`).
         self._this_iteration = {"updates": 0, "learning_steps": 0, "sample_s": 0.0, "learn_s": 0.0,
-                                "wait_s": 0.0, "lags": [], "episodes": [], "finished": [],
+                                "wait_s": 0.0, "lags": [], "missed": [], "episodes": [], "finished": [],
                                 "bytes_before": self.replay.bytes_sent}
         if self.config.async_sampling:
             self._sample_and_learn_async()
@@ -244,9 +251,9 @@ class TD3(Algorithm):
 
     def _sample_then_learn(self) -> None:
         """Synchronous: every runner samples one fragment, then the learner makes the updates
-        owed, then the new weights go out."""
+        owed, then the new weights are published (the next requests carry them)."""
         runners = self.env_runner_group
-        request = {"weights": [], "version": self._weights_version}
+        request = {"weights": self._published_weights, "version": self._weights_version}
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             if runners.num_remote_workers() > 0:
                 # A runner that has not answered within the timeout is left out of this iteration.
@@ -256,13 +263,12 @@ class TD3(Algorithm):
                 )
             else:
                 fragments = [_sample_with_metrics(runners.local_env_runner, **request)]
-        episodes = [episode for fragment in fragments for episode in fragment[0]]
-        self._store(episodes, [fragment[1] for fragment in fragments], self._weights_version)
-        for fragment in fragments:
-            self._last_delivery[fragment[3]] = self._iterations_run
+        for episodes, env_runner_metrics, sampled_with, runner_index in fragments:
+            self._store(episodes, [env_runner_metrics], sampled_with)
+            self._last_delivery[runner_index] = self._iterations_run
         self._learn_owed()
         if self._num_updates > self._weights_version:
-            self._sync_weights()
+            self._publish_weights()
 
     def _sample_and_learn_async(self) -> None:
         """Asynchronous: runners sample while the driver learns. One iteration ends when as many
@@ -311,6 +317,10 @@ class TD3(Algorithm):
             new_steps = self.replay.add(episodes)
         finished = self._episode_starts.add(episodes)
         self._this_iteration["lags"].append(self._num_updates - sampled_with)
+        # The first iteration that ended with the learner past these weights (0-based).
+        moved_past = bisect.bisect_right(self._updates_at_end, sampled_with)
+        missed = self._iterations_run - 1 - moved_past if moved_past < len(self._updates_at_end) else 0
+        self._this_iteration["missed"].append(missed)
         self._this_iteration["episodes"] += episodes  # for the observation checks, at its end
         lifetime_steps = self.metrics.peek(
             (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
@@ -330,17 +340,11 @@ class TD3(Algorithm):
             self._update_credit -= num_updates
             self._learn(num_updates)
 
-    def _sync_weights(self) -> None:
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(
-                from_worker_or_learner_group=self.learner_group, inference_only=True
-            )
-        self._weights_version = self._num_updates
-
     def _publish_weights(self) -> None:
-        """Asynchronous sampling: the learner's weights into the object store, once, for the
-        sample requests from now on to carry (in a list, so that Ray passes the reference and
-        only a runner with older weights fetches them)."""
+        """The learner's weights into the object store, once, for the sample requests from now
+        on to carry (in a list, so that Ray passes the reference and only a runner with older
+        weights fetches them). Runners say which version they sampled with: the policy lag is
+        measured on what they hold, so weights that stop reaching them show (`weights_stale`)."""
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             state = self.learner_group.get_state(
                 components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}", inference_only=True
@@ -350,6 +354,7 @@ class TD3(Algorithm):
             if self.env_runner is not None:
                 # The driver's own runner: RLlib restores failed runners from its state.
                 self.env_runner.set_state(weights)
+                self.env_runner._td3_weights_version = self._num_updates
         self._weights_version = self._num_updates
 
     def _log_iteration(self) -> None:
@@ -360,6 +365,7 @@ class TD3(Algorithm):
         if iteration["finished"]:
             self._log_overestimation(iteration["finished"])
         metrics.log_value(REPLAY_BUFFER_SIZE, len(self.replay), window=1)
+        metrics.log_value(REPLAY_ADDED, self.replay.added, window=1)
         if len(self.replay):
             low, high = self.replay.reward_range
             metrics.log_value(REPLAY_REWARD_MIN, low, window=1)
@@ -370,6 +376,8 @@ class TD3(Algorithm):
         if iteration["lags"]:
             metrics.log_value(POLICY_LAG_MEAN, float(np.mean(iteration["lags"])), window=1)
             metrics.log_value(POLICY_LAG_MAX, max(iteration["lags"]), window=1)
+            metrics.log_value(WEIGHTS_MISSED_ITERS, max(iteration["missed"]), window=1)
+        self._updates_at_end.append(self._num_updates)
         if iteration["learning_steps"]:
             metrics.log_value(REPLAY_RATIO, iteration["updates"] / iteration["learning_steps"], window=1)
         if iteration["updates"]:
@@ -462,10 +470,11 @@ class TD3(Algorithm):
 
 
 def _sample_with_metrics(env_runner, weights: list, version: int) -> tuple:
-    """Runs on the env runner: loads `weights` ([ObjectRef], or [] for the ones it has) unless it
-    has that `version` already, then samples one fragment. Returns the fragment, the runner's
-    metrics since its last one, the version it was sampled with, and the runner's index."""
-    if weights and getattr(env_runner, "_td3_weights_version", None) != version:
+    """Runs on the env runner: loads `weights` ([ObjectRef], or [] before the first update)
+    unless it has that `version` already, then samples one fragment. Returns the fragment, the
+    runner's metrics since its last one, the version of the weights it holds (0: the ones it was
+    built with), and the runner's index."""
+    if weights and getattr(env_runner, "_td3_weights_version", 0) != version:
         env_runner.set_state(ray.get(weights[0]))
         env_runner._td3_weights_version = version
-    return env_runner.sample(), env_runner.get_metrics(), version, env_runner.worker_index
+    return env_runner.sample(), env_runner.get_metrics(), getattr(env_runner, "_td3_weights_version", 0), env_runner.worker_index
