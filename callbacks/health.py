@@ -54,6 +54,7 @@ ACTOR_GROUPS = ("actor.encoder", "actor.head")
 FACTS_FILE = "run_facts.json"  # in the run directory: the RunFacts the live monitor used
 TRAINING_ERROR = "training_error"  # the alert rl.train sends when training raised
 INTERRUPTED = "interrupted"  # the alert rl.train sends when SIGINT or SIGTERM stopped it
+HISTORY_LOST = "history_lost"  # rl.train: a run resumed without the metrics rows up to its checkpoint
 
 # Rules that judge the configuration (at start, and at the end of the warm-up), not the run's
 # course; `reward_scale` is the one meant to depend on the reward scale.

@@ -14,7 +14,7 @@ from pathlib import Path
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from callbacks.alerts import AlertSinks
-from callbacks.health import CRITICAL, FACTS_FILE, INFO, INTERRUPTED, TRAINING_ERROR, WARN, Alert, HealthMonitor
+from callbacks.health import CRITICAL, FACTS_FILE, TRAINING_ERROR, WARN, Alert, HealthMonitor
 from callbacks.wandb_run import WandbRun
 from rl.config import HealthSection, WandbSection
 from rl.metrics import HEALTH_RESULTS, summarize
@@ -66,15 +66,10 @@ class HealthCallback(RLlibCallback):
             {}, iteration,
         ))
 
-    def report_interrupted(self, iteration: int, signal_name: str, checkpoint) -> None:
-        """SIGINT or SIGTERM stopped the run: said where its alerts go (a pod evicted at night is
-        otherwise a run that just went quiet)."""
-        self._send(Alert(
-            INFO, INTERRUPTED,
-            f"{signal_name} stopped the run after iteration {iteration}; newest checkpoint: "
-            f"{checkpoint}. It resumes from there (python -m rl.train --resume RUN_DIR).",
-            {}, iteration,
-        ))
+    def notify(self, level: str, rule: str, iteration: int, message: str) -> None:
+        """An event of the run itself (stopped by a signal, resumed without its history), said
+        where alerts go: a pod evicted at night is otherwise a run that just went quiet."""
+        self._send(Alert(level, rule, message, {}, iteration))
 
     def _send(self, alert: Alert) -> None:
         self.sinks.send(alert)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from callbacks.alerts import read_alerts
-from callbacks.health import CRITICAL, TRAINING_ERROR
+from callbacks.health import CRITICAL, HISTORY_LOST, INFO, INTERRUPTED, TRAINING_ERROR, WARN
 from callbacks.health_callback import HealthCallback
 from rl import checkpoints, run_directory
 from rl.config import ConfigError, ExperimentConfig, load_config
@@ -85,7 +85,7 @@ def restore(algo, run_dir: Path) -> list[dict]:
     """Loads the run's newest complete checkpoint into `algo` (rl/checkpoints.py) and sets aside
     the metrics rows written after it (into metrics.after_<iteration>.jsonl: kept, not mixed with
     the rows the resumed run writes) and any line a crash cut short. Returns the rows up to that
-    checkpoint (at least one, naming its iteration)."""
+    checkpoint."""
     checkpoint = checkpoints.restore_newest(algo, run_dir / "checkpoints")
     iteration = algo.training_iteration
     print(f"resume: from {checkpoint.name} (iteration {iteration})", file=sys.stderr)
@@ -109,7 +109,7 @@ def restore(algo, run_dir: Path) -> list[dict]:
             f.write("".join(r + "\n" for r in torn))
     if after or torn:
         metrics.write_text("".join(r + "\n" for r in kept))
-    return [json.loads(r) for r in kept] or [{"iteration": iteration}]
+    return [json.loads(r) for r in kept]
 
 
 def train(
@@ -148,7 +148,11 @@ def _train_in(
     import ray
     import torch
 
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
     from rl.experiment import build_td3_config, open_carla_endpoint_pools
+    from rl.td3.td3_learner import NUM_CRITIC_UPDATES
 
     if not resume:  # a resumed run records its config once its checkpoint loaded with it
         run_directory.record_config(run_dir, exp)
@@ -174,9 +178,19 @@ def _train_in(
             raise
         run_directory.record_config(run_dir, exp)
         monitor(algo).resume(rows)
-        row = rows[-1]
-        env_steps = row.get("env/steps_sampled", 0.0)
-        updates, iteration = row.get("learner/num_critic_updates", 0.0), row["iteration"]
+        iteration = algo.training_iteration
+        # The checkpoint's own counters: metrics.jsonl may have lost rows (or be gone).
+        env_steps = algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0.0)
+        updates = algo.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, NUM_CRITIC_UPDATES), default=0.0)
+        recorded = [row["iteration"] for row in rows]
+        if recorded != list(range(1, iteration + 1)):
+            monitor(algo).notify(
+                WARN, HISTORY_LOST, iteration,
+                f"metrics.jsonl holds {len(recorded)} of the {iteration} iterations up to the checkpoint "
+                "it resumes from (deleted, or lost with a disk): the health monitor goes on without "
+                "them, so its warm-up baseline and trend windows start over from here, and the report "
+                "and W&B miss those iterations.",
+            )
     progress = TrainingProgress(exp.experiment.stop_env_steps) if show_progress else None
     keep = exp.experiment.keep_checkpoints
     start = time.monotonic()
@@ -251,7 +265,11 @@ def _train_in(
             newest = checkpoints.periodic(run_dir / "checkpoints")
             final_checkpoint = newest[-1] if newest else None
         if stops.signal and not stopped_by:
-            monitor(algo).report_interrupted(iteration, stops.signal.name, final_checkpoint)
+            monitor(algo).notify(
+                INFO, INTERRUPTED, iteration,
+                f"{stops.signal.name} stopped the run after iteration {iteration}; newest checkpoint: "
+                f"{final_checkpoint}. It resumes from there (python -m rl.train --resume {run_dir}).",
+            )
         if final_checkpoint and exp.wandb.log_checkpoints:
             monitor(algo).wandb_run.log_checkpoint(
                 final_checkpoint,

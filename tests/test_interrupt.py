@@ -93,23 +93,21 @@ def test_a_stopped_run_writes_a_checkpoint_and_summary_and_resumes(ray_local, tm
     assert main(["--resume", str(run_dir), "--no-progress", "--set", "algo.buffer_size=1000"]) == 2
     assert (run_dir / "config.yaml").read_bytes() == config
 
-    # It goes on from the checkpoint: every iteration once, the counters continued.
+    # It goes on from the checkpoint: every iteration once, the counters continued. After SIGTERM
+    # the metrics up to it are lost too (a disk replaced): the resumed run says so, and measures
+    # its speed from the checkpoint's own counters, not from nothing.
+    lose_history = sig == signal.SIGTERM
+    if lose_history:
+        (run_dir / "metrics.jsonl").unlink()
     stop = int(rows[-1]["env/steps_sampled"]) + 128
     assert main(["--resume", str(run_dir), "--no-progress", "--set", f"experiment.stop_env_steps={stop}"]) == 0
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in resumed] == list(range(1, last + 3))
-    assert resumed[last]["env/steps_sampled"] == rows[-1]["env/steps_sampled"] + 64
-
-
-@pytest.mark.slow
-def test_a_second_ctrl_c_stops_at_once_and_leaves_the_checkpoints_intact(tmp_path):
-    run_dir = tmp_path / "run"
-    process = start_run(run_dir)
-    wait_for_iterations(process, run_dir, 3)
-    code, stderr, seconds = stop_with(process, [(signal.SIGINT, True), (signal.SIGINT, True)])
-
-    assert code == 130, stderr[-3000:]
-    assert seconds < GRACE_S
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert "Stopped at once" in stderr
-    assert not list((run_dir / "checkpoints").glob(".partial-*"))
+    first = resumed[-2]
+    assert first["iteration"] == last + 1 and first["env/steps_sampled"] == rows[-1]["env/steps_sampled"] + 64
+    assert first["perf/env_steps_per_s"] * first["time_s"] == pytest.approx(64)
+    lost = [a for a in map(json.loads, (run_dir / "alerts.jsonl").read_text().splitlines()) if a["rule"] == "history_lost"]
+    if lose_history:
+        assert [r["iteration"] for r in resumed] == [last + 1, last + 2]
+        assert [a["level"] for a in lost] == ["WARN"] and f"holds 0 of the {last} iterations" in lost[0]["message"]
+    else:
+        assert [r["iteration"] for r in resumed] == list(range(1, last + 3)) and not lost
