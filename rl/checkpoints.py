@@ -54,24 +54,29 @@ def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
     return checkpoints / name
 
 
-def restore_newest(algo, checkpoints: Path) -> Path:
+def restore_newest(algo, checkpoints: Path, replay: bool = True) -> Path:
     """Loads the newest periodic checkpoint that loads completely into `algo` (weights,
-    optimizers, counters, replay buffer). A newer one that does not (cut short by a crash before
-    this version wrote checkpoints atomically, a file damaged since) is skipped with a message."""
+    optimizers, counters, and the replay buffer unless `replay` is False: it then starts empty).
+    A newer one that does not (cut short by a crash before this version wrote checkpoints
+    atomically, a file damaged since) is skipped with a message."""
     skipped = []
     for path in reversed(periodic(checkpoints)):
         try:
-            manifest = json.loads((path / REPLAY_MANIFEST).read_text())
+            manifest = json.loads((path / REPLAY_MANIFEST).read_text()) if replay else None
             algo.restore_from_path(str(path.resolve()))
-            algo.replay.load(checkpoints / REPLAY_CHUNKS, manifest)
+            if replay:
+                algo.replay.load(checkpoints / REPLAY_CHUNKS, manifest)
             return path
         except Exception as error:  # any reason it cannot be loaded: try the one before
             reason = f"{type(error).__name__}: {error}"
             print(f"resume: skipped checkpoint {path.name}, it does not load ({reason[:300]})", file=sys.stderr)
-            skipped.append(f"{path.name} ({reason[:120]})")
+            skipped.append(f"{path.name} ({reason[:300]})")
     raise FileNotFoundError(
         f"{checkpoints} has no checkpoint to resume from"
         + (f"; none of them loads: {'; '.join(skipped)}" if skipped else "")
+        + (". Their replay is damaged (chunks are shared): `--refill-replay` resumes from the newest "
+           "checkpoint's weights, optimizers and counters with an empty replay, refilled by sampling"
+           if replay and any(REPLAY_CHUNKS in reason for reason in skipped) else "")
     )
 
 

@@ -81,13 +81,15 @@ def monitor(algo) -> HealthCallback:
     return next(c for c in algo.callbacks if isinstance(c, HealthCallback))
 
 
-def restore(algo, run_dir: Path) -> list[dict]:
+def restore(algo, run_dir: Path, refill_replay: bool = False) -> list[dict]:
     """Loads the run's newest complete checkpoint into `algo` (rl/checkpoints.py) and sets aside
     the metrics rows written after it (into metrics.after_<iteration>.jsonl: kept, not mixed with
     the rows the resumed run writes) and any line a crash cut short. Returns the rows up to that
     checkpoint."""
-    checkpoint = checkpoints.restore_newest(algo, run_dir / "checkpoints")
+    checkpoint = checkpoints.restore_newest(algo, run_dir / "checkpoints", replay=not refill_replay)
     iteration = algo.training_iteration
+    if refill_replay:
+        print("resume: the replay starts empty (--refill-replay) and refills from sampling", file=sys.stderr)
     print(f"resume: from {checkpoint.name} (iteration {iteration})", file=sys.stderr)
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -117,12 +119,14 @@ def train(
     run_dir: Path | None = None,
     show_progress: bool = True,
     resume: bool = False,
+    refill_replay: bool = False,
     on_iteration: Callable[[dict], None] | None = None,
     verbose: bool = False,
 ) -> dict:
     """Runs one experiment to the end; returns the summary also written to summary.json.
     With `resume`, continues the run in `run_dir` from its newest checkpoint. `on_iteration`
-    gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py)."""
+    gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py). `refill_replay`: resume
+    without the checkpoint's replay (damaged: its chunks are shared by every checkpoint)."""
     import ray
 
     from rl.experiment import check_placement, check_replay_fits, check_resources
@@ -139,11 +143,12 @@ def train(
     run_dir = run_dir or run_directory.make(exp)
     # After Ray's start: its own SIGTERM handler would end the run without a checkpoint.
     with run_directory.locked(run_dir), StopRequests() as stops:
-        return _train_in(run_dir, exp, show_progress, resume, on_iteration, stops)
+        return _train_in(run_dir, exp, show_progress, resume, refill_replay, on_iteration, stops)
 
 
 def _train_in(
-    run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, on_iteration, stops: StopRequests
+    run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, refill_replay: bool, on_iteration,
+    stops: StopRequests,
 ) -> dict:
     import ray
     import torch
@@ -169,7 +174,7 @@ def _train_in(
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
         try:
-            rows = restore(algo, run_dir)
+            rows = restore(algo, run_dir, refill_replay)
         except BaseException:  # config.yaml stays the one the checkpoints were written with
             monitor(algo).close()
             algo.stop()
@@ -334,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --config: run in this directory, resuming if it already holds a checkpoint "
         "(for jobs that get retried, e.g. the RayJob in k8s/ after a lost head)",
     )
+    parser.add_argument(
+        "--refill-replay", action="store_true",
+        help="with --resume or --run-dir: resume the newest checkpoint's weights, optimizers and counters "
+        "with an empty replay, refilled by sampling (when the replay chunks are damaged)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="also show Ray's and RLlib's own log messages")
     args = parser.parse_args(argv)
@@ -350,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                     run_directory.check_can_write(run_dir, "--run-dir")
                     held.enter_context(run_directory.locked(run_dir))
                     resume = run_directory.settle(run_dir, exp)
-            summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume, verbose=args.verbose)
+            if args.refill_replay and not resume:
+                raise ConfigError("--refill-replay: only for a run that resumes (--resume, or --run-dir of a started run)")
+            summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume,
+                            refill_replay=args.refill_replay, verbose=args.verbose)
         except (FileNotFoundError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

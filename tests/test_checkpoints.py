@@ -232,3 +232,28 @@ def test_a_damaged_replay_manifest_is_skipped_when_pruning_not_a_crash(tmp_path,
     assert [p.name for p in (store / "replay" / "shard0").iterdir()] == ["rows_a"]
     err = capsys.readouterr().err
     assert "iter_000001/replay.json is damaged (JSONDecodeError" in err and "iter_000003/replay.json is damaged" in err
+
+
+def test_a_damaged_replay_chunk_is_named_and_the_weights_resume_with_the_replay_refilled(algo, tmp_path):
+    """Checkpoints share their replay chunks, so one chunk cut short makes them all unloadable:
+    the error names the chunk and the way out, and `--refill-replay` resumes from the newest
+    checkpoint's weights, optimizers and counters with an empty replay."""
+    store = tmp_path / "checkpoints"
+    for i in (1, 2):
+        algo.train()
+        checkpoints.save(algo, store, f"iter_{i:06d}", keep=5)
+    chunk = store / "replay" / "shard0" / "rows_0000000000000_0000000000064" / "obs.npy"
+    chunk.write_bytes(chunk.read_bytes()[:200])
+
+    resumed = fresh_algo()
+    try:
+        with pytest.raises(FileNotFoundError) as error:
+            checkpoints.restore_newest(resumed, store)
+        assert f"replay chunk {chunk.parent} is missing or damaged" in str(error.value)
+        assert "--refill-replay" in str(error.value)
+        assert checkpoints.restore_newest(resumed, store, replay=False).name == "iter_000002"
+        assert resumed.training_iteration == 2 and len(resumed.replay) == 0
+        resumed.train()  # it samples, refills and goes on
+        assert len(resumed.replay) == 64 and resumed.training_iteration == 3
+    finally:
+        resumed.stop()

@@ -67,6 +67,9 @@ class TransitionReplayBuffer:
             raise ValueError(f"replay buffer capacity must be > 0, got {capacity}")
         self.capacity = capacity
         self._rng = np.random.default_rng(seed)
+        self._empty()
+
+    def _empty(self) -> None:
         # Allocated on the first add: the per-row arrays (a stacked camera leaf holds frame
         # numbers), and per stacked camera leaf (its path in the observation) its FrameStore and,
         # per slot, the oldest frame this row or any later one needs (non-decreasing by row).
@@ -331,14 +334,21 @@ class TransitionReplayBuffer:
         }
 
     def load(self, directory: Path, manifest: dict[str, Any]) -> None:
-        """Restores the buffer a `save` described, reading its chunks from `directory`."""
+        """Restores the buffer a `save` described, reading its chunks from `directory`; all or
+        nothing: a load that fails leaves the buffer empty, never half-filled."""
+        try:
+            self._load(Path(directory), manifest)
+        except BaseException:
+            self._empty()
+            raise
+
+    def _load(self, directory: Path, manifest: dict[str, Any]) -> None:
         if manifest["capacity"] != self.capacity:
             raise ValueError(
                 f"the checkpoint's replay buffer holds {manifest['capacity']:,} transitions, this "
                 f"run's algo.buffer_size is {self.capacity:,}: resume with the run's own config"
             )
-        directory = Path(directory)
-        self._columns, self._stores, self._needs, self._links, self._chunks = None, {}, {}, {}, {}
+        self._empty()
         self._added, self._size = manifest["added"], manifest["size"]
         paths = [tuple(store["path"]) for store in manifest["frame_stores"]]
         chunks = {name: _read_chunk(directory / name) for name in manifest["chunks"]}
@@ -415,7 +425,11 @@ def _runs(start: int, end: int, capacity: int):
 
 
 def _read_chunk(path: Path) -> dict[str, np.ndarray]:
-    return {leaf: np.load(path / f"{leaf}.npy", mmap_mode="r") for leaf in json.loads((path / CHUNK_LEAVES).read_text())}
+    """A chunk's arrays; a missing or damaged one (cut short, overwritten) is an error that names it."""
+    try:
+        return {leaf: np.load(path / f"{leaf}.npy", mmap_mode="r") for leaf in json.loads((path / CHUNK_LEAVES).read_text())}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"replay chunk {path} is missing or damaged ({type(error).__name__}: {error})") from None
 
 
 CHUNK_LEAVES = "leaves.json"  # a chunk's column paths, written last: the chunk is complete
