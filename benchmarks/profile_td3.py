@@ -52,12 +52,12 @@ def main() -> None:
         "  of which backward": ("graph.py", "_engine_run_backward"),
         "  of which Adam steps": ("optimizer.py", "wrapper"),
         "  of which Polyak": ("td3_learner.py", "_polyak_update_targets"),
-        "learner_group.update (all)": ("learner_group.py", "update"),
+        "learner calls from the replay (all)": ("learner_replay.py", "replay_and_update"),
         "env runner sample (all)": ("single_agent_env_runner.py", "sample"),
         "  of which env.step": ("env_runner.py", "_try_env_step"),
-        "replay add": ("replay_buffer.py", "add_episodes"),
+        "replay add": ("replay_buffer.py", "add_chunks"),
         "replay sample": ("replay_buffer.py", "sample"),
-        "weight sync": ("env_runner_group.py", "sync_weights"),
+        "weight publishing": ("td3.py", "_publish_weights"),
         "torch module forward, anywhere": ("module.py", "_call_impl"),
     }
     per_k = 1000.0 / steps

@@ -412,9 +412,9 @@ class HealthMonitor:
         if missed is not None and missed >= n:
             conditions["weights_stale"] = (
                 WARN,
-                f"a fragment was sampled with weights the learner had moved past {missed:.0f} "
-                "iterations before (sampling/weights_missed_iters): new weights no longer reach "
-                "that env runner, and it samples with an old policy. Likely cause: weights that fail "
+                f"an env runner was asked for a fragment holding weights that had been due for "
+                f"replacement {missed:.0f} iterations (sampling/weights_missed_iters): new weights no "
+                "longer reach it, and it samples with an old policy. Likely cause: weights that fail "
                 "to load on the runner, or a publishing step that stopped (perf/weight_sync_s).",
                 {"sampling/weights_missed_iters": missed, "sampling/policy_lag_max": m.get("sampling/policy_lag_max", math.nan)},
             )

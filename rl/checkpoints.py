@@ -16,11 +16,14 @@ newest one that loads, and says which newer ones it skipped and why.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 from rl.durable import publish
+from rl.td3.learner_replay import shard_manifests
 
 REPLAY_MANIFEST = "replay.json"
 REPLAY_CHUNKS = "replay"
@@ -54,19 +57,26 @@ def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
     return checkpoints / name
 
 
-def restore_newest(algo, checkpoints: Path, replay: bool = True) -> Path:
+def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = False) -> tuple[Path, list[str]]:
     """Loads the newest periodic checkpoint that loads completely into `algo` (weights,
     optimizers, counters, and the replay buffer unless `replay` is False: it then starts empty).
     A newer one that does not (cut short by a crash before this version wrote checkpoints
-    atomically, a file damaged since) is skipped with a message."""
+    atomically, a file damaged since) is skipped with a message. Returns the checkpoint loaded
+    and the ones skipped, with why.
+
+    RLlib's checkpoints are pickles: loading one runs whatever code it holds. Unless `trust`,
+    a checkpoint that another user could have written is refused before anything is loaded."""
     skipped = []
+    _move_unsharded_chunks(checkpoints / REPLAY_CHUNKS)
     for path in reversed(periodic(checkpoints)):
+        if not trust:
+            _refuse_if_writable_by_others(path, checkpoints.parent)
         try:
             manifest = json.loads((path / REPLAY_MANIFEST).read_text()) if replay else None
             algo.restore_from_path(str(path.resolve()))
             if replay:
                 algo.replay.load(checkpoints / REPLAY_CHUNKS, manifest)
-            return path
+            return path, skipped
         except Exception as error:  # any reason it cannot be loaded: try the one before
             reason = f"{type(error).__name__}: {error}"
             print(f"resume: skipped checkpoint {path.name}, it does not load ({reason[:300]})", file=sys.stderr)
@@ -80,6 +90,42 @@ def restore_newest(algo, checkpoints: Path, replay: bool = True) -> Path:
     )
 
 
+class UntrustedCheckpoint(PermissionError):
+    """A checkpoint (a pickle) that another user could have written or replaced."""
+
+
+def _refuse_if_writable_by_others(checkpoint: Path, run_dir: Path) -> None:
+    """Raises UntrustedCheckpoint naming the files under `checkpoint`, or the folders from
+    `run_dir` down to it, that a user other than this process's (or root) owns or may write:
+    another uid's files, world-writable ones, or group-writable ones of a group it is not in."""
+    uid, groups = os.getuid(), {os.getgid(), *os.getgroups()}
+    paths = [run_dir, checkpoint.parent, checkpoint, *sorted(checkpoint.rglob("*"))]
+    bad = []
+    for path in paths:
+        st = path.lstat()
+        if st.st_uid not in (uid, 0):
+            bad.append(f"{path} (owned by uid {st.st_uid})")
+        elif st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid not in groups):
+            bad.append(f"{path} (mode {stat.filemode(st.st_mode)}, group {st.st_gid})")
+    if bad:
+        raise UntrustedCheckpoint(
+            f"resume refused: checkpoint {checkpoint.name} could have been written by another user "
+            f"({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}). Checkpoints are pickles and "
+            "loading one runs the code in it. Make the run directory yours and not writable by others "
+            "(chown/chmod), or pass --trust-checkpoints if you know who wrote them."
+        )
+
+
+def _move_unsharded_chunks(chunks: Path) -> None:
+    """Runs checkpointed before the replay moved to the learners kept one buffer's chunks in
+    replay/ itself: they become shard 0's (rename: atomic, nothing copied)."""
+    old = [p for p in chunks.iterdir() if not p.name.startswith("shard")] if chunks.is_dir() else []
+    if old:
+        (chunks / "shard0").mkdir(exist_ok=True)
+        for chunk in old:
+            os.replace(chunk, chunks / "shard0" / chunk.name)
+
+
 def _prune_replay_chunks(checkpoints: Path) -> None:
     """Deletes the chunks no kept checkpoint needs, and chunks a crash left half-written (per
     learner shard: replay/shard<i>/)."""
@@ -90,15 +136,15 @@ def _prune_replay_chunks(checkpoints: Path) -> None:
     for path in [*periodic(checkpoints), checkpoints / "final"]:
         manifest = path / REPLAY_MANIFEST
         try:
-            shards = json.loads(manifest.read_text())["shards"]
+            shards = [set(shard["chunks"]) for shard in shard_manifests(json.loads(manifest.read_text()))]
         except FileNotFoundError:
             continue
         except (ValueError, KeyError, TypeError) as error:  # damaged: that checkpoint cannot load anyway
             print(f"checkpoints: {manifest} is damaged ({type(error).__name__}: {error}); "
                   "that checkpoint cannot be resumed from", file=sys.stderr)
             continue
-        for i, shard in enumerate(shards):
-            needed.setdefault(f"shard{i}", set()).update(shard["chunks"])
+        for i, names in enumerate(shards):
+            needed.setdefault(f"shard{i}", set()).update(names)
     for shard in chunks.iterdir():
         for chunk in shard.iterdir() if shard.is_dir() else []:
             if chunk.name not in needed.get(shard.name, ()):

@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -81,12 +82,20 @@ def monitor(algo) -> HealthCallback:
     return next(c for c in algo.callbacks if isinstance(c, HealthCallback))
 
 
-def restore(algo, run_dir: Path, refill_replay: bool = False) -> list[dict]:
+@dataclass(frozen=True)
+class Resumed:
+    rows: list[dict]  # metrics.jsonl's rows up to the checkpoint
+    checkpoint: Path
+    skipped: list[str]  # newer checkpoints that did not load, and why
+
+
+def restore(algo, run_dir: Path, refill_replay: bool = False, trust_checkpoints: bool = False) -> Resumed:
     """Loads the run's newest complete checkpoint into `algo` (rl/checkpoints.py) and sets aside
     the metrics rows written after it (into metrics.after_<iteration>.jsonl: kept, not mixed with
-    the rows the resumed run writes) and any line a crash cut short. Returns the rows up to that
-    checkpoint."""
-    checkpoint = checkpoints.restore_newest(algo, run_dir / "checkpoints", replay=not refill_replay)
+    the rows the resumed run writes) and any line a crash cut short."""
+    checkpoint, skipped = checkpoints.restore_newest(
+        algo, run_dir / "checkpoints", replay=not refill_replay, trust=trust_checkpoints
+    )
     iteration = algo.training_iteration
     if refill_replay:
         print("resume: the replay starts empty (--refill-replay) and refills from sampling", file=sys.stderr)
@@ -111,7 +120,7 @@ def restore(algo, run_dir: Path, refill_replay: bool = False) -> list[dict]:
             f.write("".join(r + "\n" for r in torn))
     if after or torn:
         metrics.write_text("".join(r + "\n" for r in kept))
-    return [json.loads(r) for r in kept]
+    return Resumed([json.loads(r) for r in kept], checkpoint, skipped)
 
 
 def train(
@@ -120,13 +129,15 @@ def train(
     show_progress: bool = True,
     resume: bool = False,
     refill_replay: bool = False,
+    trust_checkpoints: bool = False,
     on_iteration: Callable[[dict], None] | None = None,
     verbose: bool = False,
 ) -> dict:
     """Runs one experiment to the end; returns the summary also written to summary.json.
     With `resume`, continues the run in `run_dir` from its newest checkpoint. `on_iteration`
     gets each iteration's metrics (Ray Tune's `report`, in rl/tune.py). `refill_replay`: resume
-    without the checkpoint's replay (damaged: its chunks are shared by every checkpoint)."""
+    without the checkpoint's replay (damaged: its chunks are shared by every checkpoint).
+    `trust_checkpoints`: load checkpoints that others could have written (they are pickles)."""
     import ray
 
     from rl.experiment import check_placement, check_replay_fits, check_resources
@@ -143,12 +154,13 @@ def train(
     run_dir = run_dir or run_directory.make(exp)
     # After Ray's start: its own SIGTERM handler would end the run without a checkpoint.
     with run_directory.locked(run_dir), StopRequests() as stops:
-        return _train_in(run_dir, exp, show_progress, resume, refill_replay, on_iteration, stops)
+        return _train_in(run_dir, exp, show_progress, resume, on_iteration, stops,
+                         refill_replay=refill_replay, trust_checkpoints=trust_checkpoints)
 
 
 def _train_in(
-    run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, refill_replay: bool, on_iteration,
-    stops: StopRequests,
+    run_dir: Path, exp: ExperimentConfig, show_progress: bool, resume: bool, on_iteration, stops: StopRequests,
+    **resume_options: bool,
 ) -> dict:
     import ray
     import torch
@@ -174,7 +186,7 @@ def _train_in(
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
         try:
-            rows = restore(algo, run_dir, refill_replay)
+            resumed = restore(algo, run_dir, **resume_options)
         except BaseException:  # config.yaml stays the one the checkpoints were written with
             monitor(algo).close()
             algo.stop()
@@ -182,6 +194,7 @@ def _train_in(
                 ray.kill(pool)
             raise
         run_directory.record_config(run_dir, exp)
+        rows = resumed.rows
         monitor(algo).resume(rows)
         iteration = algo.training_iteration
         # The checkpoint's own counters: metrics.jsonl may have lost rows (or be gone).
@@ -312,6 +325,9 @@ def _train_in(
         "stopped_by": stopped_by,
         "signal": stops.signal.name if stops.signal else None,
         "error": error_text,
+        # Resumed: the checkpoint it went on from, and newer ones that did not load, with why.
+        "resumed_from": str(resumed.checkpoint) if resume else None,
+        "skipped_checkpoints": resumed.skipped if resume else [],
     }
     try:  # atomically: a full disk must not leave a truncated summary for rl.report to trip on
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -344,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --resume or --run-dir: resume the newest checkpoint's weights, optimizers and counters "
         "with an empty replay, refilled by sampling (when the replay chunks are damaged)",
     )
+    parser.add_argument(
+        "--trust-checkpoints", action="store_true",
+        help="resume from checkpoints that another user could have written (they are pickles: "
+        "loading one runs its code); refused without this",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="also show Ray's and RLlib's own log messages")
     args = parser.parse_args(argv)
@@ -363,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.refill_replay and not resume:
                 raise ConfigError("--refill-replay: only for a run that resumes (--resume, or --run-dir of a started run)")
             summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume,
-                            refill_replay=args.refill_replay, verbose=args.verbose)
-        except (FileNotFoundError, ConfigError) as e:
+                            refill_replay=args.refill_replay, trust_checkpoints=args.trust_checkpoints,
+                            verbose=args.verbose)
+        except (FileNotFoundError, ConfigError, checkpoints.UntrustedCheckpoint) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # a second Ctrl-C (rl/interrupt.py), or one before training began

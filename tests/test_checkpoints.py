@@ -5,6 +5,8 @@ resuming takes the newest one that loads, exactly (rl/checkpoints.py)."""
 import errno
 import json
 import os
+import pickle
+import os
 import shutil
 import signal
 import subprocess
@@ -39,7 +41,7 @@ def assert_resumes_from_the_first_iteration(store: Path) -> None:
     """A new algorithm resumed from `store` gets iter_000001: one iteration, its 64 transitions."""
     resumed = fresh_algo()
     try:
-        assert checkpoints.restore_newest(resumed, store).name == "iter_000001"
+        assert checkpoints.restore_newest(resumed, store)[0].name == "iter_000001"
         assert resumed.training_iteration == 1 and len(resumed.replay) == 64
     finally:
         resumed.stop()
@@ -93,7 +95,7 @@ def test_resume_skips_a_checkpoint_that_does_not_load_and_says_why(algo, tmp_pat
     err = capsys.readouterr().err
     assert "skipped checkpoint iter_000003, it does not load (UnpicklingError" in err or \
         "skipped checkpoint iter_000003, it does not load (EOFError" in err, err
-    assert "skipped checkpoint iter_000002, it does not load (FileNotFoundError" in err, err
+    assert "skipped checkpoint iter_000002, it does not load (ValueError: replay chunk" in err, err
 
 
 def test_replay_chunks_are_shared_by_checkpoints_and_deleted_when_none_needs_them(algo, tmp_path):
@@ -158,7 +160,7 @@ def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     exp = load_config(run_dir / "config.yaml", ["experiment.stop_env_steps=1280"])
     algo = build_td3_config(exp).build_algo()
     try:
-        rows = restore(algo, run_dir)
+        rows = restore(algo, run_dir).rows
         assert algo.training_iteration == rows[-1]["iteration"] == 5 and len(algo.replay) == 320
     finally:
         algo.stop()
@@ -251,9 +253,72 @@ def test_a_damaged_replay_chunk_is_named_and_the_weights_resume_with_the_replay_
             checkpoints.restore_newest(resumed, store)
         assert f"replay chunk {chunk.parent} is missing or damaged" in str(error.value)
         assert "--refill-replay" in str(error.value)
-        assert checkpoints.restore_newest(resumed, store, replay=False).name == "iter_000002"
+        assert checkpoints.restore_newest(resumed, store, replay=False)[0].name == "iter_000002"
         assert resumed.training_iteration == 2 and len(resumed.replay) == 0
         resumed.train()  # it samples, refills and goes on
         assert len(resumed.replay) == 64 and resumed.training_iteration == 3
+    finally:
+        resumed.stop()
+
+
+PLANTED = """
+import os, pickle
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+"""
+
+
+@pytest.mark.parametrize("how", ["world-writable", "another user's", "group-writable by another group"])
+def test_a_checkpoint_another_user_could_have_written_is_refused_before_anything_is_loaded(algo, tmp_path, how):
+    """Checkpoints are pickles: loading one runs its code. A planted one is not unpickled."""
+    store = tmp_path / "run" / "checkpoints"
+    algo.train()
+    checkpoints.save(algo, store, "iter_000001", keep=5)
+    marker = tmp_path / "planted-code-ran"
+    namespace = {}
+    exec(PLANTED.format(marker=marker), namespace)
+    state = store / "iter_000001" / "algorithm_state.pkl"
+    state.write_bytes(pickle.dumps(namespace["Planted"]()))
+    if how == "world-writable":
+        state.chmod(0o666)
+    elif how == "another user's":
+        os.chown(state, 12345, -1)  # the tests run as root in CI; as another user this would fail
+    else:
+        os.chown(state, -1, 54321)
+        state.chmod(0o664)
+
+    resumed = fresh_algo()
+    try:
+        with pytest.raises(checkpoints.UntrustedCheckpoint, match=f"resume refused: checkpoint iter_000001 .*{state}"):
+            checkpoints.restore_newest(resumed, store)
+        assert not marker.exists()
+        # Trusted on purpose, it is loaded (and here, its code runs: what the refusal prevents).
+        with pytest.raises(Exception):
+            checkpoints.restore_newest(resumed, store, trust=True)
+        assert marker.exists()
+    finally:
+        resumed.stop()
+
+
+def test_a_run_checkpointed_before_the_replay_moved_to_the_learners_resumes(algo, tmp_path):
+    """Older runs kept one buffer's chunks in checkpoints/replay/ and a manifest without shards:
+    the chunks become shard 0's, and the run resumes and checkpoints on."""
+    store = tmp_path / "checkpoints"
+    algo.train()
+    checkpoints.save(algo, store, "iter_000001", keep=5)
+    for chunk in (store / "replay" / "shard0").iterdir():  # the layout before
+        chunk.rename(store / "replay" / chunk.name)
+    (store / "replay" / "shard0").rmdir()
+    manifest = store / "iter_000001" / checkpoints.REPLAY_MANIFEST
+    manifest.write_text(json.dumps(json.loads(manifest.read_text())["shards"][0]))
+
+    resumed = fresh_algo()
+    try:
+        assert checkpoints.restore_newest(resumed, store)[0].name == "iter_000001" and len(resumed.replay) == 64
+        resumed.train()
+        checkpoints.save(resumed, store, "iter_000002", keep=5)
+        assert sorted(p.name for p in (store / "replay").iterdir()) == ["shard0"]
+        assert len(list((store / "replay" / "shard0").iterdir())) == 2
     finally:
         resumed.stop()

@@ -105,6 +105,8 @@ def test_a_stopped_run_writes_a_checkpoint_and_summary_and_resumes(ray_local, tm
     first = resumed[-2]
     assert first["iteration"] == last + 1 and first["env/steps_sampled"] == rows[-1]["env/steps_sampled"] + 64
     assert first["perf/env_steps_per_s"] * first["time_s"] == pytest.approx(64)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"iter_{last:06d}") and summary["skipped_checkpoints"] == []
     lost = [a for a in map(json.loads, (run_dir / "alerts.jsonl").read_text().splitlines()) if a["rule"] == "history_lost"]
     if lose_history:
         assert [r["iteration"] for r in resumed] == [last + 1, last + 2]

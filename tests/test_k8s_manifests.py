@@ -560,3 +560,19 @@ def test_one_env_runner_per_carla_pod_and_a_pod_for_evaluation():
     assert exp.evaluation.num_env_runners >= 1 and exp.evaluation.interval_iters > 0
     assert rollout["replicas"] == exp.resources.num_env_runners + exp.evaluation.num_env_runners
     assert exp.env.kwargs["server"]["mode"] == "external"
+
+
+def test_runs_is_writable_only_where_run_files_are_written():
+    """The driver (head) writes the run directory, the learner its replay shards with each
+    checkpoint; env runners write nothing there, so their pods mount /runs read-only (a
+    checkpoint is a pickle: fewer writers, fewer ways to plant one)."""
+    spec = cluster()["spec"]
+    groups = {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+    read_only = {}
+    for name, group in groups.items():
+        for container in group["template"]["spec"]["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["mountPath"] == "/runs":
+                    read_only[name] = mount.get("readOnly", False)
+    assert read_only == {"head": False, "learner": False, **{n: True for n in groups if n not in ("head", "learner")}}
+    assert len(read_only) == len(groups) >= 3

@@ -85,7 +85,7 @@ def test_a_killed_run_resumes_with_its_model_optimizer_buffer_and_counters(ray_l
     # Restored state equals the checkpoint's.
     algo = build_td3_config(exp).build_algo()
     try:
-        row = restore(algo, run_dir)[-1]
+        row = restore(algo, run_dir).rows[-1]
         assert row["iteration"] == algo.training_iteration == 10
         assert len(algo.replay) == row["replay/size"] == 640
         learner = algo.learner_group._learner
@@ -136,13 +136,13 @@ def test_rows_set_aside_by_two_crashes_after_the_same_checkpoint_are_all_kept(tm
 
     from rl import checkpoints
 
-    monkeypatch.setattr(checkpoints, "restore_newest", lambda algo, store: store / "iter_000002")
+    monkeypatch.setattr(checkpoints, "restore_newest", lambda algo, store, **_: (store / "iter_000002", []))
     algo = SimpleNamespace(training_iteration=2)
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"iteration": i, "try": 1}) + "\n" for i in (1, 2, 3, 4)))
-    assert [r["iteration"] for r in restore(algo, tmp_path)] == [1, 2]
+    assert [r["iteration"] for r in restore(algo, tmp_path).rows] == [1, 2]
     with open(metrics, "a") as f:  # the resumed process crashes too, before its next checkpoint
         f.write("".join(json.dumps({"iteration": i, "try": 2}) + "\n" for i in (3, 4, 5)))
-    assert [r["iteration"] for r in restore(algo, tmp_path)] == [1, 2]
+    assert [r["iteration"] for r in restore(algo, tmp_path).rows] == [1, 2]
     aside = [json.loads(line) for line in (tmp_path / "metrics.after_000002.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["try"]) for r in aside] == [(3, 1), (4, 1), (3, 2), (4, 2), (5, 2)]

@@ -92,14 +92,20 @@ class ReplayShards:
             return [_call(self._group._learner, method, **kwargs[0])]
         manager = self._group._worker_manager
         order = manager.actor_ids()
+        # Every learner, also one RLlib marked unhealthy after an error (a damaged shard on
+        # resume): the caller decides what an error means, and the next call reaches it again.
         results = manager.foreach_actor(
-            [_call] * len(order), kwargs=[{"method": method, **kw} for kw in kwargs], remote_actor_ids=order
+            [_call] * len(order), kwargs=[{"method": method, **kw} for kw in kwargs], remote_actor_ids=order,
+            healthy_only=False, mark_healthy=True,
         )
         by_actor = {}
         for result in results:
             if not result.ok:
                 raise result.get()
             by_actor[result.actor_id] = result.get()
+        missing = [i for i, actor_id in enumerate(order) if actor_id not in by_actor]
+        if missing:
+            raise RuntimeError(f"learner(s) {missing} did not answer {method}: see their errors in the Ray logs")
         return [by_actor[actor_id] for actor_id in order]
 
     def add(self, episodes: list) -> int:
@@ -133,7 +139,7 @@ class ReplayShards:
         return {"shards": manifests}
 
     def load(self, directory: Path, manifest: dict[str, Any]) -> None:
-        shards = manifest["shards"]
+        shards = shard_manifests(manifest)
         if len(shards) != self.num_shards:
             raise ValueError(
                 f"the checkpoint's replay is in {len(shards)} learner shard(s), this run has "
@@ -173,4 +179,12 @@ class ReplayShards:
 
 
 def shard_dir(directory: Path, shard: int) -> Path:
-    return Path(directory) / f"shard{shard}"
+    """Where a shard's chunks live: absolute, for a learner whose working directory (or node)
+    is not the driver's."""
+    return Path(directory).resolve() / f"shard{shard}"
+
+
+def shard_manifests(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each shard's manifest (checkpoints written before the replay moved to the learners hold one
+    buffer's: it is shard 0; rl/checkpoints.py moves its chunks into replay/shard0/)."""
+    return manifest["shards"] if "shards" in manifest else [manifest]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -253,7 +254,8 @@ class TD3(Algorithm):
         """Synchronous: every runner samples one fragment, then the learner makes the updates
         owed, then the new weights are published (the next requests carry them)."""
         runners = self.env_runner_group
-        request = {"weights": self._published_weights, "version": self._weights_version}
+        request = {"weights": self._published_weights, "version": self._weights_version,
+                   "requested_at": self._iterations_run}
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             if runners.num_remote_workers() > 0:
                 # A runner that has not answered within the timeout is left out of this iteration.
@@ -263,9 +265,7 @@ class TD3(Algorithm):
                 )
             else:
                 fragments = [_sample_with_metrics(runners.local_env_runner, **request)]
-        for episodes, env_runner_metrics, sampled_with, runner_index in fragments:
-            self._store(episodes, [env_runner_metrics], sampled_with)
-            self._last_delivery[runner_index] = self._iterations_run
+        self._store(fragments)  # one call to the learners for them all
         self._learn_owed()
         if self._num_updates > self._weights_version:
             self._publish_weights()
@@ -289,9 +289,8 @@ class TD3(Algorithm):
             waited = time.perf_counter()
             arrived = runners.fetch_ready_async_reqs(tags=SAMPLE_TAG, timeout_seconds=POLL_S)
             self._this_iteration["wait_s"] += time.perf_counter() - waited
-            for _, (episodes, env_runner_metrics, sampled_with, runner_index) in arrived:
-                received += self._store(episodes, [env_runner_metrics], sampled_with)
-                self._last_delivery[runner_index] = self._iterations_run
+            for _, fragment in arrived:
+                received += self._store([fragment])
                 # The runner that sent this samples its next fragment while we learn from it.
                 self._request_samples()
                 self._learn_owed()
@@ -305,22 +304,23 @@ class TD3(Algorithm):
         self.env_runner_group.foreach_env_runner_async(
             _sample_with_metrics,
             tag=SAMPLE_TAG,
-            kwargs={"weights": self._published_weights, "version": self._weights_version},
+            kwargs={"weights": self._published_weights, "version": self._weights_version,
+                    "requested_at": self._iterations_run},
         )
 
-    def _store(self, episodes: list, env_runner_results: list, sampled_with: int) -> int:
-        """Adds sampled episodes to the replay buffer, logs what they show, and owes the learner
+    def _store(self, fragments: list[Fragment]) -> int:
+        """Adds sampled fragments to the replay, logs what they show, and owes the learner
         `updates_per_env_step` updates per new step past `learning_starts`. Returns the steps."""
         config = self.config
-        self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
+        self.metrics.aggregate([f.metrics for f in fragments], key=ENV_RUNNER_RESULTS)
+        episodes = [episode for f in fragments for episode in f.episodes]
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
             new_steps = self.replay.add(episodes)
         finished = self._episode_starts.add(episodes)
-        self._this_iteration["lags"].append(self._num_updates - sampled_with)
-        # The first iteration that ended with the learner past these weights (0-based).
-        moved_past = bisect.bisect_right(self._updates_at_end, sampled_with)
-        missed = self._iterations_run - 1 - moved_past if moved_past < len(self._updates_at_end) else 0
-        self._this_iteration["missed"].append(missed)
+        for f in fragments:
+            self._last_delivery[f.runner_index] = self._iterations_run
+            self._this_iteration["lags"].append(self._num_updates - f.weights_version)
+            self._this_iteration["missed"].append(self._weights_missed_iters(f.weights_version, f.requested_at))
         self._this_iteration["episodes"] += episodes  # for the observation checks, at its end
         lifetime_steps = self.metrics.peek(
             (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
@@ -333,6 +333,15 @@ class TD3(Algorithm):
         self._this_iteration["learning_steps"] += learning_steps
         self._update_credit += learning_steps * config.updates_per_env_step
         return new_steps
+
+    def _weights_missed_iters(self, held: int, requested_at: int) -> int:
+        """Iterations that had ended, when a fragment was requested, since the learner made the
+        updates after which weights newer than the runner's were due (`weights_sync_every_updates`
+        past them): 0 for a runner with the newest, one more each iteration once new weights stop
+        reaching it. Counted to the request, not the arrival: a slow fragment is not stale."""
+        due = bisect.bisect_left(self._updates_at_end, held + self.config.weights_sync_every_updates)
+        ended = requested_at - 1
+        return ended - due if due < ended else 0
 
     def _learn_owed(self) -> None:
         num_updates = int(self._update_credit)
@@ -469,12 +478,19 @@ class TD3(Algorithm):
         self._this_iteration["learn_s"] += time.perf_counter() - start - sample_s
 
 
-def _sample_with_metrics(env_runner, weights: list, version: int) -> tuple:
+class Fragment(NamedTuple):
+    episodes: list
+    metrics: dict  # the env runner's metrics since its last fragment
+    weights_version: int  # of the weights it holds (0: the ones it was built with)
+    requested_at: int  # the iteration the request was sent in
+    runner_index: int
+
+
+def _sample_with_metrics(env_runner, weights: list, version: int, requested_at: int) -> Fragment:
     """Runs on the env runner: loads `weights` ([ObjectRef], or [] before the first update)
-    unless it has that `version` already, then samples one fragment. Returns the fragment, the
-    runner's metrics since its last one, the version of the weights it holds (0: the ones it was
-    built with), and the runner's index."""
+    unless it has that `version` already, then samples one fragment."""
     if weights and getattr(env_runner, "_td3_weights_version", 0) != version:
         env_runner.set_state(ray.get(weights[0]))
         env_runner._td3_weights_version = version
-    return env_runner.sample(), env_runner.get_metrics(), getattr(env_runner, "_td3_weights_version", 0), env_runner.worker_index
+    return Fragment(env_runner.sample(), env_runner.get_metrics(), getattr(env_runner, "_td3_weights_version", 0),
+                    requested_at, env_runner.worker_index)
