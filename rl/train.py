@@ -106,10 +106,12 @@ def restore(algo, run_dir: Path, refill_replay: bool = False, trust_checkpoints:
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+            if not isinstance(row, dict) or type(row.get("iteration")) is not int:
+                raise ValueError("not a metrics row: no integer `iteration`")
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
             torn.append(line)
-            print(f"resume: metrics.jsonl line {number} is cut short (a crash while writing it); "
-                  f"set aside in metrics.torn.jsonl", file=sys.stderr)
+            reason = "cut short (a crash while writing it)" if isinstance(error, json.JSONDecodeError) else str(error)
+            print(f"resume: metrics.jsonl line {number} is {reason}; set aside in metrics.torn.jsonl", file=sys.stderr)
             continue
         (kept if row["iteration"] <= iteration else after).append(line)
     if after:  # appended: a second crash after the same checkpoint keeps the first one's rows too

@@ -146,3 +146,17 @@ def test_rows_set_aside_by_two_crashes_after_the_same_checkpoint_are_all_kept(tm
     assert [r["iteration"] for r in restore(algo, tmp_path).rows] == [1, 2]
     aside = [json.loads(line) for line in (tmp_path / "metrics.after_000002.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["try"]) for r in aside] == [(3, 1), (4, 1), (3, 2), (4, 2), (5, 2)]
+
+
+@pytest.mark.parametrize("bad", ['{"env/steps_sampled": 64}', '[1, 2]', '"text"', '{"iteration": "3"}', "[" * 100_000])
+def test_a_metrics_line_that_is_not_a_row_is_set_aside_not_a_traceback(tmp_path, monkeypatch, capsys, bad):
+    from types import SimpleNamespace
+
+    from rl import checkpoints
+
+    monkeypatch.setattr(checkpoints, "restore_newest", lambda algo, store, **_: (store / "iter_000002", []))
+    rows = [json.dumps({"iteration": 1}), bad, json.dumps({"iteration": 2})]
+    (tmp_path / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+    assert [r["iteration"] for r in restore(SimpleNamespace(training_iteration=2), tmp_path).rows] == [1, 2]
+    assert (tmp_path / "metrics.torn.jsonl").read_text() == bad + "\n"
+    assert "metrics.jsonl line 2 is" in capsys.readouterr().err
