@@ -137,6 +137,9 @@ def test_a_wandb_server_that_does_not_answer_gets_the_run_logged_offline_not_los
         run.log({"env/steps_sampled": 64.0, "q/q1_max": 1.0}, step=1)
         run.summarize({"health/status": "warned", "health/rules_fired": "tau (WARN)"})
         run.finish()
+        # The W&B service writes the run file; stopping it waits until the file is closed (under
+        # load, finish() returned before the history row was in it: the test read too early).
+        wandb.teardown()
     finally:
         server.close()
         for connection, _ in accepted:
