@@ -48,12 +48,28 @@ TICK_TIMEOUT_S = 5.0
 @pytest.fixture
 def carla_root(tmp_path, monkeypatch):
     """A CARLA_ROOT whose CarlaUE4.sh starts the stand-in server as its child, as the real
-    script starts the UE binary (no exec: the server is the runner's grandchild)."""
+    script starts the UE binary (no exec: the server is the runner's grandchild). Whatever a
+    test leaves running (it failed, or the run was interrupted) is killed when it ends."""
     script = tmp_path / "CarlaUE4.sh"
     script.write_text(f'#!/bin/sh\n"{sys.executable}" "{STAND_IN}" "$@"\n')
     script.chmod(0o755)
     monkeypatch.setenv("CARLA_ROOT", str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    kill_servers_started_from(script)
+
+
+def kill_servers_started_from(script: Path) -> list[int]:
+    """Kills the process group of every launcher of `script` still running (its stand-in server
+    is its child, in its group); returns their pids."""
+    launchers = [pid for pid in procfs.pids() if str(script) in procfs.cmdline(pid) and pid != os.getpid()]
+    for pid in launchers:
+        try:
+            group = os.getpgid(pid)
+            if group != os.getpgid(0):  # never this test run's own group
+                os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return launchers
 
 
 def free_base_port(span: int = 64) -> int:
@@ -275,6 +291,15 @@ def test_the_chase_view_comes_through_the_client_process_and_a_lost_server_costs
         assert env.render().shape == (VIEW_SIZE[1], VIEW_SIZE[0], 3)
     finally:
         env.close()
+
+
+def test_a_server_a_test_leaves_running_is_killed_when_the_test_ends(carla_root, tmp_path):
+    server = managed(tmp_path)
+    server.start()  # and never stopped, as by a test that fails halfway
+    binary = server_binary(server.rpc_port)
+    assert kill_servers_started_from(carla_root / "CarlaUE4.sh")
+    wait_until(lambda: not procfs.alive(binary) or procfs.state(binary) == "Z")
+    assert not kill_servers_started_from(carla_root / "CarlaUE4.sh")
 
 
 def test_D3_the_double_aborts_a_process_that_reconnects_in_process_as_real_carla_does(carla_root, tmp_path):
