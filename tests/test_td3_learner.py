@@ -109,3 +109,39 @@ def test_actor_saturation_is_the_share_of_action_components_at_the_tanh_bounds()
         last.bias.fill_(0.0)
     stats = learner.update(batch=_batch(BATCH), minibatch_size=BATCH, num_epochs=1)[DEFAULT_MODULE_ID]
     assert stats[ACTOR_SATURATION].peek() < 0.5
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist", "numpy", "cpu")
+
+
+def host_reads_of_one_call(learner, batch, rows: int, monkeypatch) -> int:
+    """Tensor values read on the host (each a GPU sync on CUDA) during one learner call."""
+    count = [0]
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            real = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _real=real, **kwargs):
+                count[0] += 1
+                return _real(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        learner.update(batch=batch, minibatch_size=rows, num_epochs=1)
+    return count[0]
+
+
+def test_the_updates_of_one_call_read_nothing_on_the_host_between_them(monkeypatch):
+    """K updates per call with no host synchronisation between them: every metric stays a tensor
+    until the call ends (on a GPU each read would stall the queue of kernels), so the reads per
+    call do not grow with the updates in it, and there are few of them (one per metric)."""
+    from tests.helpers import image_state_space
+
+    space = image_state_space()
+    learner = td3_learner(space, train_batch_size_per_learner=16)
+    reads = {}
+    for updates in (4, 16):
+        batch = as_batch(transition_columns(space, 16 * updates, seed=updates))
+        learner.update(batch=batch, minibatch_size=16, num_epochs=1)  # the metrics' first call
+        reads[updates] = host_reads_of_one_call(learner, batch, 16, monkeypatch)
+    assert reads[4] == reads[16], reads
+    assert reads[16] < 80, reads  # about two per metric; one per parameter (56 here) is too many

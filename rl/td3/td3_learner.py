@@ -284,11 +284,9 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         super().after_gradient_based_update(timesteps=timesteps)
         # Once per learner call, not per update: a NaN weight stays NaN, so nothing is missed.
         for module_id in self.module.keys():
-            with torch.no_grad():
-                bad = sum(
-                    int(not torch.isfinite(p).all()) for p in self.module[module_id].parameters()
-                )
-            self.metrics.log_value((module_id, NON_FINITE_WEIGHTS), bad, window=1)
+            with torch.no_grad():  # a tensor, read with the other metrics: no host read per parameter
+                bad = torch.stack([torch.isfinite(p).all() for p in self.module[module_id].parameters()])
+            self.metrics.log_value((module_id, NON_FINITE_WEIGHTS), (~bad).sum(), window=1)
             self._log_target_change(module_id)
 
     @torch.no_grad()
