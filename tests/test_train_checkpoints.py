@@ -29,8 +29,9 @@ def test_periodic_checkpoints_are_pruned_and_final_restores_the_trained_actor(ra
     assert checkpoints == ["final", "iter_000015", "iter_000020", "replay"]
     # The replay rows on disk: each written once, in the chunks the kept checkpoints need, which
     # together hold every row of the final buffer (1,536 transitions, fewer than its capacity).
-    chunks = {p.name for p in (tmp_path / "run" / "checkpoints" / "replay").iterdir()}
-    manifests = [json.loads((tmp_path / "run" / "checkpoints" / name / "replay.json").read_text())
+    # The learner's shard (the only one: one learner) is replay/shard0.
+    chunks = {p.name for p in (tmp_path / "run" / "checkpoints" / "replay" / "shard0").iterdir()}
+    manifests = [json.loads((tmp_path / "run" / "checkpoints" / name / "replay.json").read_text())["shards"][0]
                  for name in ("iter_000015", "iter_000020", "final")]
     assert chunks == set().union(*(m["chunks"] for m in manifests))
     rows = sorted(tuple(int(x) for x in name.split("_")[1:]) for name in chunks)
