@@ -33,15 +33,25 @@ class SupervisedSimulator:
         self._retired = dict.fromkeys(TIME_KEYS, 0.0)
         self._episodes = 0
         self.client = None
-        server.start()
+        self._started = False
+
+    def _start(self) -> None:
+        """At the first reset, not when the env is made: RLlib (2.60) builds the algorithm by
+        making every env runner's env and asking runner 1 for its spaces, so a server still
+        starting (an image pulled on a cold node, five servers warming up on one GPU) would fail
+        the build instead of delaying the first sample."""
+        self.server.start()
         try:
             self._reconnect()
         except BaseException:
-            server.stop()
+            self.server.stop()
             raise
+        self._started = True
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, Measurements]:
-        if self.restart_every_episodes and self._episodes and self._episodes % self.restart_every_episodes == 0:
+        if not self._started:
+            self._start()
+        elif self.restart_every_episodes and self._episodes and self._episodes % self.restart_every_episodes == 0:
             self._retire_client()
             self.server.restart()  # against the server's memory growth; not a failure
             self._reconnect()

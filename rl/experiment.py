@@ -193,9 +193,13 @@ def run_facts(exp: ExperimentConfig) -> RunFacts:
 def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Config:
     """With a `run_dir`, the run is monitored: health rules, alerts, W&B (callbacks/)."""
     algo, res, model = exp.algo, exp.resources, exp.model
+    # The spaces come from the config, not from remote env runner 1 (RLlib asks it when none
+    # are given): a CARLA runner still waiting for its server would fail the build.
+    observation_space, action_space = env_spaces(exp)
     config = (
         TD3Config()
-        .environment(env=env_descriptor(exp), env_config=env_config(exp))
+        .environment(env=env_descriptor(exp), env_config=env_config(exp),
+                     observation_space=observation_space, action_space=action_space)
         .env_runners(
             num_env_runners=res.num_env_runners,
             num_envs_per_env_runner=res.num_envs_per_env_runner,

@@ -575,6 +575,6 @@ def client_processes() -> list[int]:
 def test_a_clear_error_while_connecting_leaves_no_server_and_no_client_process_behind(carla_root, tmp_path):
     with pytest.raises(ServerError, match="town 'Town05' is not on the server"):
         CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), town="Town05", server={
-            "base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0})
+            "base_rpc_port": free_base_port(), "log_dir": str(tmp_path), "startup_timeout_s": 10.0}).reset(seed=0)
     assert [p for p in client_processes() if procfs.alive(p)] == []
     assert list(tmp_path.glob("carla_*.json")) == []  # the server was stopped: its record is gone
