@@ -412,18 +412,49 @@ class ExternalServer:
 
 
 class _EndpointPool:
+    """Endpoints free and held. A claim made through Ray carries the claimant's token: a list
+    holding an object that its process owns (`_pool`). Ray loses an object whose owner
+    died, so a holder whose token is lost is dead: its endpoint goes back to the pool when a
+    claim finds none free. A runner Ray replaced (an OOM kill, a segfault: no close()) thus
+    leaves its server to its successor, not idle for the rest of the run."""
+
+    LIVENESS_TIMEOUT_S = 5.0
+
     def __init__(self, endpoints: list[str]):
         self.free = list(endpoints)
+        self.holders: dict[str, list] = {}  # endpoint -> its claimant's token
 
-    def claim(self) -> str | None:
-        return self.free.pop(0) if self.free else None
+    def claim(self, token: list | None = None) -> str | None:
+        if not self.free:
+            self._reclaim_from_dead_holders()
+        if not self.free:
+            return None
+        endpoint = self.free.pop(0)
+        if token is not None:
+            self.holders[endpoint] = token
+        return endpoint
 
     def release(self, endpoint: str) -> None:
+        self.holders.pop(endpoint, None)
         if endpoint not in self.free:
             self.free.append(endpoint)
 
+    def _reclaim_from_dead_holders(self) -> None:
+        import ray
+
+        for endpoint, token in list(self.holders.items()):
+            try:
+                ray.get(token[0], timeout=self.LIVENESS_TIMEOUT_S)
+            except ray.exceptions.ObjectLostError:  # OwnerDiedError: its process is gone
+                self.release(endpoint)
+            except ray.exceptions.GetTimeoutError:
+                pass  # no answer is not proof of death: it keeps its endpoint
+
 
 _LOCAL_POOLS: dict[tuple[str, ...], _EndpointPool] = {}
+# Ray learns that a process died about a second after it did, and restarts a runner's actor at
+# once: its claim may come first, so a claim that finds every endpoint held asks again meanwhile.
+DEAD_HOLDER_WAIT_S = 5.0
 POOL_ACTOR = "carla_external_endpoints"
 
 
@@ -439,9 +470,9 @@ def _pool_name(endpoints: list[str], scope: str, node_id: str | None = None) -> 
 
 
 def _pool(endpoints: list[str], scope: str):
-    """(claim, release) callables of the pool that the driver opened for this Ray job
-    (`open_endpoint_pools`; named actors live in the job's namespace); without one (no Ray, or
-    envs made outside rl.train), this process's own pool."""
+    """(claim, release, seconds to retry a failed claim) of the pool that the driver opened for
+    this Ray job (`open_endpoint_pools`; named actors live in the job's namespace); without one
+    (no Ray, or envs made outside rl.train), this process's own pool."""
     try:
         import ray
 
@@ -450,8 +481,14 @@ def _pool(endpoints: list[str], scope: str):
         actor = None
     if actor is None:
         pool = _LOCAL_POOLS.setdefault(tuple(endpoints), _EndpointPool(endpoints))
-        return pool.claim, pool.release
-    return (lambda: ray.get(actor.claim.remote())), (lambda e: ray.get(actor.release.remote(e)))
+        return pool.claim, pool.release, 0.0
+
+    def claim() -> str | None:
+        # An object this process owns, in a list so that the pool gets the reference, not the
+        # value: the pool holds it, and Ray keeps it for as long as this process lives.
+        return ray.get(actor.claim.remote([ray.put(os.getpid())]))
+
+    return claim, (lambda e: ray.get(actor.release.remote(e))), DEAD_HOLDER_WAIT_S
 
 
 def open_endpoint_pools(server: ServerSection) -> list:
@@ -471,10 +508,13 @@ def open_endpoint_pools(server: ServerSection) -> list:
 
 
 def claim_external_endpoint(server: ServerSection) -> tuple[str, callable]:
-    """A `host:port` from `server.external` that no other env of this job holds, and the
-    function that gives it back."""
-    claim, release = _pool(server.external, server.external_scope)
-    endpoint = claim()
+    """A `host:port` from `server.external` that no other live env of this job holds, and the
+    function that gives it back (close()); the driver's pool also takes it back once this
+    process is dead (`_EndpointPool`)."""
+    claim, release, wait_s = _pool(server.external, server.external_scope)
+    deadline = time.monotonic() + wait_s
+    while (endpoint := claim()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
     if endpoint is None:
         raise ServerError(
             f"all {len(server.external)} external CARLA servers (env.kwargs.server.external) "

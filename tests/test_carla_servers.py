@@ -412,21 +412,69 @@ def test_in_a_ray_job_the_drivers_pool_shares_external_servers_out_across_proces
         def claim(self, server):
             return claim_external_endpoint(server)[0]
 
+    first_runner, second_runner = Runner.remote(), Runner.remote()
     try:
-        first_runner, second_runner = Runner.remote(), Runner.remote()
         first = ray.get(first_runner.claim.remote(server))
-        ray.kill(first_runner)  # its endpoint is not handed out again: the pool did not die with it
         second = ray.get(second_runner.claim.remote(server))
         assert {first, second} == set(server.external)
         with pytest.raises(ray.exceptions.RayTaskError, match="all 2 external CARLA servers"):
-            ray.get(second_runner.claim.remote(server))
+            ray.get(second_runner.claim.remote(server))  # both holders live: none is taken back
         # Another list of servers in the same job is another pool.
         other = ServerSection(mode="external", external=["10.0.0.3:2000"])
         pools += open_endpoint_pools(other)
         assert ray.get(second_runner.claim.remote(other)) == "10.0.0.3:2000"
     finally:
-        for actor in pools:
+        for actor in (*pools, first_runner, second_runner):
             ray.kill(actor)
+
+
+class EnvRunnerStandIn:
+    """An env runner's process in a Ray job: makes a CARLA env, drives, and holds it."""
+
+    def drive(self, server: dict) -> tuple[int, int]:
+        self.env = CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=2, server=server)
+        self.env.reset(seed=0)
+        assert self.env.step(DRIVE)[4]["episode_end"] is None
+        return self.env.simulator.server.rpc_port, os.getpid()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def test_N1_a_runner_ray_restarts_on_its_node_gets_the_nodes_external_server_back(ray_local, carla_root, tmp_path):
+    """external_scope node: one sidecar server per pod. A runner that dies without close() (an
+    OOM kill), restarted by Ray on the pod (RLlib's runners are actors with max_restarts): the
+    pool sees that the holder's process is dead and gives its server to the new process."""
+    ray = ray_local
+    stand_in = managed(tmp_path)
+    stand_in.start()
+    server = {"mode": "external", "external": [f"127.0.0.1:{stand_in.rpc_port}"], "external_scope": "node",
+              "tick_timeout_s": TICK_TIMEOUT_S, "probe_timeout_s": TICK_TIMEOUT_S, "startup_timeout_s": 10.0,
+              "base_tm_port": free_base_port() + 5000}
+    pools = open_endpoint_pools(ServerSection.model_validate(server))
+    runner = ray.remote(num_cpus=0, max_restarts=1)(EnvRunnerStandIn).remote()
+    try:
+        port, pid = ray.get(runner.drive.remote(server))
+        assert port == stand_in.rpc_port
+        ray.kill(runner, no_restart=False)  # SIGKILL: no close(), its endpoint never released
+
+        def restarted() -> bool:
+            try:
+                return ray.get(runner.pid.remote()) != pid
+            except ray.exceptions.ActorUnavailableError:  # while Ray restarts it
+                return False
+
+        wait_until(restarted, timeout_s=60)
+        port, new_pid = ray.get(runner.drive.remote(server))
+        assert port == stand_in.rpc_port and new_pid != pid
+        ray.get(runner.close.remote())
+    finally:
+        for actor in (*pools, runner):
+            ray.kill(actor)
+        stand_in.stop()
 
 
 def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_failure(carla_root, tmp_path):
