@@ -5,7 +5,8 @@ One `CarlaSimulator` drives one server. Per episode it spawns the ego car (a map
 collision sensor, and plans a route along the map's waypoints from the ego's spawn point. Every
 tick is the server's (`world.tick()` in synchronous mode, `fixed_delta_seconds = 1/simulation_hz`),
 and every sensor reading is matched to the frame it belongs to: a camera image that does not
-arrive for this frame within `tick_timeout_s` is a failure, never an older image.
+arrive for this frame within `tick_timeout_s` is a failure, never an older image (a missed image of
+the optional chase view is no view for that step).
 
 A failed call to the server (a tick or camera timeout, a dropped connection, an error while
 connecting) raises `ServerLost`; this class never reconnects by itself. The CARLA client keeps
@@ -40,6 +41,7 @@ CAMERA_MOUNT = {"x": 1.5, "z": 2.4}  # above the windscreen, metres from the car
 VIEW_MOUNT = {"x": -5.5, "z": 2.8}
 VIEW_PITCH_DEG = -10.0
 VIEW_SIZE = (480, 270)  # width, height
+VIEW_WAIT_S = 1.0  # for the chase view's image, once the camera's of the same frame has come
 NPC_LENGTH_M = 4.5  # gaps are measured bumper to bumper, approximately
 BGR_TO_GRAY = np.array([0.114, 0.587, 0.299])  # CARLA images are BGRA
 EGO_ROLE = "hero"  # CARLA's convention for the ego car
@@ -315,19 +317,26 @@ class CarlaSimulator:
     def _camera_frame(self, frame: int) -> np.ndarray:
         """The camera image of exactly this world frame, as uint8 grayscale (height, width). The
         chase view's image of the frame is taken too, when there is a chase camera."""
-        image = self._image_of(self._camera_queue, frame, "camera")
+        timeout = self.config.server.tick_timeout_s
+        image = self._image_of(self._camera_queue, frame, timeout)
+        if image is None:
+            raise ServerLost("sensor_timeouts", f"no camera image for frame {frame} within {timeout:g} s")
         if self._with_view:
-            self._view = self._image_of(self._view_queue, frame, "chase view")
+            # Only for people (videos): a missed image is no view for this step, never a lost
+            # episode. Both cameras render in the same frame, so a short wait is enough.
+            self._view = self._image_of(self._view_queue, frame, min(timeout, VIEW_WAIT_S))
         bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
         return np.rint(bgra[:, :, :3] @ BGR_TO_GRAY).clip(0, 255).astype(np.uint8)
 
-    def _image_of(self, images: queue.Queue, frame: int, what: str):
-        timeout = self.config.server.tick_timeout_s
+    @staticmethod
+    def _image_of(images: queue.Queue, frame: int, timeout_s: float):
+        """The image of this frame, or None if it did not come within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                image = images.get(timeout=timeout)
+                image = images.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
-                raise ServerLost("sensor_timeouts", f"no {what} image for frame {frame} within {timeout:g} s") from None
+                return None
             if image.frame == frame:
                 return image
             # An image of an earlier frame (late delivery) is skipped, never used.

@@ -21,7 +21,8 @@ point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
 - `load_world` takes time (`FakeCarla(load_world_s=...)`) and fails with "failed to connect to
   newly created map" when the client timeout is shorter;
 - sensor data arrives from another thread, possibly after `tick()` returned; camera images can
-  be late or dropped (`world.late_frames`, `world.drop_camera_frames`); a contact produces one
+  be late or dropped (`world.late_frames`, `world.drop_camera_frames`, one camera's:
+  `world.drop_sensor_frames`); a contact produces one
   collision event per frame in contact, possibly late (`world.collisions[frame] = n`,
   `world.collision_delay_ticks`); lane invasion events fire when the ego crosses a lane line;
 - `get_random_location_from_navigation` returns None now and then (every 4th call); walkers
@@ -344,6 +345,7 @@ class World:
         self.pedestrians_seed = None
         # Faults and events a test sets:
         self.drop_camera_frames: set[int] = set()
+        self.drop_sensor_frames: dict[int, set[int]] = {}  # sensor id -> frames it drops
         self.late_frames: set[int] = set()  # images that arrive after the next frame's
         self.collisions: dict[int, int] = {}  # frame -> collision events on that frame
         self.collision_delay_ticks = 0  # events reach the client this many ticks late
@@ -483,7 +485,7 @@ class World:
                 held = self._held_images.pop(sensor.id, [])
                 if self.frame in self.late_frames:
                     self._held_images[sensor.id] = [image]
-                elif self.frame not in self.drop_camera_frames:
+                elif self.frame not in self.drop_camera_frames | self.drop_sensor_frames.get(sensor.id, set()):
                     self._streaming.deliver(sensor, image, self.image_delay_s)
                 for late in held:
                     self._streaming.deliver(sensor, late, self.image_delay_s)

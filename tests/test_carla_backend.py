@@ -285,6 +285,21 @@ def test_a_camera_image_that_never_comes_is_an_error_not_a_stale_image():
     assert env.step(DRIVE)[4]["episode_end"] is None
 
 
+def test_N4_a_missed_chase_view_image_is_no_view_for_that_step_not_a_lost_episode():
+    from carla_env.carla_sim import VIEW_SIZE
+
+    fake = FakeCarla()
+    env = carla_env(fake, render_mode="rgb_array", server={"tick_timeout_s": 0.2})
+    env.reset(seed=0)
+    (chase,) = [c for c in actors_of(fake.world, "sensor.camera.rgb") if int(c.attributes["image_size_x"]) == VIEW_SIZE[0]]
+    fake.world.drop_sensor_frames = {chase.id: {fake.world.frame + 4}}  # the last tick of the next step
+    assert env.step(DRIVE)[4]["episode_end"] is None and env.render() is None
+    health = env.backend_health()
+    assert health["sensor_timeouts"] == 0 and health["server_restarts"] == 0
+    assert env.step(DRIVE)[4]["episode_end"] is None
+    assert env.render().shape == (VIEW_SIZE[1], VIEW_SIZE[0], 3)  # the next frame's view
+
+
 def test_a_collision_reported_by_the_sensor_terminates_with_its_penalty():
     fake = FakeCarla()
     env = carla_env(fake)
