@@ -40,7 +40,10 @@ class CarlaDrivingEnv(DrivingEnv):
                 return ClientProcess(config, server.host, server.rpc_port, server.tm_port, carla_module,
                                      view=render_mode == "rgb_array")
 
-            simulator = SupervisedSimulator(server, connect, config.server.restart_every_episodes)
+            # An external server is not ours to restart: a periodic "restart" would only kill
+            # our client, leaving its actors and Traffic Manager registration on the server.
+            every = config.server.restart_every_episodes if config.server.mode == "managed" else 0
+            simulator = SupervisedSimulator(server, connect, every)
         except BaseException:
             self._give_back_slot()
             raise

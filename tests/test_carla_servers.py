@@ -514,6 +514,27 @@ def test_external_servers_are_shared_out_one_per_env_and_reconnected_after_a_fai
             s.stop()
 
 
+def test_N10_restart_every_episodes_leaves_an_external_servers_client_alone(carla_root, tmp_path):
+    """Only a managed server is restarted; an external one's client lives on between episodes."""
+    stand_in = managed(tmp_path)
+    stand_in.start()
+    server = {"mode": "external", "external": [f"127.0.0.1:{stand_in.rpc_port}"], "restart_every_episodes": 1,
+              "tick_timeout_s": TICK_TIMEOUT_S, "probe_timeout_s": TICK_TIMEOUT_S, "startup_timeout_s": 10.0,
+              "base_tm_port": free_base_port() + 5000}
+    env = CarlaDrivingEnv(carla_module=FakeCarla(tcp=True), npc_vehicles=2, server=server)
+    try:
+        env.reset(seed=0)
+        client = env.simulator.client._process.pid
+        for seed in (1, 2):
+            env.reset(seed=seed)
+            assert env.step(DRIVE)[4]["episode_end"] is None
+        assert env.simulator.client._process.pid == client  # one client: nothing left behind
+        assert env.backend_health()["server_restarts"] == 0
+    finally:
+        env.close()
+        stand_in.stop()
+
+
 def test_D4_an_external_server_whose_game_thread_hangs_is_not_taken_for_alive(carla_root, tmp_path):
     stand_in = managed(tmp_path)
     stand_in.start()
