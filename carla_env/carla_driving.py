@@ -10,14 +10,24 @@ external) and a CARLA client in its own process (carla_env/client_process.py).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from carla_env.carla_sim import OUR_ROLE
 from carla_env.client_process import ClientProcess
 from carla_env.config import CarlaEnvConfig, load_env_config
 from carla_env.driving_env import DrivingEnv
 from carla_env.ports import PROCESS_SLOTS, slot_ordinal
 from carla_env.servers import ExternalServer, ManagedServer, claim_external_endpoint
 from carla_env.supervised import SupervisedSimulator
+
+
+def _run_id() -> str:
+    """Names this run's actors on a shared server: the Ray job's id, the same in a runner that
+    Ray restarts (it cleans up after the one that died); outside Ray, this process's id."""
+    import ray
+
+    return ray.get_runtime_context().get_job_id() if ray.is_initialized() else f"pid{os.getpid()}"
 
 
 class CarlaDrivingEnv(DrivingEnv):
@@ -35,10 +45,12 @@ class CarlaDrivingEnv(DrivingEnv):
                 endpoint, self._release_endpoint = claim_external_endpoint(config.server)
                 server = ExternalServer(config.server, endpoint, ordinal, carla_module)
 
+            role = f"{OUR_ROLE}_{_run_id()}"
+
             def connect() -> ClientProcess:
                 # An env made to render (evaluation, with videos on) gets the chase camera.
                 return ClientProcess(config, server.host, server.rpc_port, server.tm_port, carla_module,
-                                     view=render_mode == "rgb_array")
+                                     view=render_mode == "rgb_array", role=role)
 
             # An external server is not ours to restart: a periodic "restart" would only kill
             # our client, leaving its actors and Traffic Manager registration on the server.

@@ -44,8 +44,11 @@ VIEW_SIZE = (480, 270)  # width, height
 VIEW_WAIT_S = 1.0  # for the chase view's image, once the camera's of the same frame has come
 NPC_LENGTH_M = 4.5  # gaps are measured bumper to bumper, approximately
 BGR_TO_GRAY = np.array([0.114, 0.587, 0.299])  # CARLA images are BGRA
-EGO_ROLE = "hero"  # CARLA's convention for the ego car
-OUR_ROLE = "carla_td3"  # every other actor we spawn: found and removed if a crashed client left it
+# The ego car is CARLA's "hero": large maps (Town12, Town13, Town15) load their tiles around it.
+# manual_control and the leaderboard name their cars so too, so a hero is ours only if it
+# carries our sensors. Every other actor we spawn carries `role` (OUR_ROLE and the run's id).
+EGO_ROLE = "hero"
+OUR_ROLE = "carla_td3"
 
 
 def _xy(location) -> np.ndarray:
@@ -54,9 +57,11 @@ def _xy(location) -> np.ndarray:
 
 class CarlaSimulator:
     def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None,
-                 view: bool = False):
-        """`view`: also spawn the chase camera, for `view()`."""
+                 view: bool = False, role: str = OUR_ROLE):
+        """`view`: also spawn the chase camera, for `view()`. `role`: the role name of our actors
+        but the ego, the same for every client of this run (each cleans up after dead ones)."""
         self.config, self.host, self.rpc_port, self.tm_port = config, host, rpc_port, tm_port
+        self.role = role
         self._with_view, self._view = view, None
         self.carla = carla_module or import_carla()
         self._rng = np.random.default_rng()
@@ -96,12 +101,11 @@ class CarlaSimulator:
         self._frame = world.get_snapshot().frame
 
     def _destroy_leftovers(self) -> None:
-        """Actors a previous client of ours left on this server (it died without cleaning up:
-        a shared server lives on)."""
-        ours = [
-            a.id for a in self.world.get_actors()
-            if str(a.attributes.get("role_name", "")) in (EGO_ROLE, OUR_ROLE)
-        ]
+        """Actors a previous client of this run left on this server (it died without cleaning
+        up: a shared server lives on): those with our role, and the cars our sensors ride on.
+        Someone else's hero (manual_control, the leaderboard) or another run's actors stay."""
+        tagged = [a for a in self.world.get_actors() if str(a.attributes.get("role_name", "")) == self.role]
+        ours = {a.id for a in tagged} | {a.parent.id for a in tagged if a.parent is not None}
         if ours:
             self.client.apply_batch_sync([self.carla.command.DestroyActor(int(i)) for i in ours], False)
 
@@ -194,7 +198,7 @@ class CarlaSimulator:
 
     def _tagged(self, blueprint):
         if blueprint.has_attribute("role_name"):
-            blueprint.set_attribute("role_name", OUR_ROLE)
+            blueprint.set_attribute("role_name", self.role)
         return blueprint
 
     def _spawn_npcs(self) -> None:

@@ -23,6 +23,7 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 
+from carla_env.carla_sim import OUR_ROLE
 from carla_env.config import CarlaEnvConfig
 from carla_env.servers import ServerLost
 
@@ -30,10 +31,11 @@ SETTLE_S = 5.0  # for replies that involve no server call (health, close), and f
 
 
 class ClientProcess:
-    """`CarlaSimulator(config, host, rpc_port, tm_port, view=view)` in a child process, same methods."""
+    """`CarlaSimulator(config, host, rpc_port, tm_port, view=view, role=role)` in a child process,
+    same methods."""
 
     def __init__(self, config: CarlaEnvConfig, host: str, rpc_port: int, tm_port: int, carla_module=None,
-                 view: bool = False):
+                 view: bool = False, role: str = OUR_ROLE):
         self.config = config
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -44,7 +46,7 @@ class ClientProcess:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._health: dict[str, float] = {}
-        self._conn.send((config.model_dump(), host, rpc_port, tm_port, carla_module, view))
+        self._conn.send((config.model_dump(), host, rpc_port, tm_port, carla_module, view, role))
         server = config.server
         # Backstops for a child stuck where its own client timeouts do not reach.
         self._slow_call_s = 4 * server.connect_timeout_s + SETTLE_S
@@ -121,7 +123,7 @@ def serve(fd: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
-    config, host, rpc_port, tm_port, carla_module, view = conn.recv()
+    config, host, rpc_port, tm_port, carla_module, view, role = conn.recv()
     config = CarlaEnvConfig.model_validate(config)
     simulator = None
     try:
@@ -132,7 +134,7 @@ def serve(fd: int) -> None:
                 return  # the env's process is gone
             try:
                 if method == "connect":
-                    simulator, result = CarlaSimulator(config, host, rpc_port, tm_port, carla_module, view), None
+                    simulator, result = CarlaSimulator(config, host, rpc_port, tm_port, carla_module, view, role), None
                 elif method == "close":
                     simulator.close()
                     simulator = None

@@ -352,6 +352,27 @@ def test_leftovers_of_a_client_that_died_are_removed_when_the_next_one_connects(
     assert left.isdisjoint(ours) and stranger.id in left  # someone else's actor stays
 
 
+def test_N11_leftover_cleanup_spares_someone_elses_hero_and_another_runs_actors():
+    """A shared server: manual_control's car is a "hero" too, and another run tags its actors
+    with its own id. Only this run's leftovers go: its tagged actors and the car they ride on."""
+    fake = FakeCarla()
+    env = carla_env(fake)
+    env.reset(seed=0)
+    world = fake.world
+    ours = {a.id for a in world.actors.values()}
+    library = world.get_blueprint_library()
+    someone = library.find("vehicle.audi.a2")
+    someone.set_attribute("role_name", "hero")  # manual_control's default role
+    theirs = world.spawn_actor(someone, Transform(Location(-50.0, 20.0)))
+    other_run = library.find("vehicle.audi.a2")
+    other_run.set_attribute("role_name", "carla_td3_0400")
+    other = world.spawn_actor(other_run, Transform(Location(-80.0, 20.0)))
+    env.simulator.client = None  # our client process died: nothing was cleaned up
+    env.simulator._reconnect()
+    left = set(fake.world.actors)
+    assert left.isdisjoint(ours) and {theirs.id, other.id} <= left
+
+
 def test_periodic_server_restarts_come_between_episodes():
     env = carla_env(server={"restart_every_episodes": 2})
     for seed in range(5):
