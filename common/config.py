@@ -7,6 +7,7 @@ carla_env/ never imports rl/.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -63,6 +64,29 @@ def load_yaml(text: str) -> Any:
             "(a config is never that large; nested aliases that repeat each other are a YAML bomb)"
         )
     return data
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where."""
+    mark = getattr(error, "problem_mark", None)
+    if getattr(error, "problem", None) and mark:
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).replace('in "<unicode string>", ', "at ").split())
+
+
+def read_yaml_file(path: Path, kind: str) -> Any:
+    """The YAML document in the file `path` (a `kind`, e.g. "config file", for the messages), or
+    a ConfigError in one line naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {kind} not found" if not path.exists() else f"{path}: not a file")
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); is it the {kind}?") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
 
 
 def _expanded_size(value: Any, memo: dict[int, int]) -> int:

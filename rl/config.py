@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from common.config import ConfigError, Section, format_errors, load_yaml
+from common.config import ConfigError, Section, format_errors, load_yaml, read_yaml_file, yaml_problem
 
 
 LayerWidth = Annotated[int, Field(gt=0)]
@@ -310,7 +310,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     try:
         value = load_yaml(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML ({e})") from None
+        raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML ({yaml_problem(e)})") from None
     node = data
     while len(parts) > 1:
         # Keys may hold dots themselves (gradient groups: algo.grad_clip.critic.head).
@@ -398,12 +398,5 @@ def _check_env_takes_kwargs(config: ExperimentConfig, source: str) -> None:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a file")
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); is it the YAML config?") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml_file(path, "config file")
     return parse_config(data, source=str(path), overrides=overrides)

@@ -41,7 +41,7 @@ from callbacks.alerts import ALERTS_FILE
 from callbacks.health import (
     CRITICAL, FACTS_FILE, INFO, RULE_TITLES, TRAINING_ERROR, Alert, HealthMonitor, RunFacts,
 )
-from common.config import load_yaml
+from common.config import load_yaml, yaml_problem
 from rl.config import AlgoSection, HealthSection
 
 EXIT_PASS, EXIT_FAIL, EXIT_NO_REPORT = 0, 1, 2
@@ -135,20 +135,13 @@ def _errors(error: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    if getattr(error, "problem", None) and mark:
-        return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return " ".join(str(error).split())
-
-
 def _load_config(path: Path) -> dict:
     try:
         config = load_yaml(_read(path))
     except RecursionError:
         raise ReportError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
-        raise ReportError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+        raise ReportError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(config, dict):
         raise ReportError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}, ...), {_got(config)}")
     for name in SECTIONS:

@@ -44,6 +44,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from common.config import read_yaml_file, yaml_problem
 from rl.config import ConfigError, ExperimentConfig, Section, load_yaml, format_errors, load_config
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -121,25 +122,11 @@ def assignment(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), load_yaml(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({_one_line(e)})") from None
-
-
-def _one_line(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    if getattr(error, "problem", None) and mark:
-        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
-    return " ".join(str(error).replace('in "<unicode string>", ', "at ").split())
+        raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({yaml_problem(e)})") from None
 
 
 def _read_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: search file not found" if not path.exists() else f"{path}: not a file")
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); is it the search YAML?") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    data = read_yaml_file(path, "search file")
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{path}: expected a mapping (name, base, search, ...) at the top level, got {got}")
