@@ -129,14 +129,13 @@ def test_the_wandb_key_is_a_secret_file_only_on_the_head_and_no_manifest_holds_o
     assert with_file == ["head"]
 
 
-def pod_specs() -> list[tuple[str, dict]]:
-    """(where, pod spec) for every pod template in every manifest: any object with containers."""
+def mappings() -> list[tuple[str, dict]]:
+    """(where, mapping) for every mapping in every manifest, the documents themselves included."""
     found = []
 
     def walk(node, where):
         if isinstance(node, dict):
-            if isinstance(node.get("containers"), list):
-                found.append((where, node))
+            found.append((where, node))
             for key, value in node.items():
                 walk(value, f"{where}.{key}")
         elif isinstance(node, list):
@@ -146,6 +145,11 @@ def pod_specs() -> list[tuple[str, dict]]:
     for name, doc in manifests():
         walk(doc, f"{name}:{doc['kind']}")
     return found
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(where, pod spec) for every pod template in every manifest: any object with containers."""
+    return [(where, node) for where, node in mappings() if isinstance(node.get("containers"), list)]
 
 
 def containers_of(pod: dict) -> list[dict]:
@@ -423,20 +427,11 @@ def restricted_violations(pod: dict, annotations: dict | None = None) -> list[st
 
 def pod_templates() -> list[tuple[str, dict, dict]]:
     """(where, pod spec, annotations) for every pod template in every manifest."""
-    templates = []
-
-    def walk(node, where):
-        if isinstance(node, dict):
-            if isinstance(node.get("spec"), dict) and isinstance(node["spec"].get("containers"), list):
-                templates.append((f"{where}.spec", node["spec"], node.get("metadata", {}).get("annotations", {})))
-            for key, value in node.items():
-                walk(value, f"{where}.{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{where}[{i}]")
-
-    for name, doc in manifests():
-        walk(doc, f"{name}:{doc['kind']}")
+    templates = [
+        (f"{where}.spec", node["spec"], node.get("metadata", {}).get("annotations", {}))
+        for where, node in mappings()
+        if isinstance(node.get("spec"), dict) and isinstance(node["spec"].get("containers"), list)
+    ]
     assert [w for w, _, _ in templates] == [w for w, _ in pod_specs()]  # no pod spec outside a template
     return templates
 
