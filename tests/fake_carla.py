@@ -1,9 +1,10 @@
 """A test double of the `carla` 0.9.16 client: the parts carla_env/ uses, faithful where it matters.
 
 No CARLA server can run on CI machines, so the CARLA backend is tested against this: a straight
-three-lane road along +x (lanes 3.5 m wide, centres at y = 0, 3.5, 7), NPC cars the Traffic
-Manager drives at a constant speed, a kinematic ego car, sensors that deliver data through
-`listen` callbacks.
+three-lane road along +x (lanes 3.5 m wide, centres at y = 0, 3.5, 7), or a ring of three lanes
+where every spawn point is on a curve (`FakeCarla(ring_radius=...)`), NPC cars the Traffic
+Manager drives at a constant speed along their lane, a kinematic (bicycle) ego car, sensors that
+deliver data through `listen` callbacks.
 
 Where the real client (0.9.16) behaves in a way our code must handle, the double does too; each
 point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
@@ -55,6 +56,7 @@ LANE_WIDTH = 3.5
 MAPS = [f"/Game/Carla/Maps/{t}" for t in ("Town01", "Town02", "Town03", "Town10HD_Opt")]
 NPC_SPEED_MPS = 8.0
 CONTACT_M = 2.5  # centres closer than this: the cars touch
+MAX_STEER_DEG, WHEELBASE_M = 70.0, 2.9  # CARLA's default front-wheel angle; a Tesla Model 3
 
 
 def _boost(signature: str, **arguments) -> None:
@@ -209,25 +211,72 @@ class BlueprintLibrary:
         return self._all[index].copy()
 
 
+class StraightRoad:
+    """Three lanes along +x, lane k's centre at y = k * LANE_WIDTH; a place on it is (x, lane)."""
+
+    def pose(self, at: float, lane: int) -> tuple[float, float, float]:
+        return at, lane * LANE_WIDTH, 0.0  # x, y, yaw in degrees
+
+    def advance(self, at: float, lane: int, distance: float) -> float:
+        return at + distance
+
+    def project(self, x: float, y: float) -> tuple[float, int]:
+        return x, int(np.clip(round(y / LANE_WIDTH), 0, 2))
+
+    def spawn_points(self) -> list[tuple[float, int]]:
+        return [(20.0 * i, i % 3) for i in range(40)]
+
+
+class RingRoad:
+    """Three lanes around a circle that turns right (like a roundabout's), the outer lane of
+    radius `radius`, each lane LANE_WIDTH further in: a road with no straight metre. A place on
+    it is (angle, lane); angle 0 is at the origin, heading +x, lane k at y = k * LANE_WIDTH, as
+    on the straight road."""
+
+    def __init__(self, radius: float = 12.0):
+        self.radius = radius
+
+    def _r(self, lane: int) -> float:
+        return self.radius - lane * LANE_WIDTH
+
+    def pose(self, at: float, lane: int) -> tuple[float, float, float]:
+        r = self._r(lane)  # the centre is (0, radius): CARLA's y points right of +x
+        return r * math.sin(at), self.radius - r * math.cos(at), math.degrees(at)
+
+    def advance(self, at: float, lane: int, distance: float) -> float:
+        return at + distance / self._r(lane)
+
+    def project(self, x: float, y: float) -> tuple[float, int]:
+        r = math.hypot(x, self.radius - y)
+        return math.atan2(x, self.radius - y), int(np.clip(round((self.radius - r) / LANE_WIDTH), 0, 2))
+
+    def spawn_points(self) -> list[tuple[float, int]]:
+        return [(2 * math.pi * i / 12, i % 3) for i in range(12)]
+
+
 class Waypoint:
-    def __init__(self, x: float, lane: int):
-        self.lane, self.lane_width = lane, LANE_WIDTH
-        self.transform = Transform(Location(x, lane * LANE_WIDTH, 0.0), Rotation(yaw=0.0))
+    def __init__(self, road, at: float, lane: int):
+        self.road, self.at, self.lane, self.lane_width = road, at, lane, LANE_WIDTH
+        x, y, yaw = road.pose(at, lane)
+        self.transform = Transform(Location(x, y, 0.0), Rotation(yaw=yaw))
 
     def next(self, distance):
-        return [Waypoint(self.transform.location.x + distance, self.lane)]
+        return [Waypoint(self.road, self.road.advance(self.at, self.lane, distance), self.lane)]
 
 
 class Map:
-    def __init__(self, town: str):
-        self.name = f"Carla/Maps/{town}"
+    def __init__(self, town: str, road=None):
+        self.name, self.road = f"Carla/Maps/{town}", road or StraightRoad()
 
     def get_spawn_points(self):
-        return [Transform(Location(20.0 * i, LANE_WIDTH * (i % 3), 0.3)) for i in range(40)]
+        points = []
+        for at, lane in self.road.spawn_points():
+            x, y, yaw = self.road.pose(at, lane)
+            points.append(Transform(Location(x, y, 0.3), Rotation(yaw=yaw)))
+        return points
 
     def get_waypoint(self, location, project_to_road=True):
-        lane = int(np.clip(round(location.y / LANE_WIDTH), 0, 2))
-        return Waypoint(location.x, lane)
+        return Waypoint(self.road, *self.road.project(location.x, location.y))
 
 
 class Actor:
@@ -339,7 +388,7 @@ class _Streaming:
 
 class World:
     def __init__(self, client, town):
-        self.client, self.map, self.settings = client, Map(town), WorldSettings()
+        self.client, self.map, self.settings = client, Map(town, client.fake.road()), WorldSettings()
         self.actors: dict[int, Actor] = {}
         self.frame, self._next_id, self.weather = 0, 100, None
         self.pedestrians_seed = None
@@ -454,13 +503,15 @@ class World:
         return math.dist((p.x, p.y), (transform.location.x, transform.location.y)) < 2.0
 
     def _move(self, car, dt):
-        if car.autopilot_port is not None:
+        if car.autopilot_port is not None:  # the Traffic Manager keeps its lane
             tm = self.client.fake.traffic_managers.get(car.autopilot_port)
             car.speed = NPC_SPEED_MPS if tm is not None and tm.synchronous else 0.0
-        else:
+            car._transform.rotation.yaw = self.map.get_waypoint(car._transform.location).transform.rotation.yaw
+        else:  # a kinematic bicycle: steer 1 turns the front wheels MAX_STEER_DEG
             c = car.control
             car.speed = max(0.0, car.speed + (4.0 * c.throttle - 8.0 * c.brake) * dt)
-            car._transform.rotation.yaw += 30.0 * c.steer * dt * min(car.speed, 1.0)
+            yaw_rate = car.speed * math.tan(math.radians(MAX_STEER_DEG * c.steer)) / WHEELBASE_M
+            car._transform.rotation.yaw += math.degrees(yaw_rate * dt)
         yaw = math.radians(car._transform.rotation.yaw)
         car._transform.location.x += car.speed * math.cos(yaw) * dt
         car._transform.location.y += car.speed * math.sin(yaw) * dt
@@ -718,14 +769,18 @@ class FakeCarla:
     VehicleControl = VehicleControl
     command = _Command
 
-    def __init__(self, tcp: bool = False, load_world_s: float = 0.0):
-        self.tcp, self.load_world_s = tcp, load_world_s
+    def __init__(self, tcp: bool = False, load_world_s: float = 0.0, ring_radius: float | None = None):
+        """`ring_radius`: the map is a `RingRoad` of that radius, not the straight road."""
+        self.tcp, self.load_world_s, self.ring_radius = tcp, load_world_s, ring_radius
         self.clients: list[Client] = []
         self.traffic_managers: dict[int, TrafficManager] = {}
         self.worlds: dict[tuple[str, int], World] = {}  # per server (in memory; tcp: per process)
 
     def Client(self, host="127.0.0.1", port=2000, worker_threads=0):
         return Client(self, host, port, worker_threads)
+
+    def road(self):
+        return RingRoad(self.ring_radius) if self.ring_radius else StraightRoad()
 
     def _tick_traffic_managers(self):
         for tm in list(self.traffic_managers.values()):
@@ -736,7 +791,7 @@ class FakeCarla:
         return self.clients[-1].world
 
     def __getstate__(self):  # sent to a client process: a fresh module there
-        return {"tcp": self.tcp, "load_world_s": self.load_world_s}
+        return {"tcp": self.tcp, "load_world_s": self.load_world_s, "ring_radius": self.ring_radius}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -745,3 +800,8 @@ class FakeCarla:
 def tcp_carla() -> FakeCarla:
     """`--carla-module tests.fake_carla:tcp_carla`: the double, talking to a stand-in server."""
     return FakeCarla(tcp=True)
+
+
+def tcp_carla_ring() -> FakeCarla:
+    """The same on a map with no straight road: every spawn point is on a curve."""
+    return FakeCarla(tcp=True, ring_radius=12.0)

@@ -66,6 +66,20 @@ def test_against_an_external_server_the_scenarios_that_kill_servers_are_skipped(
     assert {n: r["status"] for n, r in report.items()} == {"S1": "PASS", "S2": "PASS", "S9": "SKIP"}
 
 
+def test_N8_the_route_scenario_passes_on_a_map_where_every_spawn_point_is_on_a_curve(carla_root, tmp_path):  # noqa: F811
+    """Driving straight on, the car leaves a curve's route past 3 m within 20 steps: a false FAIL
+    of S2 (the route is right). It follows the route now and is judged by its distance to it."""
+    server = ManagedServer(ServerSection(base_rpc_port=free_base_port(), log_dir=str(tmp_path)), 0, FakeCarla(tcp=True))
+    server.start()
+    try:
+        run, report = smoke(tmp_path, "--host", "127.0.0.1", "--port", str(server.rpc_port),
+                            "--carla-module", "tests.fake_carla:tcp_carla_ring", "--only", "S2")
+    finally:
+        server.stop()
+    assert run.returncode == 0 and report["S2"]["status"] == "PASS", run.stdout + run.stderr
+    assert report["S2"]["metrics"]["max_distance_to_route_m"] < 1.0
+
+
 def test_a_client_that_aborts_is_a_fail_with_its_signal_not_the_end_of_the_test(carla_root, tmp_path):  # noqa: F811
     run, report = smoke(tmp_path, "--managed", "--carla-module", "tests.test_carla_smoke:aborting_carla",
                         "--only", "S2,S12")
