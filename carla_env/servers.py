@@ -40,6 +40,7 @@ from carla_env.config import ServerSection
 from carla_env.ports import ServerPorts, server_ports
 
 EXECUTABLE = "CarlaUE4.sh"
+GRACEFUL_STOP_S = 10.0  # for UE to act on SIGTERM before the group is killed
 
 
 class ServerError(RuntimeError):
@@ -344,25 +345,33 @@ class ManagedServer:
         self.start()
 
     def stop(self, graceful: bool = True) -> None:
-        """Stops the whole process group: the launcher script and the UE binary it started."""
+        """Stops the whole process group: the launcher script and the UE binary it started.
+        Graceful: SIGTERM, and UE gets `GRACEFUL_STOP_S` to exit before SIGKILL. The launcher
+        dies at once, so what is waited for is the group, not the launcher."""
         if self.process is None:
             return
-        signals = ((signal.SIGTERM, 10.0),) if graceful else ()
+        signals = ((signal.SIGTERM, GRACEFUL_STOP_S),) if graceful else ()
         for sig, wait_s in (*signals, (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.process.wait(wait_s)
-                # The launcher is gone; the group may still hold the UE binary.
-                if not procfs.group_members(self.process.pid):
-                    break
-            except subprocess.TimeoutExpired:
-                continue
+            if self._group_exits_within(wait_s):
+                break
+        self.process.wait()
         if self._pump is not None:
             self._pump.join()
         ServerRecord(self.log_dir, self.ports.rpc).remove()
+
+    def _group_exits_within(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.process.poll()  # reaps the launcher; UE, reparented, is reaped by init
+            if not any(procfs.alive(pid) for pid in procfs.group_members(self.process.pid)):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.log_path.is_file():

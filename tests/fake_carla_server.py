@@ -10,6 +10,9 @@ connections and answers `maps` while ticks time out: the three ways a real serve
 FAKE_CARLA_MODE: "normal"; "exit" (logs a fatal line and exits 3 while starting);
 "silent" (runs but never listens: a server that never comes up); "spam" (writes a line of log
 every millisecond, as CARLA's error spam does).
+
+SIGTERM is handled as UE handles it, by a graceful exit: it logs "shutting down", takes
+FAKE_CARLA_SHUTDOWN_S seconds (default 0), logs "exited cleanly" and exits 0.
 """
 
 import os
@@ -22,6 +25,16 @@ import time
 port = int(next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("-carla-rpc-port=")))
 print(f"fake CARLA server {os.getpid()}: {' '.join(sys.argv[1:])}", flush=True)
 mode = os.environ.get("FAKE_CARLA_MODE", "normal")
+
+
+def graceful_exit(*_) -> None:
+    print("shutting down", flush=True)
+    time.sleep(float(os.environ.get("FAKE_CARLA_SHUTDOWN_S", "0")))
+    print("exited cleanly", flush=True)
+    os._exit(0)
+
+
+signal.signal(signal.SIGTERM, graceful_exit)
 if mode == "exit":
     print("fatal: no Vulkan device found", flush=True)
     sys.exit(3)

@@ -168,6 +168,23 @@ def test_launches_off_screen_on_its_ports_and_gpu_and_stops_the_whole_process_tr
     assert not (tmp_path / f"carla_{server.ports.rpc}.json").exists()
 
 
+def test_N7_a_graceful_stop_waits_for_the_server_to_exit_on_sigterm(carla_root, tmp_path, monkeypatch):
+    """The launcher script dies at SIGTERM at once; UE, in the same group, takes a while."""
+    monkeypatch.setenv("FAKE_CARLA_SHUTDOWN_S", "1.0")
+    server = managed(tmp_path)
+    server.start()
+    binary = server_binary(server.rpc_port)
+    try:
+        server.stop()
+        assert "exited cleanly" in server.log_path.read_text() and not procfs.alive(binary)
+        server.start()
+        binary = server_binary(server.rpc_port)
+        server.stop(graceful=False)  # a hung server: killed at once
+        assert "exited cleanly" not in server.log_path.read_text().rsplit("fake CARLA server", 1)[1]
+    finally:
+        server.stop(graceful=False)
+
+
 def test_missing_carla_root_or_executable_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("CARLA_ROOT", raising=False)
     with pytest.raises(ServerError, match="set CARLA_ROOT or env.kwargs.server.carla_root"):
