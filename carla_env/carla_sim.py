@@ -77,8 +77,7 @@ class CarlaSimulator:
         carla, cfg, server = self.carla, self.config, self.config.server
         # The client's own threads: by default one per host CPU, not per pod CPU.
         self.client = carla.Client(self.host, self.rpc_port, server.client_worker_threads)
-        # Connecting, loading a map and spawning can take a minute on a cold server; ticks
-        # pass their own, shorter timeout (tick_timeout_s).
+        # Connecting and loading a map can take a minute on a cold server.
         self.client.set_timeout(float(server.connect_timeout_s))
         maps = {m.rsplit("/", 1)[-1] for m in self.client.get_available_maps()}
         if cfg.town not in maps:
@@ -89,6 +88,11 @@ class CarlaSimulator:
         world = self.client.get_world()
         if world.get_map().name.rsplit("/", 1)[-1] != cfg.town:
             world = self.client.load_world(cfg.town)  # resets the settings: apply them after
+        # Every other call is bounded by tick_timeout_s. A tick's too: `world.tick(seconds)` sends
+        # its tick cue as an RPC under the client's timeout (LibCarla Simulator::Tick), and
+        # `seconds` bounds only the wait for the frame. With connect_timeout_s (120 s) a lost
+        # server was found only by the client process's backstop, a minute later.
+        self.client.set_timeout(float(server.tick_timeout_s))
         self.world, self.map = world, world.get_map()
         self._destroy_leftovers()
         settings = world.get_settings()

@@ -29,7 +29,12 @@ point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
 - `get_random_location_from_navigation` returns None now and then (every 4th call); walkers
   walk to their controller's destination;
 - the ego touching a car or a static prop (centres within CONTACT_M) is a collision event;
-- world.tick(seconds) takes its own timeout.
+- every call to the server, the tick's too, runs under the client's timeout (`set_timeout`):
+  `world.tick(seconds)` sends its tick cue as an RPC (LibCarla `Simulator::Tick` ->
+  `Client::SendTickCue`), and `seconds` bounds only the wait for the frame's snapshot; a call
+  fails only at that timeout, whether the server was killed, hangs, closed or refused the
+  connection, and so does every later call on a lost connection (rpclib, measured with the
+  real 0.9.16 wheel: ../shared/notes/carla-0.9.16-review-2.md, N3).
 
 `FakeCarla(tcp=True)` talks to a real process (tests/fake_carla_server.py) for everything the
 server's game thread answers (ticks, settings, the Traffic Manager's calls) and for what it
@@ -459,7 +464,9 @@ class World:
 
     def tick(self, seconds=0.0):
         _boost("World.tick", seconds=(seconds, float))
-        self.frame = self.client._remote_tick(seconds or self.client.timeout) if self.client.tcp else self.frame + 1
+        # The tick cue is an RPC under the client's timeout; `seconds` bounds only the wait for
+        # the frame's snapshot, which the double has at once.
+        self.frame = int(self.client._remote("tick")) if self.client.tcp else self.frame + 1
         self.client.fake._tick_traffic_managers()
         dt = self.settings.fixed_delta_seconds or 0.05
         ego = self.ego()
@@ -722,41 +729,47 @@ class Client:
         return responses
 
     # --- talking to the stand-in server process
-    def _remote(self, request: str, timeout_s: float | None = None) -> str:
+    def _remote(self, request: str) -> str:
+        """One RPC under the client's timeout. rpclib fails a call only at its timeout: a
+        refused, reset or closed connection is noticed then, not at once."""
         if not self.tcp:
             return ""
-        timeout_s = timeout_s or self.timeout
+        timeout_s, deadline = self.timeout, time.monotonic() + self.timeout
         message = (
             f"time-out of {int(timeout_s * 1000)}ms while waiting for the simulator, make sure the "
             f"simulator is ready and connected to {self.host}:{self.port}"
         )
         with self._lock:
             if self._lost:  # rpclib does not reconnect a client whose server went away
+                self._wait_until(deadline)
                 raise RuntimeError(f"{message} (connection lost)")
             try:
                 if self._socket is None:
                     self._socket = socket.create_connection((self.host, self.port), timeout=timeout_s)
                     self._lines = self._socket.makefile("rb")
                     self._ever_connected = True  # from now on, losing the connection is for good
-                self._socket.settimeout(timeout_s)
+                self._socket.settimeout(max(deadline - time.monotonic(), 0.001))
                 self._socket.sendall(f"{request}\n".encode())
                 line = self._lines.readline()
             except OSError as e:  # refused, reset, or socket.timeout
                 self._lose_connection()
+                self._wait_until(deadline)
                 raise RuntimeError(f"{message} ({e})") from None
             if not line:
                 self._lose_connection()
+                self._wait_until(deadline)
                 raise RuntimeError(f"{message} (connection closed)")
         return line.decode().strip()
+
+    @staticmethod
+    def _wait_until(deadline: float) -> None:
+        time.sleep(max(deadline - time.monotonic(), 0.0))
 
     def _lose_connection(self) -> None:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
         self._lost = self._ever_connected
-
-    def _remote_tick(self, timeout_s: float) -> int:
-        return int(self._remote("tick", timeout_s))
 
 
 class FakeCarla:

@@ -194,7 +194,9 @@ def test_D5_a_slow_map_load_is_waited_for_while_ticks_keep_their_short_timeout()
     env = carla_env(fake, town="Town03", server={"tick_timeout_s": 1.0, "connect_timeout_s": 5.0})
     env.reset(seed=0)
     client = fake.clients[-1]
-    assert client.timeout == 5.0 and client.worker_threads == 2  # D15: not one thread per host CPU
+    assert fake.world.map.name.endswith("Town03")  # loaded under connect_timeout_s
+    assert client.timeout == 1.0  # N3: every call after the load, ticks too, under tick_timeout_s
+    assert client.worker_threads == 2  # D15: not one thread per host CPU
     with pytest.raises(ServerError, match="failed to connect to newly created map"):
         carla_env(FakeCarla(load_world_s=1.5), town="Town03", server={"connect_timeout_s": 1.0,
                                                                       "max_restarts": 0}).reset(seed=0)

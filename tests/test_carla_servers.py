@@ -277,8 +277,12 @@ def test_D3_a_crashed_or_hung_server_is_replaced_with_a_new_client_and_training_
         os.kill(binary, FAILURES[failure])
         wait_until(lambda: procfs.state(binary) in ("Z", "T", None, "S"))
 
+        start = time.monotonic()
         _, reward, terminated, truncated, info = env.step(DRIVE)
         assert (reward, terminated, truncated, info["episode_end"]) == (0.0, False, True, "backend_failure")
+        # N3: found by the tick's own timeout (then a restart and a new client), not by the
+        # client process's backstop ((4 + 2) x 5 + 5 = 35 s)
+        assert time.monotonic() - start < TICK_TIMEOUT_S + 15
         health = env.backend_health()
         assert health["server_restarts"] == 1 and health["tick_timeouts"] == 1
         assert not procfs.alive(binary)  # a hung server is killed, not left behind
