@@ -36,30 +36,40 @@ from rl.td3 import TD3Config
 from rl.td3.td3_learner import clipped_double_q_target, smoothed_target_action
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OBS_SPACE = gym.spaces.Dict(
-    {
-        "image": gym.spaces.Box(0, 255, (4, 84, 84), np.uint8),
-        "state": gym.spaces.Box(-np.inf, np.inf, (10,), np.float32),
-    }
-)
+# The networks measured: the default (Nature-DQN CNN, 4x84x84 frames) and the CI test's size
+# (benchmarks/health_zoo.py DRIVING_CI_SIZE: 2x48x48 frames, a two-layer CNN, 64-64 heads).
+NETWORKS = {
+    "default": {"frames": (4, 84, 84), "model": {}},
+    "ci": {"frames": (2, 48, 48), "model": {
+        "cnn": {"channels": [16, 32], "kernel_sizes": [8, 4], "strides": [4, 2], "feature_dim": 32},
+        "actor_hidden": [64, 64], "critic_hidden": [64, 64]}},
+}
 ACTION_SPACE = gym.spaces.Box(-1, 1, (2,), np.float32)
 POOL = 2048  # distinct random transitions each call's batch is drawn from
 
 
-def make_config(batch_size: int, device: str) -> TD3Config:
+def observation_space(network: str) -> gym.spaces.Dict:
+    return gym.spaces.Dict({
+        "image": gym.spaces.Box(0, 255, NETWORKS[network]["frames"], np.uint8),
+        "state": gym.spaces.Box(-np.inf, np.inf, (10,), np.float32),
+    })
+
+
+def make_config(batch_size: int, device: str, network: str) -> TD3Config:
     return (
         TD3Config()
-        .environment(observation_space=OBS_SPACE, action_space=ACTION_SPACE)
+        .environment(observation_space=observation_space(network), action_space=ACTION_SPACE)
         .training(train_batch_size_per_learner=batch_size, grad_clip_by_group=dict(DEFAULT_GRAD_CLIP))
+        .rl_module(model_config=NETWORKS[network]["model"])
         .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
         .debugging(seed=0)
     )
 
 
-def transition_pool(rng: np.random.Generator) -> dict:
+def transition_pool(rng: np.random.Generator, network: str) -> dict:
     def obs():
         return {
-            "image": rng.integers(0, 256, (POOL, 4, 84, 84), dtype=np.uint8),
+            "image": rng.integers(0, 256, (POOL, *NETWORKS[network]["frames"]), dtype=np.uint8),
             "state": rng.normal(size=(POOL, 10)).astype(np.float32),
         }
 
@@ -159,10 +169,10 @@ def measure(run_call, device: str, calls: int, updates_per_call: int) -> float:
     return calls * updates_per_call / (time.perf_counter() - start)
 
 
-def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, rounds: int) -> dict:
+def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, rounds: int, network: str) -> dict:
     rng = np.random.default_rng(0)
-    pool = transition_pool(rng)
-    config = make_config(batch_size, device)
+    pool = transition_pool(rng, network)
+    config = make_config(batch_size, device, network)
     n = batch_size * updates_per_call
     batches = [draw(pool, n, rng) for _ in range(2)]  # alternate two, drawn outside the timing
 
@@ -191,6 +201,7 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
     ours_rate, plain_rate = float(np.median(ours_rates)), float(np.median(plain_rates))
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "network": network,
         "torch_threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "updates_per_call": updates_per_call,
@@ -214,6 +225,8 @@ def main() -> None:
                         help="minibatch updates per learner call (training: fragment length x runners)")
     parser.add_argument("--calls", type=int, default=4, help="timed calls per side and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--network", choices=list(NETWORKS), default="default",
+                        help="default: the Nature-DQN CNN on 4x84x84; ci: the CI test's size")
     args = parser.parse_args()
 
     rows = []
@@ -221,7 +234,7 @@ def main() -> None:
         if device == "cuda" and not torch.cuda.is_available():
             print("cuda: no GPU here, skipped")
             continue
-        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.rounds)
+        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.rounds, args.network)
         print(json.dumps(row))
         rows.append(row)
 
@@ -229,10 +242,10 @@ def main() -> None:
     meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": torch.get_num_threads()}
     (RESULTS / "cnn_learner.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "| device | batch | updates/call | ours updates/s (rounds) | plain torch updates/s (rounds) | overhead (plain/ours) |",
-        "|---|---|---|---|---|---|",
+        "| device | network | batch | updates/call | ours updates/s (rounds) | plain torch updates/s (rounds) | overhead (plain/ours) |",
+        "|---|---|---|---|---|---|---|",
     ] + [
-        f"| {r['device']} ({r['torch_threads']} threads) | {r['batch_size']} | {r['updates_per_call']} | "
+        f"| {r['device']} ({r['torch_threads']} threads) | {r['network']} | {r['batch_size']} | {r['updates_per_call']} | "
         f"{r['ours_updates_per_s']:.1f} ({_spread(r['ours_rounds'])}) | "
         f"{r['plain_updates_per_s']:.1f} ({_spread(r['plain_rounds'])}) | {r['overhead_ratio']:.2f}x |"
         for r in rows
