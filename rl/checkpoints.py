@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 from rl.durable import publish
-from rl.td3.learner_replay import shard_manifests
 
 REPLAY_MANIFEST = "replay.json"
 REPLAY_CHUNKS = "replay"
@@ -114,6 +113,12 @@ def _refuse_if_writable_by_others(checkpoint: Path, run_dir: Path) -> None:
             "loading one runs the code in it. Make the run directory yours and not writable by others "
             "(chown/chmod), or pass --trust-checkpoints if you know who wrote them."
         )
+
+
+def shard_manifests(manifest: dict) -> list[dict]:
+    """Each learner shard's manifest. Checkpoints written before the replay moved to the learners
+    hold one buffer's: it is shard 0 (`_move_unsharded_chunks` moves its chunks to replay/shard0/)."""
+    return manifest["shards"] if "shards" in manifest else [manifest]
 
 
 def _move_unsharded_chunks(chunks: Path) -> None:

@@ -185,15 +185,20 @@ def _train_in(
     endpoint_pools = open_carla_endpoint_pools(exp)
 
     algo = build_td3_config(exp, run_dir=str(run_dir)).build_algo()
+
+    def shut_down() -> None:
+        """W&B's files closed, Ray's actors stopped, the CARLA endpoint pools let go."""
+        monitor(algo).close()
+        algo.stop()
+        for pool in endpoint_pools:
+            ray.kill(pool)
+
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
         try:
             resumed = restore(algo, run_dir, **resume_options)
         except BaseException:  # config.yaml stays the one the checkpoints were written with
-            monitor(algo).close()
-            algo.stop()
-            for pool in endpoint_pools:
-                ray.kill(pool)
+            shut_down()
             raise
         run_directory.record_config(run_dir, exp)
         rows = resumed.rows
@@ -300,10 +305,7 @@ def _train_in(
     finally:
         if progress:
             progress.close()
-        monitor(algo).close()
-        algo.stop()
-        for pool in endpoint_pools:
-            ray.kill(pool)
+        shut_down()
 
     summary = {
         "run_dir": str(run_dir.resolve()),

@@ -24,6 +24,7 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
+from rl.checkpoints import shard_manifests
 from rl.td3.replay_buffer import TransitionReplayBuffer
 from rl.td3.transition_wire import EpisodeChunk, chunks_of, pack, unpack, wire_bytes
 
@@ -182,9 +183,3 @@ def shard_dir(directory: Path, shard: int) -> Path:
     """Where a shard's chunks live: absolute, for a learner whose working directory (or node)
     is not the driver's."""
     return Path(directory).resolve() / f"shard{shard}"
-
-
-def shard_manifests(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each shard's manifest (checkpoints written before the replay moved to the learners hold one
-    buffer's: it is shard 0; rl/checkpoints.py moves its chunks into replay/shard0/)."""
-    return manifest["shards"] if "shards" in manifest else [manifest]

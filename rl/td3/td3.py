@@ -66,8 +66,9 @@ UPDATE_CREDIT = "td3_update_credit"  # checkpoint key
 # Learner updates between the weights a fragment was sampled with and the learner's when the
 # fragment arrives (0 in the synchronous loop): how off-policy asynchronous sampling makes it.
 POLICY_LAG_MEAN, POLICY_LAG_MAX = "policy_lag_mean", "policy_lag_max"
-# Iterations since the learner first moved past the weights a fragment was sampled with (0: the
-# runner had the newest): grows by one an iteration once new weights stop reaching a runner.
+# Iterations, when a fragment was requested, since weights newer than the ones its runner held
+# were due (0: it had the newest): grows by one an iteration once new weights stop reaching a
+# runner (`TD3._weights_missed_iters`).
 WEIGHTS_MISSED_ITERS = "weights_missed_iters"
 # Updates per env step past `learning_starts`, this iteration: `updates_per_env_step` held.
 REPLAY_RATIO = "replay_ratio"
@@ -229,7 +230,7 @@ class TD3(Algorithm):
         # Learner updates made by this process, and how many of them the runners' weights have
         # seen: the policy lag of a fragment is the difference when it arrives.
         self._num_updates = self._weights_version = 0
-        self._published_weights: list = []  # asynchronous sampling: [ObjectRef] once published
+        self._published_weights: list = []  # [ObjectRef] once published, for the sample requests
         self._iterations_run = 0  # by this process (not restored from a checkpoint)
         self._last_delivery: dict[int, int] = {}  # env runner index -> iteration of its last fragment
         # Learner updates made by the end of each iteration of this process (non-decreasing).
