@@ -32,7 +32,7 @@ def judge(overrides: list[str], run_dir: Path) -> dict:
                                *overrides])
     start = time.monotonic()
     summary = train(exp, run_dir=run_dir / "run", show_progress=False)
-    constant = evaluate(exp.env.id, exp.env.kwargs, baselines(exp.env.kwargs)["constant [0, 0]"], SEEDS)
+    constant = evaluate(exp.env.id, exp.env.kwargs, baselines(exp.env.id, exp.env.kwargs)["constant [0, 0]"], SEEDS)
     ours = evaluate(exp.env.id, exp.env.kwargs, trained_policy(summary["final_checkpoint"]), SEEDS)
     alerts = read_alerts(run_dir / "run")
     standing = [w["rule"] for i, w in enumerate(alerts) if w["level"] == "WARN"

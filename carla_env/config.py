@@ -82,15 +82,58 @@ class DrivingEnvConfig(Section):
         return round(self.simulation_hz / self.episode.control_hz)
 
 
-class EmbeddedEnvConfig(DrivingEnvConfig):
-    """The embedded default: highway-env's multi-lane highway, no server."""
+class HighwayEnvConfig(DrivingEnvConfig):
+    """What both embedded scenarios (highway-env worlds, no server) share."""
 
-    lanes: int = Field(default=3, ge=1, le=8)
     # Camera: a top-down view; 2 pixels per metre shows 42 m of road across 84 pixels.
     pixels_per_metre: float = Field(default=2.0, gt=0.0)
     # highway-env's kinematic car turns its wheels instantly: a small range keeps a random
     # policy on the road for a few seconds, like a real car at highway speed.
     max_steer_deg: float = Field(default=10.0, gt=0.0, le=45.0)
+
+
+class EmbeddedEnvConfig(HighwayEnvConfig):
+    """The embedded default: highway-env's multi-lane highway."""
+
+    lanes: int = Field(default=3, ge=1, le=8)
+
+
+class EmbeddedTownConfig(HighwayEnvConfig):
+    """The embedded town (carla_env/town.py): a grid of two-way streets, routes through junctions.
+    Defaults: town speeds (streets at 10 m/s), 90 s for a route of up to 450 m."""
+
+    state: StateSection = Field(
+        default_factory=lambda: StateSection(target_speed_mps=8.0, lookahead_m=[4.0, 8.0, 16.0], front_gap_range_m=30.0)
+    )
+    episode: EpisodeSection = Field(default_factory=lambda: EpisodeSection(max_seconds=90.0))
+    npc_vehicles: int = Field(default=12, ge=0, description="traffic on the town's streets")
+    # A 90-degree turn of radius 7 m needs ~35 degrees of wheel angle on highway-env's 5 m car.
+    max_steer_deg: float = Field(default=40.0, gt=0.0, le=60.0)
+    grid: int = Field(default=3, ge=3, le=6, description="junctions per side: 3 gives a 4-way, 4 Ts, 4 bends")
+    block_m: float = Field(default=80.0, ge=40.0, description="junction centre to junction centre")
+    lane_width_m: float = Field(default=4.0, gt=2.0)
+    junction_half_m: float = Field(default=9.0, gt=0.0, description="junction centre to its stop line")
+    bend_half_m: float = Field(default=16.0, gt=0.0, description="a bend's centre to where it starts")
+    speed_limit_mps: float = Field(default=10.0, gt=0.0, description="what NPC cars drive at")
+    start_speed_mps: float = Field(default=5.0, ge=0.0)
+    route_min_m: float = Field(default=200.0, gt=0.0)
+    route_max_m: float = Field(default=450.0, gt=0.0)
+    route_min_turns: int = Field(default=2, ge=0, description="left or right turns at junctions (not bends)")
+    max_route_deviation_m: float = Field(default=6.0, gt=0.0, description="farther from the route: off route")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "EmbeddedTownConfig":
+        longest = max(self.junction_half_m, self.bend_half_m)
+        if 2 * longest + 10.0 > self.block_m:
+            raise ValueError(
+                f"block_m ({self.block_m:g}) leaves no street between junctions: it must exceed "
+                f"2 x max(junction_half_m, bend_half_m) + 10 = {2 * longest + 10:g}"
+            )
+        if self.junction_half_m <= self.lane_width_m / 2 + 1.0:
+            raise ValueError(f"junction_half_m ({self.junction_half_m:g}) must exceed lane_width_m / 2 + 1")
+        if self.route_min_m > self.route_max_m:
+            raise ValueError(f"route_min_m ({self.route_min_m:g}) exceeds route_max_m ({self.route_max_m:g})")
+        return self
 
 
 # Maps shipped with CARLA 0.9.16 (the "Opt" variants are the same towns with layers).

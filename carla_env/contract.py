@@ -11,6 +11,7 @@ learner see is derived here and in reward.py, the same way for CARLA and for the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -39,6 +40,13 @@ class Measurements:
     front_closing_mps: float
     collided: bool  # a collision happened during this tick
     on_route: bool  # still on the road / near the route
+    # The route's metrics (carla_env/driving_score.py). A backend without a route of known
+    # length leaves the defaults: its episodes report no route completion or driving score.
+    route_progress_m: float = 0.0  # metres along the route from the episode's start
+    route_length_m: float = math.inf
+    collided_with: str = "vehicle"  # what this tick's collision hit: vehicle, static, pedestrian
+    off_road: bool = False  # not on any drivable lane
+    wrong_lane: bool = False  # on a lane the route does not use (e.g. the oncoming one)
 
     @property
     def forward_speed_mps(self) -> float:

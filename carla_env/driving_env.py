@@ -2,8 +2,11 @@
 
 The env owns everything the contract promises: the frame stack, the state vector, the reward
 terms, and when an episode ends. Collision, leaving the route and being stuck *terminate* (the
-car's future is over: no bootstrapping past them); the time limit *truncates* (the future goes
-on, only our episode stops). A step that is both reports terminated only.
+car's future is over: no bootstrapping past them), and so does reaching the route's end (the task
+is done: nothing more to earn); the time limit *truncates* (the future goes on, only our episode
+stops). A step that is both reports terminated only. The episode's last `info` carries the
+leaderboard's route metrics where the backend drives a route of known length
+(carla_env/driving_score.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from carla_env.config import DrivingEnvConfig
 from carla_env.contract import ACTION_SPACE, Measurements, observation_space, state_vector
+from carla_env.driving_score import RouteScore
 from carla_env.reward import reward_bounds, reward_terms
 
 
@@ -56,6 +60,7 @@ class DrivingEnv(gym.Env):
         self._frames: deque[np.ndarray] = deque(maxlen=config.camera.frame_stack)
         self._prev_action = np.zeros(2, np.float32)
         self._steps = self._slow_steps = 0
+        self._score: RouteScore | None = None
 
     @property
     def reward_bounds(self) -> tuple[float, float]:
@@ -75,6 +80,7 @@ class DrivingEnv(gym.Env):
         self._prev_action = np.zeros(2, np.float32)
         self._steps = self._slow_steps = 0
         self._last = m
+        self._score = RouteScore(m.route_length_m) if np.isfinite(m.route_length_m) else None
         return self._observation(m), self._info(m, None, None)
 
     def step(self, action):
@@ -88,6 +94,7 @@ class DrivingEnv(gym.Env):
             # The last observation stands in for the lost one; reward 0, episode truncated.
             info = self._info(self._last, {}, "backend_failure")
             info["backend_failure"] = str(e)
+            self._add_route_metrics(info, "backend_failure")
             return self._observation(self._last), 0.0, False, True, info
         self._check_frame(frame)
         self._frames.append(frame)
@@ -99,7 +106,12 @@ class DrivingEnv(gym.Env):
         terminated = reason is not None
         truncated = not terminated and self._steps >= self.config.episode.max_steps
         self._prev_action = action
-        info = self._info(m, terms, reason or ("time_limit" if truncated else None))
+        end = reason or ("time_limit" if truncated else None)
+        info = self._info(m, terms, end)
+        if self._score is not None:
+            self._score.update(m)
+            if end is not None:
+                self._add_route_metrics(info, end)
         return self._observation(m), sum(terms.values()), terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
@@ -122,7 +134,13 @@ class DrivingEnv(gym.Env):
             return "off_route"
         if self._slow_steps >= episode.stuck_seconds * episode.control_hz:
             return "stuck"
+        if m.route_progress_m >= m.route_length_m:
+            return "route_complete"
         return None
+
+    def _add_route_metrics(self, info: dict, end: str) -> None:
+        if self._score is not None:
+            info.update(self._score.end(end))
 
     def _observation(self, m: Measurements) -> dict[str, np.ndarray]:
         return {
@@ -133,7 +151,8 @@ class DrivingEnv(gym.Env):
     def _info(self, m: Measurements, terms: dict | None, end: str | None) -> dict[str, Any]:
         return {
             "reward_terms": terms or {},
-            # collision, off_route, stuck (terminated); time_limit, backend_failure (truncated)
+            # collision, off_route, stuck, route_complete (terminated); time_limit,
+            # backend_failure (truncated)
             "episode_end": end,
             "speed_mps": m.speed_mps,
             "lateral_offset_m": m.lateral_offset_m,

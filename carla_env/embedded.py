@@ -1,4 +1,5 @@
-"""The embedded default backend: highway-env's multi-lane highway with NPC traffic, no server.
+"""The embedded default backend: highway-env's multi-lane highway with NPC traffic, no server
+(the embedded town, carla_env/town.py, shares its `HighwayEnvSimulator`).
 
 highway-env (Farama, on PyPI) simulates the cars and renders a top-down view; this module only
 adapts it to our contract (carla_env/contract.py): its camera frame, its ego car's measurements,
@@ -8,6 +9,7 @@ decides those, the same way as for CARLA.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -15,15 +17,35 @@ from typing import Any
 
 import numpy as np
 
-from carla_env.config import EmbeddedEnvConfig, load_env_config
+from carla_env.config import EmbeddedEnvConfig, HighwayEnvConfig, load_env_config
 from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes, wrap_angle
 from carla_env.driving_env import DrivingEnv
 
 GRAYSCALE_WEIGHTS = [0.2989, 0.5870, 0.1140]  # ITU-R BT.601 luma, as in highway-env's example
 
 
-class HighwaySimulator:
-    def __init__(self, config: EmbeddedEnvConfig):
+@functools.cache
+def no_reverse(base: type) -> type:
+    """A highway-env vehicle class whose brakes stop the car and never drive it backwards (its
+    own cars reverse at full brake; a CARLA car's reverse is a gear of its own)."""
+
+    class NoReverse(base):
+        MIN_SPEED = 0.0
+
+        def step(self, dt: float) -> None:
+            if self.action and self.speed + self.action.get("acceleration", 0.0) * dt < 0.0:
+                self.action["acceleration"] = -self.speed / dt
+            super().step(dt)
+
+    NoReverse.__name__ = f"NoReverse{base.__name__}"
+    return NoReverse
+
+
+class HighwayEnvSimulator:
+    """A highway-env world behind the Simulator protocol: its camera frame, our action order.
+    Subclasses build the world (`world_class`, extra highway-env config) and measure the ego car."""
+
+    def __init__(self, config: HighwayEnvConfig, world_class: type, world_config: dict[str, Any]):
         if os.environ.get("SDL_VIDEODRIVER") == "dummy":
             # highway-env turns its renderer off under the dummy driver: every frame is black.
             raise RuntimeError(
@@ -33,11 +55,9 @@ class HighwaySimulator:
         if not os.environ.get("XDG_RUNTIME_DIR"):
             # Headless machines have none, and SDL then prints an "error:" line per process.
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="sdl-runtime-")
-        from highway_env.envs.highway_env import HighwayEnv
-
         self.config = config
         cam = config.camera
-        self._env = HighwayEnv(
+        self._env = world_class(
             config={
                 "observation": {
                     "type": "GrayscaleObservation",
@@ -50,12 +70,12 @@ class HighwaySimulator:
                     "type": "ContinuousAction",
                     "steering_range": (-math.radians(config.max_steer_deg), math.radians(config.max_steer_deg)),
                 },
-                "lanes_count": config.lanes,
                 "vehicles_count": config.npc_vehicles,
                 "simulation_frequency": config.simulation_hz,
                 "policy_frequency": config.episode.control_hz,
                 "duration": math.inf,  # DrivingEnv owns the time limit
                 "offroad_terminal": False,
+                **world_config,
             }
         )
 
@@ -64,7 +84,11 @@ class HighwaySimulator:
         frame = self._frame(obs)
         if frame.min() == frame.max():
             raise RuntimeError("highway-env rendered a blank first frame: check the pygame install")
+        self._start_episode()
         return frame, self._measure()
+
+    def _start_episode(self) -> None:
+        """Called after each reset, before the first measurement."""
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, Measurements]:
         # highway-env's continuous action is [acceleration, steering], both in [-1, 1].
@@ -90,7 +114,23 @@ class HighwaySimulator:
         return np.ascontiguousarray(obs[0].T)  # (1, W, H) -> (H, W)
 
     def _measure(self) -> Measurements:
-        """The ego car against its current lane: on a highway, the lane is the route."""
+        raise NotImplementedError
+
+
+class HighwaySimulator(HighwayEnvSimulator):
+    def __init__(self, config: EmbeddedEnvConfig):
+        from highway_env.envs.highway_env import HighwayEnv
+
+        super().__init__(config, HighwayEnv, {"lanes_count": config.lanes})
+
+    def _start_episode(self) -> None:
+        car = self._env.vehicle
+        car.__class__ = no_reverse(type(car))
+        self._start_x = float(car.position[0])
+
+    def _measure(self) -> Measurements:
+        """The ego car against its current lane: on a highway, the lane is the route, as long
+        as a car at the target speed drives in the episode's time limit."""
         car, road = self._env.vehicle, self._env.road
         lane = road.network.get_lane(car.lane_index)
         s, lateral = lane.local_coordinates(car.position)
@@ -115,6 +155,9 @@ class HighwaySimulator:
             front_closing_mps=closing,
             collided=bool(car.crashed),
             on_route=bool(car.on_road),
+            route_progress_m=float(car.position[0]) - self._start_x,
+            route_length_m=self.config.state.target_speed_mps * self.config.episode.max_seconds,
+            off_road=not car.on_road,
         )
 
 

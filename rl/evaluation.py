@@ -2,6 +2,7 @@
 
     result = evaluate(env_id, env_kwargs, policy, seeds=range(1000, 1010))
     result.return_mean, result.length_mean, result.ends["collision"], result.speed_mean
+    result.driving_score_mean, result.infractions["collision_vehicle"]   (envs that drive routes)
 
 `policy(observation) -> action`: a baseline of carla_env/controllers.py, or `trained_policy(
 checkpoint)`, the deterministic actor of a run's checkpoint (no exploration noise). The same
@@ -29,6 +30,19 @@ class EvalResult:
     lengths: list[int]
     ends: dict[str, float] = field(default_factory=dict)  # fraction of episodes per episode_end
     speed_mean: float | None = None  # m/s over all steps, for envs that report speed_mps
+    # The leaderboard's route metrics per episode (carla_env/driving_score.py); empty for envs
+    # without routes.
+    driving_scores: list[float] = field(default_factory=list)
+    route_completions: list[float] = field(default_factory=list)
+    infractions: dict[str, float] = field(default_factory=dict)  # per episode, mean by kind
+
+    @property
+    def driving_score_mean(self) -> float | None:
+        return float(np.mean(self.driving_scores)) if self.driving_scores else None
+
+    @property
+    def route_completion_mean(self) -> float | None:
+        return float(np.mean(self.route_completions)) if self.route_completions else None
 
     @property
     def return_mean(self) -> float:
@@ -41,13 +55,16 @@ class EvalResult:
     def row(self) -> dict[str, float]:
         return {"return": self.return_mean, "return_std": float(np.std(self.returns)), "length": self.length_mean,
                 **{f"end_{k}": v for k, v in sorted(self.ends.items())},
-                **({"speed_mps": self.speed_mean} if self.speed_mean is not None else {})}
+                **({"speed_mps": self.speed_mean} if self.speed_mean is not None else {}),
+                **({"driving_score": self.driving_score_mean, "route_completion": self.route_completion_mean,
+                    **{f"infractions_{k}": v for k, v in self.infractions.items()}} if self.driving_scores else {})}
 
 
 def evaluate(env_id: str, env_kwargs: dict, policy: Policy, seeds: Iterable[int],
              max_episode_steps: int | None = None) -> EvalResult:
     env = gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
     returns, lengths, ends, speeds = [], [], Counter(), []
+    scores, completions, infractions = [], [], Counter()
     try:
         for seed in seeds:
             obs, _ = env.reset(seed=seed)
@@ -60,11 +77,16 @@ def evaluate(env_id: str, env_kwargs: dict, policy: Policy, seeds: Iterable[int]
             returns.append(total)
             lengths.append(steps)
             ends[info.get("episode_end") or ("terminated" if terminated else "truncated")] += 1
+            if "driving_score" in info:
+                scores.append(info["driving_score"])
+                completions.append(info["route_completion"])
+                infractions.update(info["infractions"])
     finally:
         env.close()
     n = len(returns)
     return EvalResult(returns, lengths, {k: v / n for k, v in ends.items()},
-                      float(np.mean(speeds)) if speeds else None)
+                      float(np.mean(speeds)) if speeds else None,
+                      scores, completions, {k: v / n for k, v in infractions.items()})
 
 
 def trained_policy(checkpoint: str | Path) -> Policy:

@@ -96,7 +96,8 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 HEALTH_RESULTS = "health"
 # Metrics of ended episodes (NaN in an iteration where none ended), and of observations
 # (`obs/<part>/frozen`: NaN in an iteration holding a single episode), then left out.
-NAN_WHEN_ABSENT = ("episode/", "eval/", "env/episode_end/", "env/reward/", "obs/")
+NAN_WHEN_ABSENT = ("episode/", "eval/", "env/episode_end/", "env/reward/", "env/driving_score",
+                   "env/route_completion", "env/infractions/", "obs/")
 
 
 def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
@@ -128,6 +129,10 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     # grad/<group>/<stat> from the learner; env/... from callbacks/driving_metrics.py.
     out.update(_passed_through(result.get("learners", {}).get(DEFAULT_MODULE_ID), "grad/"))
     out.update(_passed_through(result.get(M.ENV_RUNNER_RESULTS), "env/"))
+    # The evaluation episodes' route metrics and ends: eval/driving_score, eval/infractions/...
+    evaluation = result.get(M.EVALUATION_RESULTS, {}).get(M.ENV_RUNNER_RESULTS)
+    out.update({"eval/" + k.removeprefix("env/"): v for k, v in _passed_through(evaluation, "env/").items()
+                if k.startswith(("env/driving_score", "env/route_completion", "env/infractions/", "env/episode_end/"))})
     out.update(_passed_through(result.get(HEALTH_RESULTS), "health/"))
     out.update(_passed_through(result, "obs/"))  # rl/td3/observation_checks.py
     return {

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 SHOWN = (
     ("episode/return_mean", "return", "{:.1f}"),
     ("eval/return_mean", "eval", "{:.1f}"),
+    ("eval/driving_score", "eval DS", "{:.2f}"),  # envs that drive routes (the town)
     ("losses/critic", "critic", "{:.3g}"),
     ("losses/actor", "actor", "{:.3g}"),
     ("q/q1_mean", "Q1", "{:.3g}"),

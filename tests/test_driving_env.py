@@ -33,13 +33,13 @@ class ScriptedSimulator:
     """Returns the given measurements one step after another (the last one repeats); frame i
     is filled with the value i, so stacking order is visible."""
 
-    def __init__(self, steps: list[Measurements], height: int = 84, width: int = 84):
-        self.steps, self.shape, self.t = steps, (height, width), 0
+    def __init__(self, steps: list[Measurements], height: int = 84, width: int = 84, start: Measurements = CRUISING):
+        self.steps, self.shape, self.t, self.start = steps, (height, width), 0, start
         self.actions: list[np.ndarray] = []
 
     def reset(self, seed):
         self.t = 0
-        return self._frame(), CRUISING
+        return self._frame(), self.start
 
     def step(self, action):
         self.actions.append(action)
@@ -56,8 +56,8 @@ class ScriptedSimulator:
         pass
 
 
-def scripted_env(steps, **config) -> DrivingEnv:
-    return DrivingEnv(ScriptedSimulator(steps), EmbeddedEnvConfig.model_validate(config))
+def scripted_env(steps, start: Measurements = CRUISING, **config) -> DrivingEnv:
+    return DrivingEnv(ScriptedSimulator(steps, start=start), EmbeddedEnvConfig.model_validate(config))
 
 
 def run(env: DrivingEnv, action=(0.0, 0.0), max_steps: int = 10_000):

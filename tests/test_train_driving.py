@@ -45,7 +45,7 @@ def test_td3_with_cnn_learns_to_drive_better_than_the_constant_action(ray_local,
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
 
     results = {name: evaluate(exp.env.id, exp.env.kwargs, policy, SEEDS)
-               for name, policy in baselines(exp.env.kwargs).items()}
+               for name, policy in baselines(exp.env.id, exp.env.kwargs).items()}
     ours = evaluate(exp.env.id, exp.env.kwargs, trained_policy(summary["final_checkpoint"]), SEEDS)
     table = {name: round(r.return_mean, 1) for name, r in {**results, "ours": ours}.items()}
     constant = results["constant [0, 0]"]
@@ -60,7 +60,7 @@ def test_td3_with_cnn_learns_to_drive_better_than_the_constant_action(ray_local,
     with_ends = [line for line in lines if "env/episode_end/collision" in line]
     assert len(with_ends) > 50, len(with_ends)
     for line in with_ends:
-        ends = [line[f"env/episode_end/{r}"] for r in ("collision", "off_route", "stuck", "time_limit")]
+        ends = [line[f"env/episode_end/{r}"] for r in ("collision", "off_route", "stuck", "route_complete", "time_limit")]
         assert sum(ends) == pytest.approx(1.0), line
         for end in ("collision", "off_route"):
             penalty = -getattr(weights, end) * line[f"env/episode_end/{end}"]
