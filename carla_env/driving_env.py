@@ -109,7 +109,9 @@ class DrivingEnv(gym.Env):
         end = reason or ("time_limit" if truncated else None)
         info = self._info(m, terms, end)
         if self._score is not None:
-            self._score.update(m)
+            # Every step: how much of the route is done, and what it did wrong (for videos).
+            info["infractions_now"] = self._score.update(m)
+            info["route_progress"] = self._score.progress_m / self._score.route_length_m
             if end is not None:
                 self._add_route_metrics(info, end)
         return self._observation(m), sum(terms.values()), terminated, truncated, info

@@ -46,18 +46,21 @@ class RouteScore:
     infractions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INFRACTIONS, 0))
     _outside: tuple[bool, bool] = (False, False)
 
-    def update(self, m: Measurements) -> None:
+    def update(self, m: Measurements) -> list[str]:
+        """Takes one step's measurements; returns the infractions this step committed."""
         gained = max(0.0, min(m.route_progress_m, self.route_length_m) - self.progress_m)
         self.progress_m += gained
         outside = (m.off_road, m.wrong_lane and not m.off_road)
         if any(outside):
             self.outside_lanes_m += gained
         # Each entry into off-road or a wrong lane is one infraction, not each step spent there.
-        for kind, now, before in zip(("off_road", "wrong_lane"), outside, self._outside):
-            self.infractions[kind] += int(now and not before)
+        new = [kind for kind, now, before in zip(("off_road", "wrong_lane"), outside, self._outside) if now and not before]
         self._outside = outside
         if m.collided:
-            self.infractions[f"collision_{m.collided_with}"] += 1
+            new.append(f"collision_{m.collided_with}")
+        for kind in new:
+            self.infractions[kind] += 1
+        return new
 
     def end(self, reason: str | None) -> dict:
         """The `info` entries of the episode's last step."""

@@ -4,9 +4,10 @@
 
 Each frame shows, top to bottom: the env's own view of the scene where it has one (`env.render()`
 of an env made with `render_mode="rgb_array"`: the embedded env's top-down view around the car,
-CARLA's chase camera), the camera frames the policy saw (its observation's image stack, oldest
-to newest, scaled up), and a text panel (step, return so far, this step's reward and its terms,
-speed, action; the last frame says how the episode ended).
+CARLA's chase camera; the town draws the route ahead in it), the camera frames the policy saw
+(its observation's image stack, oldest to newest, scaled up), and a text panel (step, return so
+far, this step's reward and its terms, speed, action; on a route, how much of it is done and, in
+red, any infraction; the last frame says how the episode ended, with the driving score).
 
 Written as an animated GIF with Pillow, at the env's control rate (real time): no display, no
 ffmpeg, and W&B plays it. With `evaluation.video` on, rl/train.py records one at each evaluation
@@ -28,7 +29,8 @@ from PIL import Image, ImageDraw, ImageFont
 BACKGROUND = (24, 24, 24)
 TEXT = (235, 235, 235)
 LINE_HEIGHT = 14
-TEXT_LINES = 4  # caption, two lines per step, how the episode ended: every frame the same size
+TEXT_LINES = 6  # caption, three lines per step, how the episode ended and scored: every frame the same size
+ALERT = (255, 90, 80)
 CAMERA_HEIGHT = 150  # pixels the camera frames are scaled to when the env has no view of its own
 MAX_STEPS = 10_000  # an env without a time limit still ends its video
 
@@ -95,11 +97,12 @@ def record_episode(env, policy, path: Path, seed: int | None = None, fps: float 
         lines = [
             f"step {steps}   return {total:.2f}   reward {float(reward):+.2f} {_terms(info)}",
             f"action [{', '.join(f'{a:+.2f}' for a in action.ravel())}]   {_describe(info)}",
+            _route(info),
         ]
         if done:
             end = info.get("episode_end") or ("terminated" if terminated else "truncated")
         if done or steps == MAX_STEPS:
-            lines.append(f"episode ended: {end}")
+            lines += [f"episode ended: {end}", _score(info)]
         frames.append(draw(lines))
     path.parent.mkdir(parents=True, exist_ok=True)
     fps = fps or env.metadata.get("render_fps") or 10.0
@@ -132,7 +135,7 @@ def _draw(view: np.ndarray | None, obs, lines: list[str]) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     caption = "camera: what the policy sees, oldest to newest" if camera else ""
     for text in [caption, *lines]:
-        draw.text((6, y), text, fill=TEXT, font=ImageFont.load_default())
+        draw.text((6, y), text, fill=ALERT if text.startswith(INFRACTION) else TEXT, font=ImageFont.load_default())
         y += LINE_HEIGHT
     return canvas
 
@@ -161,10 +164,33 @@ def _describe(info: dict) -> str:
     return "   ".join(parts)
 
 
+INFRACTION = "INFRACTION"
+
+
+def _route(info: dict) -> str:
+    """Envs that drive a route (carla_env/driving_score.py): its progress, and this step's
+    infractions, drawn in red."""
+    if "route_progress" not in info:
+        return ""
+    now = info.get("infractions_now") or []
+    return (f"{INFRACTION}: {', '.join(now)}   " if now else "") + f"route {info['route_progress']:.0%} done"
+
+
+def _score(info: dict) -> str:
+    if "driving_score" not in info:
+        return ""
+    counted = ", ".join(f"{k} {v}" for k, v in info["infractions"].items() if v) or "none"
+    return (f"driving score {info['driving_score']:.2f}   route completion {info['route_completion']:.0%}"
+            f"   infractions: {counted}")
+
+
 def _write_gif(frames: list[Image.Image], path: Path, fps: float) -> None:
     # One palette for the whole video (the first frame's, plus what the text needs): quantizing
     # each frame on its own would cost more and make colours flicker.
-    palette = frames[0].quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    # The alert colour joins it, as later frames may draw an infraction the first does not.
+    sample = Image.new("RGB", (frames[0].width, frames[0].height + 8), ALERT)
+    sample.paste(frames[0], (0, 0))
+    palette = sample.quantize(colors=128, method=Image.Quantize.MEDIANCUT)
     indexed = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
     partial = path.with_name(path.name + ".partial")
     indexed[0].save(partial, format="GIF", save_all=True, append_images=indexed[1:],
