@@ -124,7 +124,7 @@ def build_town(config: EmbeddedTownConfig) -> Town:
 def _indexed_network_class(base: type) -> type:
     class IndexedRoadNetwork(base):
         """highway-env's RoadNetwork with a bounding-box prefilter on the closest-lane search:
-        every car asks it at every physics step, and the town has ~70 lanes."""
+        every car asks it at every physics step, and the town has 68 lanes."""
 
         def index_lanes(self) -> None:
             self._indexes, boxes = [], []
