@@ -162,6 +162,10 @@ class ResourcesSection(Section):
     # `sample_timeout_s`); a runner is stuck if it cannot answer within it: silent for
     # `health.stall_iters` iterations, it is alerted (`runner_silent`); at the run's end, killed.
     sample_timeout_s: float = Field(default=60.0, gt=0.0)
+    # A call to the learners (updates, adding transitions, saving or loading the replay) that
+    # has not returned within this is an error naming the learners that did not answer: a hung
+    # learner (a stuck GPU, a lost node) ends the run instead of hanging it forever.
+    learner_timeout_s: float = Field(default=600.0, gt=0.0)
     # Env runners keep sampling while the learner learns (rl/td3/td3.py): on a cluster, CARLA
     # servers and the GPU learner are both busy instead of taking turns. The replay ratio stays
     # exactly `algo.updates_per_env_step`; the price is policy lag (reported as `policy_lag`).

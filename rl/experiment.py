@@ -235,6 +235,7 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             grad_clip_by_group=dict(algo.grad_clip),
             async_sampling=res.async_sampling,
             weights_sync_every_updates=res.weights_sync_every_updates,
+            learner_timeout_s=res.learner_timeout_s,
         )
         .rl_module(
             model_config=model.model_dump()

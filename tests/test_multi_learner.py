@@ -48,3 +48,28 @@ def test_two_learners_share_each_batch_and_end_every_iteration_with_identical_we
         assert result[LEARNER_RESULTS][DEFAULT_MODULE_ID]["num_actor_updates"] == updates // 2
     finally:
         algo.stop()
+
+
+def _hang(learner):
+    """Makes this learner's next updates hang, as a stuck GPU or a lost node would."""
+    import time
+
+    learner.replay_and_update = lambda *args, **kwargs: time.sleep(30)
+
+
+@pytest.mark.slow
+def test_a_hung_learner_ends_the_run_with_an_error_naming_it_and_the_timeout(ray_local):
+    exp = load_config("configs/pendulum_td3.yaml", ["resources.num_learners=2", "algo.learning_starts=64",
+                                                    "wandb.enabled=false", "algo.train_batch_size=64",
+                                                    "resources.learner_timeout_s=3"])
+    algo = build_td3_config(exp).build_algo()
+    try:
+        algo.train()  # warm-up: no updates yet
+        algo.learner_group.foreach_learner(_hang)
+        start = __import__("time").monotonic()
+        with pytest.raises(RuntimeError, match=r"learner\(s\) \[0, 1\] did not answer replay_and_update within "
+                                               r"resources.learner_timeout_s \(3 s\)"):
+            algo.train()
+        assert __import__("time").monotonic() - start < 25  # the timeout, not the hang
+    finally:
+        algo.stop()

@@ -79,8 +79,8 @@ class ReplayShards:
     saves and loads them with checkpoints, and keeps what they report. `bytes_sent`: what it has
     handed the learners so far, serialized (what crosses to learners in other processes)."""
 
-    def __init__(self, learner_group):
-        self._group = learner_group
+    def __init__(self, learner_group, timeout_s: float):
+        self._group, self._timeout_s = learner_group, timeout_s
         self.num_shards = max(len(learner_group), 1)
         self._stats: list[dict[str, Any]] = [TransitionReplayBuffer.EMPTY_STATS] * self.num_shards
         self._steps_routed = [0] * self.num_shards
@@ -97,7 +97,7 @@ class ReplayShards:
         # resume): the caller decides what an error means, and the next call reaches it again.
         results = manager.foreach_actor(
             [_call] * len(order), kwargs=[{"method": method, **kw} for kw in kwargs], remote_actor_ids=order,
-            healthy_only=False, mark_healthy=True,
+            healthy_only=False, mark_healthy=True, timeout_seconds=self._timeout_s,
         )
         by_actor = {}
         for result in results:
@@ -106,7 +106,10 @@ class ReplayShards:
             by_actor[result.actor_id] = result.get()
         missing = [i for i, actor_id in enumerate(order) if actor_id not in by_actor]
         if missing:
-            raise RuntimeError(f"learner(s) {missing} did not answer {method}: see their errors in the Ray logs")
+            raise RuntimeError(
+                f"learner(s) {missing} did not answer {method} within resources.learner_timeout_s "
+                f"({self._timeout_s:g} s): hung or lost; see their errors in the Ray logs"
+            )
         return [by_actor[actor_id] for actor_id in order]
 
     def add(self, episodes: list) -> int:

@@ -107,6 +107,8 @@ class TD3Config(AlgorithmConfig):
         # this many updates since the last time.
         self.async_sampling = False
         self.weights_sync_every_updates = 1
+        # Seconds a call to the learners may take before it is an error (`ReplayShards`).
+        self.learner_timeout_s = 600.0
         # RLlib gathers every runner's connector states after each iteration, to merge them: a
         # blocking call that queues behind a fragment in flight, and waits 10 s for a hung runner.
         # Our connectors hold no state (no observation filters); the env step count still goes
@@ -144,6 +146,7 @@ class TD3Config(AlgorithmConfig):
         grad_clip_by_group: dict = NotProvided,
         async_sampling: bool = NotProvided,
         weights_sync_every_updates: int = NotProvided,
+        learner_timeout_s: float = NotProvided,
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)
@@ -167,6 +170,7 @@ class TD3Config(AlgorithmConfig):
             "updates_per_env_step": self.updates_per_env_step > 0.0,
             "learner_batch_max_mb": self.learner_batch_max_mb > 0.0,
             "weights_sync_every_updates": self.weights_sync_every_updates >= 1,
+            "learner_timeout_s": self.learner_timeout_s > 0.0,
             "async_sampling": not self.async_sampling or self.num_env_runners >= 1 or self.in_evaluation,
             "grad_clip_by_group": all(
                 limit is None or limit > 0 for limit in self.grad_clip_by_group.values()
@@ -224,7 +228,7 @@ class TD3(Algorithm):
 
     def setup(self, config: TD3Config) -> None:
         super().setup(config)
-        self.replay = ReplayShards(self.learner_group)  # the learners hold it
+        self.replay = ReplayShards(self.learner_group, self.config.learner_timeout_s)  # the learners hold it
         self._update_credit = 0.0  # fractional updates owed to sampled steps
         self._episode_starts = EpisodeStarts(config.gamma)
         # Learner updates made by this process, and how many of them the runners' weights have
