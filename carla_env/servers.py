@@ -217,9 +217,11 @@ class LogPump:
 
 
 def graphics_adapter(server: ServerSection, ordinal: int) -> int:
-    """The Vulkan adapter index for `-graphicsadapter`. Vulkan ignores CUDA_VISIBLE_DEVICES, so
-    the GPU Ray gave this process is looked up by PCI bus: NVIDIA's driver lists Vulkan devices
-    in PCI bus order, as `nvidia-smi` does (checked by the smoke test, S11)."""
+    """The Vulkan adapter index for `-graphicsadapter`. Vulkan ignores CUDA_VISIBLE_DEVICES and
+    lists NVIDIA GPUs in PCI bus order, as `nvidia-smi` numbers them. Ray gives a process its GPU
+    as a CUDA ordinal in CUDA_VISIBLE_DEVICES, and CUDA's default order is fastest first: the
+    same as the bus order only among identical GPUs, or with CUDA_DEVICE_ORDER=PCI_BUS_ID (which
+    rl.train sets for a Ray it starts, and k8s/raycluster.yaml for the cluster)."""
     if server.gpus != "ray":
         return server.gpus[ordinal % len(server.gpus)]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -228,17 +230,26 @@ def graphics_adapter(server: ServerSection, ordinal: int) -> int:
     first = visible.split(",")[0].strip()
     try:
         rows = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,uuid,pci.bus_id", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return int(first) if first.isdigit() else 0
-    gpus = [[field.strip() for field in row.split(",")] for row in rows]
-    by_bus = sorted(gpus, key=lambda g: g[2].lower())
-    for position, (index, uuid, _) in enumerate(by_bus):
-        if first in (index, uuid):
-            return position
-    return 0
+    gpus = [[field.strip() for field in row.split(",", 2)] for row in rows]
+    for index, uuid, _ in gpus:
+        if first == uuid:
+            return int(index)
+    if not first.isdigit():
+        return 0
+    models = sorted({name for *_, name in gpus})
+    if os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID" and len(models) > 1:
+        raise ServerError(
+            f"CUDA_VISIBLE_DEVICES={visible} is a CUDA ordinal in CUDA's fastest-first order, which on "
+            f"this node's mixed GPUs ({', '.join(models)}) is not the PCI bus order of Vulkan's adapters: "
+            "set CUDA_DEVICE_ORDER=PCI_BUS_ID in the environment the Ray nodes start with, or list the "
+            "adapters in env.kwargs.server.gpus"
+        )
+    return int(first)
 
 
 # --- Server handles ------------------------------------------------------------------------

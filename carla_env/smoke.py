@@ -20,6 +20,7 @@ tests/fake_carla.py that way).
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 
@@ -418,13 +420,36 @@ def s11_two_envs(ctx: Context) -> Result:
 
 
 def _gpus_of(pgids: list[int]) -> dict[str, str]:
+    """Which GPU (its PCI bus id) each server's processes run on. `nvidia-smi -q -x` lists
+    graphics processes too: a Vulkan server is one, and `--query-compute-apps` leaves it out."""
     try:
-        rows = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
+        xml = subprocess.run(["nvidia-smi", "-q", "-x"], capture_output=True, text=True, timeout=10, check=True).stdout
+        root = ElementTree.fromstring(xml)
+    except (OSError, subprocess.SubprocessError, ElementTree.ParseError):
         return {}
     members = {pid: pgid for pgid in pgids for pid in procfs.group_members(pgid)}
-    return {f"server {members[int(pid)]}": uuid.strip() for pid, uuid in (r.split(",") for r in rows) if int(pid) in members}
+    return {f"server {members[int(pid)]}": gpu.get("id", "?")
+            for gpu in root.iter("gpu") for pid in (p.findtext("pid", "-1") for p in gpu.iter("process_info"))
+            if int(pid) in members}
+
+
+VULKAN_ICD_DIRS = ("/etc/vulkan/icd.d", "/usr/share/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
+
+
+def managed_preflight(euid: int, vulkan_loader: str | None, icd_dirs=VULKAN_ICD_DIRS) -> list[str]:
+    """What stops a real CarlaUE4.sh before it says why (it exits during start-up, and only its
+    log tail tells): a root user, or no Vulkan to render with."""
+    problems = []
+    if euid == 0:
+        problems.append("running as root: UE4 refuses to ('Refusing to run with the root privileges'); run as a "
+                        "normal user")
+    if vulkan_loader is None:
+        problems.append("no Vulkan loader (libvulkan.so.1): install libvulkan1 (k8s/Dockerfile does)")
+    named = os.environ.get("VK_ICD_FILENAMES")  # the loader's own override of where ICDs are
+    if not named and not any(any(Path(d).glob("nvidia*.json")) for d in icd_dirs):
+        problems.append(f"no NVIDIA Vulkan ICD (nvidia_icd.json) in {', '.join(icd_dirs)}: the driver's "
+                        "graphics part is missing (containers: NVIDIA_DRIVER_CAPABILITIES=all; k8s/Dockerfile)")
+    return problems
 
 
 def s12_config_edges(ctx: Context) -> Result:
@@ -546,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
 
     server, pgid, host, port = None, None, args.host, args.port
     if args.managed:
+        # The stand-in server of the tests (--carla-module) needs neither root's absence nor Vulkan.
+        problems = [] if args.carla_module else managed_preflight(os.geteuid(), ctypes.util.find_library("vulkan"))
+        if problems:
+            print("a managed CARLA server cannot start here:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
         config = load_env_config(CarlaEnvConfig, env)
         carla = import_carla(args.carla_module)
         server = ManagedServer(config.server, ordinal=config.server.slots_per_process * 80, carla_module=carla)

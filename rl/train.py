@@ -54,6 +54,10 @@ def _init_ray(verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    # CUDA ordinals in PCI bus order, in this process and (inherited) in the workers of a Ray it
+    # starts: the order nvidia-smi and Vulkan use, so a CARLA server renders on the GPU Ray gave
+    # its runner (carla_env/servers.py graphics_adapter). A cluster's nodes set it themselves.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     level = logging.INFO if verbose else logging.ERROR
     for name in ("ray", "ray.rllib"):  # RLlib sets its own logger's level
         logging.getLogger(name).setLevel(level)

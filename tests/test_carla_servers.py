@@ -236,18 +236,34 @@ def test_D21_a_server_that_floods_its_log_fills_at_most_two_bounded_files(carla_
     assert sorted(p.name for p in tmp_path.glob("carla_*.log*")) == [server.log_path.name, server.log_path.name + ".1"]
 
 
-def test_D9_the_gpu_ray_gave_the_runner_is_found_among_vulkans_adapters_by_pci_bus(tmp_path, monkeypatch):
-    nvidia_smi = tmp_path / "nvidia-smi"  # CUDA's order (fastest first) is not the bus order
-    nvidia_smi.write_text(
-        "#!/bin/sh\necho '0, GPU-aaa, 00000000:81:00.0'\necho '1, GPU-bbb, 00000000:01:00.0'\n"
-        "echo '2, GPU-ccc, 00000000:41:00.0'\n"
-    )
+def fake_nvidia_smi(tmp_path, monkeypatch, *names: str) -> None:
+    """nvidia-smi listing these GPUs: real nvidia-smi numbers them in PCI bus order."""
+    nvidia_smi = tmp_path / "nvidia-smi"
+    rows = "".join(f"echo '{i}, GPU-{i}{i}{i}, {name}'\n" for i, name in enumerate(names))
+    nvidia_smi.write_text(f"#!/bin/sh\n{rows}")
     nvidia_smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_D9_the_gpu_ray_gave_the_runner_is_its_vulkan_adapter_in_pci_bus_order(tmp_path, monkeypatch):
     ray_assigned = ServerSection(gpus="ray")
-    for cuda, vulkan in (("0", 2), ("1", 0), ("2", 1), ("GPU-ccc", 1)):
+    fake_nvidia_smi(tmp_path, monkeypatch, "NVIDIA L4", "NVIDIA H100 80GB HBM3", "NVIDIA L4")
+    # With CUDA_DEVICE_ORDER=PCI_BUS_ID (rl.train's and the cluster's setting), CUDA ordinal k is
+    # the k-th GPU on the bus, as nvidia-smi and Vulkan number them; a UUID is found by name.
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    for cuda, vulkan in (("0", 0), ("1", 1), ("2,0", 2), ("GPU-222", 2)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cuda)
         assert graphics_adapter(ray_assigned, ordinal=5) == vulkan
+    # CUDA's default order puts the H100 first: ordinal 0 is bus position 1. Refused, saying how
+    # to fix it, rather than a server started on another runner's (or the learner's) GPU.
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ServerError, match="CUDA_DEVICE_ORDER=PCI_BUS_ID.*env.kwargs.server.gpus"):
+        graphics_adapter(ray_assigned, ordinal=5)
+    # Identical GPUs: fastest first is the bus order.
+    fake_nvidia_smi(tmp_path, monkeypatch, "NVIDIA L4", "NVIDIA L4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert graphics_adapter(ray_assigned, ordinal=5) == 1
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert graphics_adapter(ray_assigned, ordinal=5) == 0
     assert graphics_adapter(ServerSection(gpus=[0, 1]), ordinal=5) == 1  # explicit: round robin

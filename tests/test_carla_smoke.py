@@ -92,3 +92,32 @@ def test_a_client_that_aborts_is_a_fail_with_its_signal_not_the_end_of_the_test(
 def test_bad_arguments_are_clear_errors(args, message):
     run = subprocess.run([sys.executable, "-m", "carla_env.smoke", *args], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and message in run.stderr
+
+
+def test_a_managed_smoke_test_refuses_root_and_a_machine_without_vulkan_before_starting_a_server(tmp_path):
+    from carla_env.smoke import managed_preflight
+
+    icd = tmp_path / "icd.d"
+    icd.mkdir()
+    assert managed_preflight(0, None, icd_dirs=[str(icd)]) == [
+        "running as root: UE4 refuses to ('Refusing to run with the root privileges'); run as a normal user",
+        "no Vulkan loader (libvulkan.so.1): install libvulkan1 (k8s/Dockerfile does)",
+        f"no NVIDIA Vulkan ICD (nvidia_icd.json) in {icd}: the driver's graphics part is missing (containers: "
+        "NVIDIA_DRIVER_CAPABILITIES=all; k8s/Dockerfile)",
+    ]
+    (icd / "nvidia_icd.json").write_text("{}")
+    assert managed_preflight(1000, "libvulkan.so.1", icd_dirs=[str(icd)]) == []
+
+
+def test_the_gpu_of_each_server_is_read_from_nvidia_smi_including_graphics_processes(tmp_path, monkeypatch):
+    from carla_env import smoke
+
+    xml = ("<nvidia_smi_log><gpu id='00000000:41:00.0'><processes><process_info><pid>4242</pid><type>G</type>"
+           "</process_info></processes></gpu><gpu id='00000000:81:00.0'><processes><process_info><pid>77</pid>"
+           "<type>C</type></process_info></processes></gpu></nvidia_smi_log>")
+    nvidia_smi = tmp_path / "nvidia-smi"
+    nvidia_smi.write_text(f"#!/bin/sh\necho \"{xml}\"\n")
+    nvidia_smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(smoke.procfs, "group_members", lambda pgid: {4000: [4000, 4242], 7000: [7000]}[pgid])
+    assert smoke._gpus_of([4000, 7000]) == {"server 4000": "00000000:41:00.0"}
