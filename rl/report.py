@@ -324,7 +324,10 @@ def plot(rows: list[dict], alerts: list[dict], facts: RunFacts, path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 2, figsize=(13, 11), sharex=True)
+    # Envs that drive routes (the town) get a row for the leaderboard's metrics.
+    routes = any("env/driving_score" in row for row in rows)
+    fig, axes = plt.subplots(4 if routes else 3, 2, figsize=(13, 14.5 if routes else 11), sharex=True)
+    infractions = sorted({k for row in rows for k, v in row.items() if k.startswith("env/infractions/") and v})
     panels = [
         (axes[0, 0], "Q values", ["q/q1_mean", "q/q1_max", "q/q1_min", "health/q_bound_upper", "health/q_bound_lower"], "symlog"),
         (axes[0, 1], "Training episode return (eval: deterministic)", ["episode/return_mean", "eval/return_mean"], "linear"),
@@ -333,6 +336,12 @@ def plot(rows: list[dict], alerts: list[dict], facts: RunFacts, path: Path) -> N
         (axes[2, 0], "Gradient norm before clipping (dotted: clip limit)", [f"grad/{g}/pre_clip_norm" for g in facts.grad_clip], "log"),
         (axes[2, 1], "Actor outputs at the tanh bounds (share)", ["learner/actor_saturation"], "linear"),
     ]
+    if routes:
+        panels += [
+            (axes[3, 0], "Driving score and route completion (CARLA leaderboard)",
+             ["env/driving_score", "eval/driving_score", "env/route_completion", "eval/route_completion"], "linear"),
+            (axes[3, 1], "Infractions per training episode", infractions or ["env/infractions/collision_vehicle"], "linear"),
+        ]
     warmup = [r for r in rows if r.get("env/steps_sampled", 0) <= facts.learning_starts]
     for ax, title, keys, scale in panels:
         for key in keys:
@@ -360,7 +369,7 @@ def plot(rows: list[dict], alerts: list[dict], facts: RunFacts, path: Path) -> N
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # alert lines alone have no labels
             ax.legend(fontsize=7)
-    for ax in axes[2]:
+    for ax in axes[-1]:
         ax.set_xlabel("training iteration (grey: warm-up; red/orange lines: CRITICAL/WARN alerts)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
