@@ -109,6 +109,9 @@ class EmbeddedTownConfig(HighwayEnvConfig):
     npc_vehicles: int = Field(default=12, ge=0, description="traffic on the town's streets")
     # A 90-degree turn of radius 7 m needs ~35 degrees of wheel angle on highway-env's 5 m car.
     max_steer_deg: float = Field(default=40.0, gt=0.0, le=60.0)
+    # Tyre grip: steering is limited to what this lateral acceleration allows at the car's speed
+    # (8 m/s^2, about 0.8 g, a road car's limit): 10 m/s takes a 12.5 m bend, 20 m/s needs 50 m.
+    max_lateral_accel_mps2: float = Field(default=8.0, gt=0.0)
     grid: int = Field(default=3, ge=3, le=6, description="junctions per side: 3 gives a 4-way, 4 Ts, 4 bends")
     block_m: float = Field(default=80.0, ge=40.0, description="junction centre to junction centre")
     lane_width_m: float = Field(default=4.0, gt=2.0)

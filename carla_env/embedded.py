@@ -25,9 +25,12 @@ GRAYSCALE_WEIGHTS = [0.2989, 0.5870, 0.1140]  # ITU-R BT.601 luma, as in highway
 
 
 @functools.cache
-def no_reverse(base: type) -> type:
+def no_reverse(base: type, max_lateral_accel_mps2: float | None = None) -> type:
     """A highway-env vehicle class whose brakes stop the car and never drive it backwards (its
-    own cars reverse at full brake; a CARLA car's reverse is a gear of its own)."""
+    own cars reverse at full brake; a CARLA car's reverse is a gear of its own). With
+    `max_lateral_accel_mps2`, its tyres also grip only so much: highway-env's kinematic car
+    turns as tightly at 30 m/s as at 3, so the steering is limited to the curvature that
+    lateral acceleration allows at the car's speed (a car that is too fast for a bend runs wide)."""
 
     class NoReverse(base):
         MIN_SPEED = 0.0
@@ -35,6 +38,11 @@ def no_reverse(base: type) -> type:
         def step(self, dt: float) -> None:
             if self.action and self.speed + self.action.get("acceleration", 0.0) * dt < 0.0:
                 self.action["acceleration"] = -self.speed / dt
+            if self.action and max_lateral_accel_mps2 is not None and self.speed > 1.0:
+                # highway-env's model: heading rate = v sin(beta) / (L / 2), tan(beta) = tan(delta) / 2.
+                sin_beta = min(1.0, max_lateral_accel_mps2 / self.speed**2 * self.LENGTH / 2)
+                max_delta = math.atan(2.0 * math.tan(math.asin(sin_beta)))
+                self.action["steering"] = float(np.clip(self.action.get("steering", 0.0), -max_delta, max_delta))
             super().step(dt)
 
     NoReverse.__name__ = f"NoReverse{base.__name__}"

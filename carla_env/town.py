@@ -218,7 +218,7 @@ class TownSimulator(HighwayEnvSimulator):
         self.route_lanes = plan_route(self.town, self.config, self._rng)
         self.route = Route(route_centre_line(self.town, self.route_lanes))
         first = self.town.network.get_lane((*self.route_lanes[0], 0))
-        ego = no_reverse(world.action_type.vehicle_class)(world.road, first.position(START_M, 0.0), first.heading_at(START_M),
+        ego = no_reverse(world.action_type.vehicle_class, self.config.max_lateral_accel_mps2)(world.road, first.position(START_M, 0.0), first.heading_at(START_M),
                                               speed=self.config.start_speed_mps)
         world.road.vehicles.append(ego)
         world.vehicle = ego

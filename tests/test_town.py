@@ -125,3 +125,22 @@ def test_the_view_draws_the_route_ahead():
     env.close()
     route_pixels = np.all(image == (40, 200, 255), axis=-1).sum()
     assert route_pixels > 50, route_pixels
+
+
+def test_a_car_too_fast_for_a_turn_runs_wide():
+    """Full steering at 7 m/s turns the car through a right angle within ~12 m; at 25 m/s the
+    tyres' grip (max_lateral_accel_mps2) allows only a wide arc."""
+    def turned_after(speed: float, metres: float) -> float:
+        env = gym.make(TOWN, **SMALL, start_speed_mps=speed)
+        env.reset(seed=0)
+        car = env.unwrapped.simulator._env.unwrapped.vehicle
+        heading, travelled = car.heading, 0.0
+        while travelled < metres:
+            position = car.position.copy()
+            env.unwrapped.simulator._env.step(np.array([0.0, 1.0], np.float32))  # [accel 0, steer right]
+            travelled += float(np.linalg.norm(car.position - position))
+        env.close()
+        return math.degrees(abs((car.heading - heading + math.pi) % (2 * math.pi) - math.pi))
+
+    assert turned_after(7.0, 12.0) > 60.0
+    assert turned_after(25.0, 12.0) < 15.0
