@@ -215,6 +215,7 @@ class Scenario:
 
 
 DRIVING = "driving_embedded_td3.yaml"
+TOWN = "driving_town_td3.yaml"
 COLLAPSE_RULES = ("worse_than_warmup", "episode_collapse", "return_collapse")
 # The configuration checks that name the seed's causes before its policy collapses.
 SEED_CAUSES = ("target_lag", "reward_scale")
@@ -231,6 +232,12 @@ SCENARIOS = [
     Scenario("driving_main", "embedded driving, the main config (84x84x4), 5k steps", DRIVING,
              ("experiment.stop_env_steps=5000", "evaluation.interval_iters=0", "evaluation.episodes=3",
               "experiment.seed=3")),
+    Scenario("town_small", "embedded town, the CI test's size, 8k steps", TOWN,
+             (*DRIVING_CI_SIZE, "evaluation.interval_iters=0", "evaluation.episodes=3",
+              "experiment.stop_env_steps=8000", "experiment.seed=4")),
+    Scenario("town_main", "embedded town, the shipped config (84x84x4), 5k steps", TOWN,
+             ("experiment.stop_env_steps=5000", "evaluation.interval_iters=0", "evaluation.episodes=3",
+              "experiment.seed=5")),
     Scenario("seed_replay", "the seed report's settings, rewards ~15 a step", DRIVING,
              (*DRIVING_SMALL, *SEED_SETTINGS, reward_weights(15.0)),
              expected=(*SEED_CAUSES, *COLLAPSE_RULES, "actor_saturated", "actor_dead", "gradient_explosion"), ci=True),
