@@ -277,3 +277,21 @@ def test_embedded_env_refuses_the_dummy_video_driver_that_would_blank_its_frames
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
     with pytest.raises(RuntimeError, match="SDL_VIDEODRIVER=dummy makes highway-env render black frames"):
         gym.make("carla_env:EmbeddedDriving-v0")
+
+
+def test_the_highways_route_is_the_road_a_car_at_the_target_speed_covers_in_the_time_limit(embedded):
+    from carla_env.controllers import LaneKeepingController
+
+    config = embedded.unwrapped.config
+    controller = LaneKeepingController(config)
+    obs, _ = embedded.reset(seed=1)
+    start = embedded.unwrapped.simulator._env.vehicle.position[0]
+    done = False
+    while not done:
+        obs, _, terminated, truncated, info = embedded.step(controller(obs))
+        done = terminated or truncated
+    driven = embedded.unwrapped.simulator._env.vehicle.position[0] - start
+    nominal = config.state.target_speed_mps * config.episode.max_seconds
+    assert info["route_completion"] == pytest.approx(min(driven / nominal, 1.0))
+    assert info["driving_score"] <= info["route_completion"]
+    assert info["episode_end"] in ("time_limit", "route_complete", "collision")
