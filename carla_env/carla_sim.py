@@ -2,7 +2,8 @@
 
 One `CarlaSimulator` drives one server. Per episode it spawns the ego car (a map spawn point),
 `npc_vehicles` cars on Traffic Manager autopilot and `walkers` pedestrians, an RGB camera and a
-collision sensor, and plans a route along the map's waypoints from the ego's spawn point. Every
+collision sensor, and plans a route through the map's lanes and junctions from the ego's spawn
+point to a destination (`RoutePlanner`); its end ends the episode ("route_complete"). Every
 tick is the server's (`world.tick()` in synchronous mode, `fixed_delta_seconds = 1/simulation_hz`),
 and every sensor reading is matched to the frame it belongs to: a camera image that does not
 arrive for this frame within `tick_timeout_s` is a failure, never an older image (a missed image of
@@ -21,16 +22,19 @@ Real CARLA semantics this code relies on, with their evidence, are in carla_env/
 
 from __future__ import annotations
 
+import heapq
 import math
 import queue
 import threading
 import time
-from typing import Any
+from collections import defaultdict
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from carla_env.config import CarlaEnvConfig
-from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes, wrap_angle
+from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes
+from carla_env.route import Route
 from carla_env.servers import ServerError, ServerLost, import_carla
 
 ROUTE_SPACING_M = 2.0
@@ -53,6 +57,113 @@ OUR_ROLE = "carla_td3"
 
 def _xy(location) -> np.ndarray:
     return np.array([location.x, location.y])
+
+
+def _lane(waypoint) -> tuple[int, int, int]:
+    return waypoint.road_id, waypoint.section_id, waypoint.lane_id
+
+
+def _node(waypoint) -> tuple[int, int, int]:
+    # Rounded to the metre, as GlobalRoutePlanner does: one lane's end and the next one's start
+    # are the same place, but not to the last float digit.
+    location = waypoint.transform.location
+    return round(location.x), round(location.y), round(location.z)
+
+
+def _collision_kind(type_id: str) -> str:
+    """What a collision hit, as the leaderboard penalizes it (carla_env/driving_score.py)."""
+    if type_id.startswith("vehicle."):
+        return "vehicle"
+    if type_id.startswith("walker."):
+        return "pedestrian"
+    return "static"  # props, and the world's geometry: "static.building", "static.pole", ...
+
+
+class _Lane(NamedTuple):
+    waypoints: list  # from the lane's start, every spacing, short of its end by half a spacing or more
+    exit: Any  # the waypoint where it ends (the next lane's first)
+    length_m: float
+    exit_node: tuple[int, int, int]
+
+
+class RoutePlanner:
+    """Shortest routes through a map's lanes, as CARLA's GlobalRoutePlanner plans them
+    (agents/navigation/global_route_planner.py, which the pip wheel does not ship).
+
+    The map's topology is a list of lanes (one lane of one road section: its entry waypoint and
+    the start of each lane it leads to). The graph's nodes are lane ends; each lane, sampled every
+    `spacing_m` with `Waypoint.next`, is an edge as long as it is. Lane changes are no edges: a
+    route keeps to the lanes it is on, as the Traffic Manager's cars do between junctions.
+    """
+
+    def __init__(self, carla_map, spacing_m: float):
+        self.spacing = spacing_m
+        self._lanes: dict[tuple, _Lane] = {}  # by (road_id, section_id, lane_id)
+        self._leaving: dict[tuple, list] = defaultdict(list)  # node -> the lanes that start there
+        topology = carla_map.get_topology()
+        for entry, exit_ in topology:
+            if _lane(entry) not in self._lanes:  # a lane into a junction: a pair per lane it leads to
+                self._add(entry, exit_)
+        # The 0.9.16 client leaves some dead ends out of the topology (lanes driven along their
+        # road's reference line: on OpenDRIVE roads of 40 m and 100 m, not on one of 37.3 m):
+        # each is added from where a lane leads into it, as GlobalRoutePlanner._find_loose_ends does.
+        for _, exit_ in topology:
+            if _lane(exit_) not in self._lanes:
+                self._add(exit_, None)
+
+    def plan(self, start, min_length_m: float, rng: np.random.Generator) -> list:
+        """Waypoints about `spacing_m` apart from `start` to a destination (a lane's end), on the
+        shortest path (Dijkstra) there. The destination is drawn from those at least
+        `min_length_m` away; with none that far, it is the farthest."""
+        if _lane(start) not in self._lanes:  # a dead end left out, with no lane leading into it
+            return self._walk(start)
+        exit_, exit_node = self._lanes[_lane(start)].exit, self._lanes[_lane(start)].exit_node
+        first = self._walk(start, exit_)
+        distance, came_by = {exit_node: self._length(start, first, exit_)}, {exit_node: None}
+        queue = [(distance[exit_node], exit_node)]
+        while queue:
+            d, node = heapq.heappop(queue)
+            if d > distance[node]:
+                continue
+            for key in self._leaving[node]:
+                lane = self._lanes[key]
+                if d + lane.length_m < distance.get(lane.exit_node, math.inf):
+                    distance[lane.exit_node], came_by[lane.exit_node] = d + lane.length_m, (node, key)
+                    heapq.heappush(queue, (d + lane.length_m, lane.exit_node))
+        far = [node for node, d in distance.items() if d >= min_length_m]
+        node = far[int(rng.integers(len(far)))] if far else max(distance, key=distance.get)
+        lanes = []
+        while came_by[node] is not None:
+            node, key = came_by[node]
+            lanes.insert(0, key)
+        route = first + [w for key in lanes for w in self._lanes[key].waypoints]
+        return route + [self._lanes[lanes[-1] if lanes else _lane(start)].exit]
+
+    def _add(self, entry, exit_) -> None:
+        waypoints = self._walk(entry, exit_)
+        if exit_ is None:  # a dead end: its last waypoint
+            exit_ = waypoints.pop()
+        self._lanes[_lane(entry)] = _Lane(waypoints, exit_, self._length(entry, waypoints, exit_), _node(exit_))
+        self._leaving[_node(entry)].append(_lane(entry))
+
+    def _walk(self, start, exit_=None) -> list:
+        """Waypoints every `spacing_m` along `start`'s lane from `start` on: up to the lane's end,
+        or, with its exit given, those farther than half a spacing from it (the next lane's first
+        waypoint is there)."""
+        waypoints, here = [], start
+        end = None if exit_ is None else _xy(exit_.transform.location)
+        while end is None or np.linalg.norm(_xy(here.transform.location) - end) > self.spacing / 2:
+            waypoints.append(here)
+            ahead = [w for w in here.next(self.spacing) if _lane(w) == _lane(start)]
+            if not ahead:
+                break
+            here = ahead[0]
+        return waypoints
+
+    @staticmethod
+    def _length(start, waypoints: list, exit_) -> float:
+        points = np.array([_xy(w.transform.location) for w in [start, *waypoints, exit_]])
+        return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum())
 
 
 class CarlaSimulator:
@@ -94,6 +205,7 @@ class CarlaSimulator:
         # server was found only by the client process's backstop, a minute later.
         self.client.set_timeout(float(server.tick_timeout_s))
         self.world, self.map = world, world.get_map()
+        self._planner = RoutePlanner(self.map, ROUTE_SPACING_M)
         self._destroy_leftovers()
         settings = world.get_settings()
         settings.synchronous_mode = True
@@ -140,8 +252,10 @@ class CarlaSimulator:
         self._attach_sensors()
         # Planned from the spawn point: until the next tick the client reports a new actor at
         # the origin (its state comes with the tick's snapshot).
-        self._route = self._plan_route(self.map.get_waypoint(spawn_point.location))
-        self._route_index = 0
+        self._route = self._planner.plan(self.map.get_waypoint(spawn_point.location),
+                                         self.config.route_length_m, self._rng)
+        self._line = Route(np.array([_xy(w.transform.location) for w in self._route]))
+        self._route_index = 0  # the last waypoint the car has passed
         frame = self._tick()
         self._episode_start_frame = frame  # contacts while spawning are not the policy's
         return self._camera_frame(frame), self._measure()
@@ -273,7 +387,7 @@ class CarlaSimulator:
         self._camera_queue: queue.Queue = queue.Queue()
         # Collision events come on the client's streaming threads, possibly after the step
         # that covers their frame was measured: each is counted once, at the next measurement.
-        self._collision_frames: list[int] = []
+        self._collisions: list[tuple[int, str]] = []  # (frame, what was hit)
         self._collision_lock = threading.Lock()
         sensors = [
             (camera_bp, mount, self._camera_queue.put),
@@ -293,7 +407,7 @@ class CarlaSimulator:
 
     def _on_collision(self, event) -> None:
         with self._collision_lock:
-            self._collision_frames.append(event.frame)
+            self._collisions.append((event.frame, _collision_kind(event.other_actor.type_id)))
 
     def _destroy_actors(self) -> None:
         """Sensors first (stop their callbacks), then controllers, then cars and walkers in one
@@ -351,56 +465,42 @@ class CarlaSimulator:
 
     # --- Route and measurements ---------------------------------------------------------
 
-    def _plan_route(self, start) -> list:
-        """Waypoints every ROUTE_SPACING_M from `start`, random turns at junctions."""
-        route = [start]
-        for _ in range(int(self.config.route_length_m / ROUTE_SPACING_M)):
-            options = route[-1].next(ROUTE_SPACING_M)
-            if not options:
-                break
-            route.append(options[self._choice(len(options))])
-        return route
-
     def _measure(self) -> Measurements:
         transform = self.ego.get_transform()
-        position, (forward, right) = _xy(transform.location), car_axes(math.radians(transform.rotation.yaw))
+        position, heading = _xy(transform.location), math.radians(transform.rotation.yaw)
+        forward, right = car_axes(heading)
         v = self.ego.get_velocity()
-
-        # Progress along the route: the nearest waypoint at or after the last one reached.
-        window = self._route[self._route_index : self._route_index + 50]
-        distances = [np.linalg.norm(_xy(w.transform.location) - position) for w in window]
-        self._route_index += int(np.argmin(distances))
-        if len(self._route) - self._route_index < 50:  # keep the route ahead long enough
-            self._route += self._plan_route(self._route[-1])[1:]
-        waypoint = self._route[self._route_index]
-        _, wp_right = car_axes(math.radians(waypoint.transform.rotation.yaw))
-        lateral = float(np.dot(position - _xy(waypoint.transform.location), wp_right))
-
-        ahead = []
-        for d in self.config.state.lookahead_m:
-            point = self._route[min(self._route_index + round(d / ROUTE_SPACING_M), len(self._route) - 1)]
-            ahead.append(float(np.dot(_xy(point.transform.location) - position, right)))
+        route = self._line
+        s, lateral = route.locate(position)
+        self._route_index = int(np.searchsorted(route.s, s, side="right")) - 1
+        lane_width = float(self._route[self._route_index].lane_width)
 
         gap, closing = math.inf, 0.0
         for npc in self.world.get_actors(self._npc_ids):
             offset = _xy(npc.get_transform().location) - position
             along = float(np.dot(offset, forward))
-            if along > 0 and abs(np.dot(offset, right)) < waypoint.lane_width / 2 and along - NPC_LENGTH_M < gap:
+            if along > 0 and abs(np.dot(offset, right)) < lane_width / 2 and along - NPC_LENGTH_M < gap:
                 gap = max(0.0, along - NPC_LENGTH_M)
                 w = npc.get_velocity()
                 closing = float(np.dot(np.array([v.x - w.x, v.y - w.y]), forward))
 
         with self._collision_lock:  # every event since the last measurement, however late
-            collided = any(f > self._episode_start_frame for f in self._collision_frames)
-            self._collision_frames.clear()
+            # The first counts: a collision ends the episode.
+            hits = [kind for frame, kind in self._collisions if frame > self._episode_start_frame]
+            self._collisions.clear()
         return Measurements(
             speed_mps=math.sqrt(v.x**2 + v.y**2 + v.z**2),
             lateral_offset_m=lateral,
-            heading_error_rad=wrap_angle(math.radians(transform.rotation.yaw - waypoint.transform.rotation.yaw)),
-            lane_width_m=float(waypoint.lane_width),
-            lookahead_lateral_m=tuple(ahead),
+            heading_error_rad=route.heading_error(heading, s),
+            lane_width_m=lane_width,
+            lookahead_lateral_m=route.lateral_ahead(position, heading, s, self.config.state.lookahead_m),
             front_gap_m=gap,
             front_closing_mps=closing,
-            collided=collided,
+            collided=bool(hits),
             on_route=abs(lateral) <= self.config.max_route_deviation_m,
+            route_progress_m=route.progress_m,
+            route_length_m=route.length_m,
+            collided_with=hits[0] if hits else Measurements.collided_with,
+            off_road=self.map.get_waypoint(transform.location, project_to_road=False) is None,
+            wrong_lane=abs(lateral) > lane_width / 2,
         )

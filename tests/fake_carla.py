@@ -2,9 +2,20 @@
 
 No CARLA server can run on CI machines, so the CARLA backend is tested against this: a straight
 three-lane road along +x (lanes 3.5 m wide, centres at y = 0, 3.5, 7), or a ring of three lanes
-where every spawn point is on a curve (`FakeCarla(ring_radius=...)`), NPC cars the Traffic
-Manager drives at a constant speed along their lane, a kinematic (bicycle) ego car, sensors that
-deliver data through `listen` callbacks.
+where every spawn point is on a curve (`FakeCarla(ring_radius=...)`), or a 3x3 grid of two-way
+streets with a 4-way junction, T junctions and bends (`FakeCarla(grid_block_m=...)`); NPC cars
+the Traffic Manager drives at a constant speed along their lane, a kinematic (bicycle) ego car,
+sensors that deliver data through `listen` callbacks.
+
+Maps are made of lanes as a real map's OpenDRIVE is, and answer as the real 0.9.16 client does
+for an OpenDRIVE map it loads without a server (`carla.Map(name, xodr)`; tests/test_carla_routes.py
+plans a route on one): a lane is one lane of one road section, named (road_id, section_id,
+lane_id); `Map.get_topology()` gives one (entry, exit) pair per lane and lane it leads to, the
+entry at the lane's start and the exit at the next lane's start (a dead end's: its own end; the
+real client leaves some of those out, see carla_env/carla_sim.py `RoutePlanner`);
+`Waypoint.next(d)` past a lane's end gives a waypoint on each lane it leads to (several at a
+junction's entry, none at a dead end); `Map.get_waypoint(location, project_to_road=False)` is
+None off every lane.
 
 Where the real client (0.9.16) behaves in a way our code must handle, the double does too; each
 point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
@@ -28,7 +39,9 @@ point is from the review `../shared/notes/carla-0.9.16-review.md`, section (b):
   `world.collision_delay_ticks`); lane invasion events fire when the ego crosses a lane line;
 - `get_random_location_from_navigation` returns None now and then (every 4th call); walkers
   walk to their controller's destination;
-- the ego touching a car or a static prop (centres within CONTACT_M) is a collision event;
+- the ego touching a car, a walker or a static prop (centres within CONTACT_M) is a collision
+  event whose `other_actor` is that actor; an event a test adds hits the world's geometry,
+  which the server reports as an actor of type "static.<its tag>" (e.g. "static.building");
 - every call to the server, the tick's too, runs under the client's timeout (`set_timeout`):
   `world.tick(seconds)` sends its tick cue as an RPC (LibCarla `Simulator::Tick` ->
   `Client::SendTickCue`), and `seconds` bounds only the wait for the frame's snapshot; a call
@@ -61,6 +74,7 @@ LANE_WIDTH = 3.5
 MAPS = [f"/Game/Carla/Maps/{t}" for t in ("Town01", "Town02", "Town03", "Town10HD_Opt")]
 NPC_SPEED_MPS = 8.0
 CONTACT_M = 2.5  # centres closer than this: the cars touch
+WORLD_GEOMETRY = SimpleNamespace(id=0, type_id="static.building")  # what a building is as `other_actor`
 MAX_STEER_DEG, WHEELBASE_M = 70.0, 2.9  # CARLA's default front-wheel angle; a Tesla Model 3
 
 
@@ -216,72 +230,166 @@ class BlueprintLibrary:
         return self._all[index].copy()
 
 
-class StraightRoad:
-    """Three lanes along +x, lane k's centre at y = k * LANE_WIDTH; a place on it is (x, lane)."""
+class Lane:
+    """One lane of one road section, what a real map names (road_id, section_id, lane_id), driven
+    from s = 0 to s = length: a straight line, or a circular arc (curvature > 0 turns right)."""
 
-    def pose(self, at: float, lane: int) -> tuple[float, float, float]:
-        return at, lane * LANE_WIDTH, 0.0  # x, y, yaw in degrees
+    def __init__(self, ids: tuple[int, int, int], start: tuple[float, float], yaw_deg: float, length: float,
+                 curvature: float = 0.0, is_junction: bool = False):
+        self.road_id, self.section_id, self.lane_id = ids
+        self.start, self.heading, self.length = start, math.radians(yaw_deg), length
+        self.curvature, self.is_junction = curvature, is_junction
+        self.successors: list[Lane] = []
 
-    def advance(self, at: float, lane: int, distance: float) -> float:
-        return at + distance
+    def pose(self, s: float) -> tuple[float, float, float]:
+        """x, y and yaw (degrees) at s."""
+        (x, y), h, k = self.start, self.heading, self.curvature
+        if k == 0.0:
+            return x + s * math.cos(h), y + s * math.sin(h), math.degrees(h)
+        end = h + k * s  # the centre is 1/k to the right of the start
+        return x + (math.sin(end) - math.sin(h)) / k, y - (math.cos(end) - math.cos(h)) / k, math.degrees(end)
 
-    def project(self, x: float, y: float) -> tuple[float, int]:
-        return x, int(np.clip(round(y / LANE_WIDTH), 0, 2))
+    def project(self, x: float, y: float) -> tuple[float, float]:
+        """(s, distance) of the centre line's point nearest to (x, y)."""
+        (x0, y0), h, k = self.start, self.heading, self.curvature
+        if k == 0.0:
+            s = (x - x0) * math.cos(h) + (y - y0) * math.sin(h)
+        else:
+            cx, cy = x0 - math.sin(h) / k, y0 + math.cos(h) / k
+            swept = (math.atan2(k * (x - cx), -k * (y - cy)) - h) * math.copysign(1.0, k) % (2 * math.pi)
+            s = swept / abs(k)
+            if s > self.length:  # beyond the arc: its nearer end
+                s = self.length if s - self.length < 2 * math.pi / abs(k) - s else 0.0
+        s = min(max(s, 0.0), self.length)
+        px, py, _ = self.pose(s)
+        return s, math.hypot(x - px, y - py)
 
-    def spawn_points(self) -> list[tuple[float, int]]:
-        return [(20.0 * i, i % 3) for i in range(40)]
+    def advance(self, s: float, distance: float) -> list[tuple[Lane, float]]:
+        """Where `distance` further along leads: past the lane's end, onto each successor."""
+        if s + distance <= self.length + 1e-9:
+            return [(self, s + distance)]
+        return [p for lane in self.successors for p in lane.advance(0.0, s + distance - self.length)]
 
 
-class RingRoad:
+def straight_road(length: float = 1000.0) -> tuple[list[Lane], list[tuple[Lane, float]]]:
+    """Three lanes along +x from x = 0, lane k's centre at y = k * LANE_WIDTH, dead ends."""
+    lanes = [Lane((0, 0, -1 - k), (0.0, k * LANE_WIDTH), 0.0, length) for k in range(3)]
+    return lanes, [(lanes[i % 3], 20.0 * i) for i in range(40)]
+
+
+def ring_road(radius: float = 12.0) -> tuple[list[Lane], list[tuple[Lane, float]]]:
     """Three lanes around a circle that turns right (like a roundabout's), the outer lane of
-    radius `radius`, each lane LANE_WIDTH further in: a road with no straight metre. A place on
-    it is (angle, lane); angle 0 is at the origin, heading +x, lane k at y = k * LANE_WIDTH, as
-    on the straight road."""
+    radius `radius`, each lane LANE_WIDTH further in: a road with no straight metre. Angle 0 is
+    at the origin, heading +x, lane k at y = k * LANE_WIDTH, as on the straight road. Each lane
+    is four quarter-circle sections, each the next one's predecessor, the last the first's."""
+    lanes, spawns = [], []
+    for k in range(3):
+        r = radius - k * LANE_WIDTH
+        quarters = [Lane((0, q, -1 - k), (r * math.sin(q * math.pi / 2), radius - r * math.cos(q * math.pi / 2)),
+                         90.0 * q, r * math.pi / 2, 1.0 / r) for q in range(4)]
+        for q, lane in enumerate(quarters):
+            lane.successors = [quarters[(q + 1) % 4]]
+        lanes += quarters
+    for i in range(12):
+        angle, r = 2 * math.pi * i / 12, radius - (i % 3) * LANE_WIDTH
+        q = int(angle // (math.pi / 2))
+        spawns.append((lanes[4 * (i % 3) + q], r * (angle - q * math.pi / 2)))
+    return lanes, spawns
 
-    def __init__(self, radius: float = 12.0):
-        self.radius = radius
 
-    def _r(self, lane: int) -> float:
-        return self.radius - lane * LANE_WIDTH
+GRID_DIRECTIONS = {"E": (1, 0), "S": (0, 1), "W": (-1, 0), "N": (0, -1)}  # CARLA's y points right of +x
 
-    def pose(self, at: float, lane: int) -> tuple[float, float, float]:
-        r = self._r(lane)  # the centre is (0, radius): CARLA's y points right of +x
-        return r * math.sin(at), self.radius - r * math.cos(at), math.degrees(at)
 
-    def advance(self, at: float, lane: int, distance: float) -> float:
-        return at + distance / self._r(lane)
+def grid_town(block_m: float = 60.0, junction_half_m: float = 10.0) -> tuple[list[Lane], list[tuple[Lane, float]]]:
+    """A 3x3 grid of junctions `block_m` apart, joined by two-way streets (one lane each way,
+    right-hand traffic, as carla_env/town.py's embedded town):
 
-    def project(self, x: float, y: float) -> tuple[float, int]:
-        r = math.hypot(x, self.radius - y)
-        return math.atan2(x, self.radius - y), int(np.clip(round((self.radius - r) / LANE_WIDTH), 0, 2))
+        B----T----B      B: a 90-degree bend (a curved road, not a junction)
+        |    |    |      T: a T junction
+        T----X----T      X: a 4-way junction
+        |    |    |
+        B----T----B
 
-    def spawn_points(self) -> list[tuple[float, int]]:
-        return [(2 * math.pi * i / 12, i % 3) for i in range(12)]
+    A street is a road whose lane -1 runs east or south and lane 1 back. Inside a junction
+    (`junction_half_m` from its centre to each side) every arm leads to every other arm, one
+    road each: straight, a right turn (radius junction_half - lane / 2) or a left turn
+    (junction_half + lane / 2). Spawn points: 10 m into each street lane and 10 m before its end."""
+    half, w = junction_half_m, LANE_WIDTH
+    cells = [(i, j) for j in range(3) for i in range(3)]
+    road_ids = itertools.count()
+
+    def lane(v, c, along, length, curvature=0.0, is_junction=False):
+        """A lane driving along v, starting `along` v from junction c's centre, right of its middle."""
+        start = (c[0] * block_m + along * v[0] - v[1] * w / 2, c[1] * block_m + along * v[1] + v[0] * w / 2)
+        yaw = math.degrees(math.atan2(v[1], v[0]))
+        return Lane((next(road_ids), 0, -1), start, yaw, length, curvature, is_junction)
+
+    leaving, arriving, lanes = {}, {}, []  # (junction, arm) -> the street lane out of it, into it
+    for c in cells:
+        for arm, back in (("E", "W"), ("S", "N")):
+            v, u = GRID_DIRECTIONS[arm], GRID_DIRECTIONS[back]
+            other = (c[0] + v[0], c[1] + v[1])
+            if other in cells:
+                there, home = lane(v, c, half, block_m - 2 * half), lane(u, other, half, block_m - 2 * half)
+                home.road_id, home.lane_id = there.road_id, 1  # one road, its lane 1 driven back
+                leaving[c, arm] = arriving[other, back] = there
+                leaving[other, back] = arriving[c, arm] = home
+                lanes += [there, home]
+    spawns = [(street, s) for street in lanes for s in (10.0, street.length - 10.0)]
+    for c in cells:
+        arms = [a for a in GRID_DIRECTIONS if (c, a) in leaving]
+        for arm_in, arm_out in itertools.permutations(arms, 2):
+            u, v = tuple(-x for x in GRID_DIRECTIONS[arm_in]), GRID_DIRECTIONS[arm_out]  # driving in, out
+            turn = u[0] * v[1] - u[1] * v[0]  # 1: a right turn, -1: a left one
+            radius = half - turn * w / 2
+            length = 2 * half if turn == 0 else radius * math.pi / 2
+            connector = lane(u, c, -half, length, turn / radius, is_junction=len(arms) > 2)
+            arriving[c, arm_in].successors.append(connector)
+            connector.successors = [leaving[c, arm_out]]
+            lanes.append(connector)
+    return lanes, spawns
 
 
 class Waypoint:
-    def __init__(self, road, at: float, lane: int):
-        self.road, self.at, self.lane, self.lane_width = road, at, lane, LANE_WIDTH
-        x, y, yaw = road.pose(at, lane)
+    def __init__(self, lane: Lane, s: float):
+        self._lane, self.s = lane, s
+        self.road_id, self.section_id, self.lane_id = lane.road_id, lane.section_id, lane.lane_id
+        self.is_junction, self.lane_width = lane.is_junction, LANE_WIDTH
+        x, y, yaw = lane.pose(s)
         self.transform = Transform(Location(x, y, 0.0), Rotation(yaw=yaw))
 
     def next(self, distance):
-        return [Waypoint(self.road, self.road.advance(self.at, self.lane, distance), self.lane)]
+        """Waypoints `distance` further along the lane; past its end, one on each lane it leads to
+        (several at a junction's entry, none at a dead end)."""
+        _boost("Waypoint.next", distance=(distance, float))
+        return [Waypoint(lane, s) for lane, s in self._lane.advance(self.s, distance)]
 
 
 class Map:
-    def __init__(self, town: str, road=None):
-        self.name, self.road = f"Carla/Maps/{town}", road or StraightRoad()
+    def __init__(self, town: str, network=None):
+        self.name = f"Carla/Maps/{town}"
+        self.lanes, self._spawns = network or straight_road()
 
     def get_spawn_points(self):
         points = []
-        for at, lane in self.road.spawn_points():
-            x, y, yaw = self.road.pose(at, lane)
+        for lane, s in self._spawns:
+            x, y, yaw = lane.pose(s)
             points.append(Transform(Location(x, y, 0.3), Rotation(yaw=yaw)))
         return points
 
     def get_waypoint(self, location, project_to_road=True):
-        return Waypoint(self.road, *self.road.project(location.x, location.y))
+        """The nearest lane's waypoint; without projecting, None off every lane."""
+        places = (lane.project(location.x, location.y) for lane in self.lanes)
+        distance, i, s = min((d, i, s) for i, (s, d) in enumerate(places))
+        if not project_to_road and distance > LANE_WIDTH / 2:
+            return None
+        return Waypoint(self.lanes[i], s)
+
+    def get_topology(self):
+        """(entry, exit) per lane and lane it leads to: the entry at the lane's start, the exit at
+        the start of the next lane (where this one ends); a dead end's exit is its own end."""
+        return [(Waypoint(lane, 0.0), Waypoint(after, 0.0) if after is not None else Waypoint(lane, lane.length))
+                for lane in self.lanes for after in (lane.successors or [None])]
 
 
 class Actor:
@@ -393,7 +501,7 @@ class _Streaming:
 
 class World:
     def __init__(self, client, town):
-        self.client, self.map, self.settings = client, Map(town, client.fake.road()), WorldSettings()
+        self.client, self.map, self.settings = client, Map(town, client.fake.network()), WorldSettings()
         self.actors: dict[int, Actor] = {}
         self.frame, self._next_id, self.weather = 0, 100, None
         self.pedestrians_seed = None
@@ -405,7 +513,7 @@ class World:
         self.collision_delay_ticks = 0  # events reach the client this many ticks late
         self.image_delay_s = 0.0  # every image reaches the client this long after its tick
         self._held_images: dict[int, list] = {}  # sensor id -> its images held back (late frames)
-        self._pending_collisions: list[tuple[int, int]] = []  # (deliver at frame, event frame)
+        self._pending_collisions: list[tuple] = []  # (deliver at frame, event frame, other actor)
         self._navigation_calls = 0
         self._streaming = _Streaming()
 
@@ -477,13 +585,16 @@ class World:
             elif isinstance(actor, WalkerAIController) and actor.running and actor.destination is not None:
                 self._walk(actor.parent, actor.destination, actor.max_speed or 1.0, dt)
             actor.in_snapshot = True
-        if ego is not None:  # one event per frame in contact with anything solid
-            for other in self.actors.values():
-                if other is not ego and other.parent is None and other.type_id.startswith(("vehicle.", "static.")):
-                    p, q = ego._transform.location, other._transform.location
-                    if math.dist((p.x, p.y), (q.x, q.y)) < CONTACT_M:
-                        self.collisions[self.frame] = self.collisions.get(self.frame, 0) + 1
-        self._deliver_sensor_data(ego, before)
+        touched = []  # one event per frame in contact with anything solid
+        solid = ("vehicle.", "static.", "walker.")
+        for other in self.actors.values() if ego is not None else ():
+            if other is not ego and other.parent is None and other.type_id.startswith(solid):
+                p, q = ego._transform.location, other._transform.location
+                if math.dist((p.x, p.y), (q.x, q.y)) < CONTACT_M:
+                    touched.append(other)
+        if touched:
+            self.collisions[self.frame] = self.collisions.get(self.frame, 0) + len(touched)
+        self._deliver_sensor_data(ego, before, touched)
         return self.frame
 
     # --- inside the double
@@ -535,7 +646,7 @@ class World:
     def ego(self):
         return next((a for a in self.actors.values() if str(a.attributes.get("role_name", "")) == "hero"), None)
 
-    def _deliver_sensor_data(self, ego, y_before):
+    def _deliver_sensor_data(self, ego, y_before, touched):
         sensors = [a for a in self.actors.values() if isinstance(a, Sensor) and a.is_listening()]
         for sensor in sensors:
             if sensor.type_id == "sensor.camera.rgb":
@@ -548,12 +659,14 @@ class World:
                 for late in held:
                     self._streaming.deliver(sensor, late, self.image_delay_s)
             elif sensor.type_id == "sensor.other.collision":
-                for _ in range(self.collisions.get(self.frame, 0)):
-                    self._pending_collisions.append((self.frame + self.collision_delay_ticks, self.frame))
+                # The actors touched this frame, then (events a test adds) the world's geometry.
+                others = touched + [WORLD_GEOMETRY] * (self.collisions.get(self.frame, 0) - len(touched))
+                for other in others:
+                    self._pending_collisions.append((self.frame + self.collision_delay_ticks, self.frame, other))
                 due = [p for p in self._pending_collisions if p[0] <= self.frame]
                 self._pending_collisions = [p for p in self._pending_collisions if p[0] > self.frame]
-                for _, event_frame in due:
-                    event = SimpleNamespace(frame=event_frame, actor=sensor.parent, other_actor=None,
+                for _, event_frame, other in due:
+                    event = SimpleNamespace(frame=event_frame, actor=sensor.parent, other_actor=other,
                                             normal_impulse=Vector3D(1000.0, 0.0, 0.0))
                     self._streaming.deliver(sensor, event)
             elif sensor.type_id == "sensor.other.lane_invasion" and ego is not None:
@@ -782,9 +895,10 @@ class FakeCarla:
     VehicleControl = VehicleControl
     command = _Command
 
-    def __init__(self, tcp: bool = False, load_world_s: float = 0.0, ring_radius: float | None = None):
-        """`ring_radius`: the map is a `RingRoad` of that radius, not the straight road."""
-        self.tcp, self.load_world_s, self.ring_radius = tcp, load_world_s, ring_radius
+    def __init__(self, tcp: bool = False, load_world_s: float = 0.0, ring_radius: float | None = None,
+                 grid_block_m: float | None = None):
+        """The map is the straight road, or `ring_road(ring_radius)`, or `grid_town(grid_block_m)`."""
+        self.tcp, self.load_world_s, self.ring_radius, self.grid_block_m = tcp, load_world_s, ring_radius, grid_block_m
         self.clients: list[Client] = []
         self.traffic_managers: dict[int, TrafficManager] = {}
         self.worlds: dict[tuple[str, int], World] = {}  # per server (in memory; tcp: per process)
@@ -792,8 +906,10 @@ class FakeCarla:
     def Client(self, host="127.0.0.1", port=2000, worker_threads=0):
         return Client(self, host, port, worker_threads)
 
-    def road(self):
-        return RingRoad(self.ring_radius) if self.ring_radius else StraightRoad()
+    def network(self) -> tuple[list[Lane], list[tuple[Lane, float]]]:
+        if self.grid_block_m:
+            return grid_town(self.grid_block_m)
+        return ring_road(self.ring_radius) if self.ring_radius else straight_road()
 
     def _tick_traffic_managers(self):
         for tm in list(self.traffic_managers.values()):
@@ -804,7 +920,8 @@ class FakeCarla:
         return self.clients[-1].world
 
     def __getstate__(self):  # sent to a client process: a fresh module there
-        return {"tcp": self.tcp, "load_world_s": self.load_world_s, "ring_radius": self.ring_radius}
+        return {"tcp": self.tcp, "load_world_s": self.load_world_s, "ring_radius": self.ring_radius,
+                "grid_block_m": self.grid_block_m}
 
     def __setstate__(self, state):
         self.__init__(**state)

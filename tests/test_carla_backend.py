@@ -311,6 +311,9 @@ def test_a_collision_reported_by_the_sensor_terminates_with_its_penalty():
     _, reward, terminated, truncated, info = env.step(DRIVE)
     assert (terminated, truncated, info["episode_end"]) == (True, False, "collision")
     assert info["reward_terms"]["collision"] == -10.0
+    # The double's events a test adds hit the world's geometry ("static.building"): one
+    # collision with a static object, however many events its step had.
+    assert info["infractions"]["collision_static"] == 1
 
 
 def test_D7_a_collision_event_that_arrives_after_its_step_was_measured_still_counts():
