@@ -30,12 +30,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# name -> (config file, env steps). HalfCheetah's budget: 30k steps is ~5 min per run on 2 cores
-# (the issue's 100k would take ~1.5 h for the 6 runs); pass --steps to change it.
+# name -> (config file, env steps, overrides for both sides). HalfCheetah's budget: 30k steps is
+# ~5 min per run on 2 cores (the issue's 100k would take ~1.5 h for the 6 runs); pass --steps to
+# change it. The town runs at the CI size (48x48x2 camera, small CNN) and is judged on the
+# leaderboard's driving score over the same 20 routes on both sides.
 BENCHMARKS = {
-    "pendulum": ("configs/pendulum_td3.yaml", 20_000),
-    "halfcheetah": ("configs/halfcheetah_td3.yaml", 30_000),
+    "pendulum": ("configs/pendulum_td3.yaml", 20_000, ()),
+    "halfcheetah": ("configs/halfcheetah_td3.yaml", 30_000, ()),
+    "town": ("configs/driving_town_td3.yaml", 8_000, ("env.kwargs.camera={width: 48, height: 48, frame_stack: 2}",
+             "model.cnn={channels: [16, 32], kernel_sizes: [8, 4], strides: [4, 2], feature_dim: 32}",
+             "model.actor_hidden=[64, 64]", "model.critic_hidden=[64, 64]", "algo.actor_lr=1e-3",
+             "algo.critic_lr=1e-3", "algo.learning_starts=1000")),
 }
+ROUTES = range(1000, 1020)  # driving envs: both sides' final policies drive these episodes
+
+
+def _routes_evaluation(exp, policy) -> dict:
+    """For driving envs on routes: the deterministic policy's return and driving score on ROUTES."""
+    from rl.evaluation import evaluate
+
+    result = evaluate(exp.env.id, exp.env.kwargs, policy, ROUTES)
+    return {"eval_return": result.return_mean, "driving_score": result.driving_score_mean,
+            "route_completion": result.route_completion_mean}
+
+
+def _drives_routes(exp) -> bool:
+    from carla_env import driving_env_schema
+
+    return exp.env.id.startswith("carla_env:") and driving_env_schema(exp.env.id) is not None
 
 
 def _peak_rss_mb() -> float:
@@ -55,6 +77,11 @@ def run_ours(config_path: str, steps: int, seed: int, overrides: list[str]) -> d
         )
         summary = train(exp, show_progress=False)
         rows = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").open()]
+        routes = {}
+        if _drives_routes(exp):
+            from rl.evaluation import trained_policy
+
+            routes = _routes_evaluation(exp, trained_policy(summary["final_checkpoint"]))
     learning = [r for r in rows if "losses/critic" in r]
     phases = ("perf/sample_s", "perf/replay_add_s", "perf/replay_sample_s", "perf/learn_s",
               "perf/weight_sync_s", "perf/iteration_s")
@@ -66,6 +93,7 @@ def run_ours(config_path: str, steps: int, seed: int, overrides: list[str]) -> d
         "train_time_s": summary["train_time_s"],
         "peak_rss_mb": _peak_rss_mb(),
         "time_split_per_iteration_s": time_split,
+        **routes,
     }
 
 
@@ -87,8 +115,17 @@ def run_sb3(config_path: str, steps: int, seed: int, overrides: list[str]) -> di
         raise ValueError("SB3's TD3 has one learning rate; the config's actor_lr != critic_lr")
     env = gym.make(exp.env.id, **env_config(exp))
     act_dim = env.action_space.shape[0]
+    policy_kwargs = {
+        "net_arch": {"pi": list(model.actor_hidden), "qf": list(model.critic_hidden)},
+        "activation_fn": ACTIVATIONS[model.activation],
+    }
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        # Image + state: our encoder as SB3's features extractor (one for the actor, one for both
+        # critics, as ours), so that both sides train the same network.
+        policy_kwargs |= {"features_extractor_class": _our_encoder_class(), "normalize_images": False,
+                          "features_extractor_kwargs": {**exp.model.cnn.model_dump(), "activation": model.activation}}
     agent = TD3(
-        "MlpPolicy",
+        "MultiInputPolicy" if isinstance(env.observation_space, gym.spaces.Dict) else "MlpPolicy",
         env,
         learning_rate=algo.actor_lr,
         buffer_size=algo.buffer_size,
@@ -103,10 +140,7 @@ def run_sb3(config_path: str, steps: int, seed: int, overrides: list[str]) -> di
         policy_delay=algo.policy_delay,
         target_policy_noise=algo.policy_noise,
         target_noise_clip=algo.noise_clip,
-        policy_kwargs={
-            "net_arch": {"pi": list(model.actor_hidden), "qf": list(model.critic_hidden)},
-            "activation_fn": ACTIVATIONS[model.activation],
-        },
+        policy_kwargs=policy_kwargs,
         seed=seed,
         device="cpu",
     )
@@ -114,13 +148,15 @@ def run_sb3(config_path: str, steps: int, seed: int, overrides: list[str]) -> di
     start = time.monotonic()
     agent.learn(total_timesteps=steps)
     train_time = time.monotonic() - start
-    eval_env = gym.make(exp.env.id, **env_config(exp))
-    eval_env.reset(seed=seed + 1000)
-    mean_return, _ = evaluate_policy(
-        agent, eval_env, n_eval_episodes=exp.evaluation.episodes, deterministic=True
-    )
+    if _drives_routes(exp):
+        evaluation = _routes_evaluation(exp, lambda obs: agent.predict(obs, deterministic=True)[0])
+    else:
+        eval_env = gym.make(exp.env.id, **env_config(exp))
+        eval_env.reset(seed=seed + 1000)
+        mean_return, _ = evaluate_policy(agent, eval_env, n_eval_episodes=exp.evaluation.episodes, deterministic=True)
+        evaluation = {"eval_return": float(mean_return)}
     return {
-        "eval_return": float(mean_return),
+        **evaluation,
         "env_steps": steps,
         "updates": agent._n_updates,
         "train_time_s": train_time,
@@ -128,12 +164,33 @@ def run_sb3(config_path: str, steps: int, seed: int, overrides: list[str]) -> di
     }
 
 
+def _our_encoder_class():
+    import torch
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    from models.encoders import ImageStateEncoder
+
+    class OurEncoder(BaseFeaturesExtractor):
+        """models/encoders.py's image+state encoder inside SB3. SB3 hands images over as floats
+        (0-255 with normalize_images off): back to uint8, exactly, as our encoder takes them."""
+
+        def __init__(self, observation_space, **encoder_kwargs):
+            encoder = ImageStateEncoder(observation_space, **encoder_kwargs)
+            super().__init__(observation_space, encoder.out_dim)
+            self.encoder = encoder
+
+        def forward(self, obs):
+            return self.encoder({"image": obs["image"].to(torch.uint8), "state": obs["state"]})
+
+    return OurEncoder
+
+
 def _worker(impl: str, bench: str, steps: int, seed: int, overrides: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    config_path, _ = BENCHMARKS[bench]
-    result = (run_ours if impl == "ours" else run_sb3)(str(ROOT / config_path), steps, seed, overrides)
+    config_path, _, fixed = BENCHMARKS[bench]
+    result = (run_ours if impl == "ours" else run_sb3)(str(ROOT / config_path), steps, seed, [*fixed, *overrides])
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -200,6 +257,18 @@ def table(results: dict) -> str:
                 f"{o['ups'] / s['ups']:.2f}x | {o['rss'] / s['rss']:.2f}x |"
             )
     out = header + "\n".join(rows) + "\n"
+    scored = {b: by for b, by in results.items() if all(r.get("driving_score") is not None for rs in by.values() for r in rs)}
+    if scored:  # envs on routes: the leaderboard's driving score, ours against SB3
+        out += "\n| env | impl | driving score mean (std) | per seed | route completion |\n|---|---|---|---|---|\n"
+        for bench, by_impl in scored.items():
+            for impl, runs in by_impl.items():
+                ds = [r["driving_score"] for r in runs]
+                out += (f"| {bench} | {impl} | {_mean(ds):.3f} ({statistics.stdev(ds) if len(ds) > 1 else 0.0:.3f}) | "
+                        f"{', '.join(f'{v:.2f}' for v in ds)} | {_mean([r['route_completion'] for r in runs]):.0%} |\n")
+            if {"ours", "sb3"} <= by_impl.keys():
+                test = compare_returns(*([r["driving_score"] for r in by_impl[i]] for i in ("ours", "sb3")))
+                out += (f"\n{bench}: driving score, ours - SB3 {test['diff']:+.3f}; Welch p {test['welch_p']:.2f}, "
+                        f"Mann-Whitney p {test['mannwhitney_p']:.2f}\n")
     if ratios:
         out += (
             "\n| env | return, ours - SB3 | Welch t-test p | Mann-Whitney p | env steps/s, "
