@@ -65,7 +65,7 @@ class Town:
 
 
 def build_town(config: EmbeddedTownConfig) -> Town:
-    from highway_env.road.lane import CircularLane, LineType, StraightLane
+    from highway_env.road.lane import LineType, StraightLane
     from highway_env.road.road import RoadNetwork
 
     n, w, limit = config.grid, config.lane_width_m, config.speed_limit_mps
@@ -75,7 +75,6 @@ def build_town(config: EmbeddedTownConfig) -> Town:
     arms = {c: [d for d, (dx, dy) in DIRECTIONS.items() if (c[0] + int(dx), c[1] + int(dy)) in cells] for c in cells}
     kind = {c: {4: "4-way", 3: "T", 2: "bend"}[len(arms[c])] for c in cells}
     half = {c: config.bend_half_m if kind[c] == "bend" else config.junction_half_m for c in cells}
-    none, solid, striped = LineType.NONE, LineType.CONTINUOUS, LineType.STRIPED
 
     net, movements, streets = _indexed_network_class(RoadNetwork)(), {}, []
     for c in cells:
@@ -84,7 +83,7 @@ def build_town(config: EmbeddedTownConfig) -> Town:
             other = (c[0] + int(v[0]), c[1] + int(v[1]))
             start = centre[c] + v * half[c] + _right(v) * w / 2
             end = centre[other] - v * half[other] + _right(v) * w / 2
-            lane = StraightLane(start, end, width=w, line_types=(striped, solid),
+            lane = StraightLane(start, end, width=w, line_types=(LineType.STRIPED, LineType.CONTINUOUS),
                                 priority=2 if d in "EW" else 1, speed_limit=limit)
             street = (f"{name[c]}:out{d}", f"{name[other]}:in{OPPOSITE[d]}")
             net.add_lane(*street, lane)
@@ -100,25 +99,32 @@ def build_town(config: EmbeddedTownConfig) -> Town:
                 turn = u[0] * v[1] - u[1] * v[0]  # > 0: right turn (y points down)
                 maneuver = "straight" if abs(turn) < 0.5 else "right" if turn > 0 else "left"
                 priority = (2 if arm_in in "EW" else 1) - (maneuver == "left")
-                if maneuver == "straight":
-                    lane = StraightLane(entry, exit_, width=w, line_types=(none, none), priority=priority,
-                                        speed_limit=limit)
-                else:
-                    radius = float(np.dot(exit_ - entry, u))
-                    pivot = entry + radius * v
-                    start_phase = math.atan2(*(entry - pivot)[::-1])
-                    # A quarter circle: clockwise (right) the phase grows, anticlockwise it shrinks.
-                    end_phase = start_phase + (math.pi / 2 if maneuver == "right" else -math.pi / 2)
-                    outer = kind[c] == "bend" and maneuver == "left"  # draws a bend's centre line
-                    lane = CircularLane(pivot, radius, start_phase, end_phase,
-                                        clockwise=maneuver == "right", width=w,
-                                        line_types=(striped if outer else none, solid if kind[c] == "bend" or maneuver == "right" else none),
-                                        priority=priority, speed_limit=limit)
+                lane = _movement_lane(entry, exit_, u, v, maneuver, kind[c] == "bend", w, priority, limit)
                 link = (f"{name[c]}:in{arm_in}", f"{name[c]}:out{arm_out}")
                 net.add_lane(*link, lane)
                 movements[link] = (name[c], maneuver)
     net.index_lanes()
     return Town(net, {name[c]: kind[c] for c in cells}, movements, sorted(streets))
+
+
+def _movement_lane(entry, exit_, u, v, maneuver: str, bend: bool, width: float, priority: int, speed_limit: float):
+    """The lane through a junction from `entry` (travelling along u) to `exit_` (along v): a
+    straight line, or a quarter circle about the corner both stop lines point at."""
+    from highway_env.road.lane import CircularLane, LineType, StraightLane
+
+    if maneuver == "straight":
+        return StraightLane(entry, exit_, width=width, line_types=(LineType.NONE, LineType.NONE), priority=priority,
+                            speed_limit=speed_limit)
+    radius = float(np.dot(exit_ - entry, u))
+    pivot = entry + radius * v
+    start_phase = math.atan2(*(entry - pivot)[::-1])
+    # Clockwise (a right turn, y pointing down) the phase grows; anticlockwise it shrinks.
+    end_phase = start_phase + (math.pi / 2 if maneuver == "right" else -math.pi / 2)
+    # Painted: a bend's centre line (by its outer lane) and kerbs; a junction's right-turn kerb.
+    left = LineType.STRIPED if bend and maneuver == "left" else LineType.NONE
+    right = LineType.CONTINUOUS if bend or maneuver == "right" else LineType.NONE
+    return CircularLane(pivot, radius, start_phase, end_phase, clockwise=maneuver == "right", width=width,
+                        line_types=(left, right), priority=priority, speed_limit=speed_limit)
 
 
 def _indexed_network_class(base: type) -> type:
