@@ -44,6 +44,9 @@ class Measurements:
     # length leaves the defaults: its episodes report no route completion or driving score.
     route_progress_m: float = 0.0  # metres along the route from the episode's start
     route_length_m: float = math.inf
+    # Whether reaching the route's end is arriving (the episode ends: the town, CARLA), or the
+    # route is only a yardstick for route completion (the highway: the time limit ends it).
+    route_has_destination: bool = True
     collided_with: str = "vehicle"  # what this tick's collision hit: vehicle, static, pedestrian
     off_road: bool = False  # not on any drivable lane
     wrong_lane: bool = False  # on a lane the route does not use (e.g. the oncoming one)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from carla_env.config import DrivingEnvConfig
+from carla_env.config import DrivingEnvConfig, EmbeddedTownConfig
 from carla_env.contract import ACTION_SPACE, state_features
 
 Policy = Callable[[dict], np.ndarray]
@@ -73,12 +73,16 @@ class LaneKeepingController:
         steer = -(lateral_gain * s[i["lateral_offset"]] + heading_gain * s[i["heading_error"]]
                   - lookahead_gain * s[i[self._ahead]])
         state = self.config.state
-        speed = s[i["speed"]] * state.target_speed_mps
-        gap_scaled = s[i["front_gap"]]
-        gap = np.inf if gap_scaled >= 1.0 else max(gap_scaled * state.front_gap_range_m, 0.1)
-        closing = s[i["front_closing"]] * state.target_speed_mps
+        speed, gap, closing = speed_and_gap(s, i, state)
         accel = idm_accel(speed, state.target_speed_mps, gap, closing, self.max_accel, self.brake, self.time_gap, self.min_gap)
         return np.clip(np.array([steer, accel / self.full_throttle], np.float32), -1.0, 1.0)
+
+
+def speed_and_gap(s: np.ndarray, i: dict[str, int], state) -> tuple[float, float, float]:
+    """Speed, gap to the car ahead (inf: none in range) and closing speed, from a state vector."""
+    gap_scaled = s[i["front_gap"]]
+    gap = np.inf if gap_scaled >= 1.0 else max(gap_scaled * state.front_gap_range_m, 0.1)
+    return s[i["speed"]] * state.target_speed_mps, gap, s[i["front_closing"]] * state.target_speed_mps
 
 
 def idm_accel(speed: float, target: float, gap: float, closing: float, max_accel: float, brake: float,
@@ -97,7 +101,7 @@ class RouteFollowingController:
 
     def __init__(
         self,
-        config,  # a HighwayEnvConfig: the steering range is part of what the action means
+        config: EmbeddedTownConfig,  # the steering range and lane width give the state its meaning
         pursuit_index: int = 1,  # which look-ahead point to steer at
         wheelbase_m: float = 5.0,  # highway-env's car: its kinematic model turns about its length
         max_lateral_accel_mps2: float = 2.0,
@@ -118,15 +122,12 @@ class RouteFollowingController:
 
     def __call__(self, obs: dict) -> np.ndarray:
         s, i, state = obs["state"], self._i, self.config.state
-        lane = self.config.lane_width_m if hasattr(self.config, "lane_width_m") else 4.0
+        lane = self.config.lane_width_m
         index, d = self.pursuit
         y = s[index] * lane
         steer = np.arctan(self.wheelbase * 2.0 * y / d**2) / self.max_steer
         curvature = max(abs(2.0 * s[k] * lane / dist**2) for k, dist in self._lookahead)
         target = min(state.target_speed_mps, np.sqrt(self.lateral_accel / max(curvature, 1e-6)))
-        speed = s[i["speed"]] * state.target_speed_mps
-        gap_scaled = s[i["front_gap"]]
-        gap = np.inf if gap_scaled >= 1.0 else max(gap_scaled * state.front_gap_range_m, 0.1)
-        closing = s[i["front_closing"]] * state.target_speed_mps
+        speed, gap, closing = speed_and_gap(s, i, state)
         accel = idm_accel(speed, target, gap, closing, self.max_accel, self.brake, self.time_gap, self.min_gap)
         return np.clip(np.array([steer, accel / self.full_throttle], np.float32), -1.0, 1.0)

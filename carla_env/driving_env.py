@@ -136,7 +136,7 @@ class DrivingEnv(gym.Env):
             return "off_route"
         if self._slow_steps >= episode.stuck_seconds * episode.control_hz:
             return "stuck"
-        if m.route_progress_m >= m.route_length_m:
+        if m.route_has_destination and m.route_progress_m >= m.route_length_m:
             return "route_complete"
         return None
 

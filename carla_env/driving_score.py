@@ -11,6 +11,11 @@ percentage of the route driven off the road or in a lane the route does not use)
 infractions that end a route in the leaderboard (route deviation, agent blocked, route timeout)
 end our episode too and cost only the route left undone. Red lights and stop signs: neither
 embedded scenario has them, so they are not counted.
+
+Where our episodes differ from a leaderboard route (so compare our scores with each other, not
+with published ones): a collision ends our episode (the leaderboard drives on, so it can only
+score higher); "blocked" is the env's `stuck` (below 0.5 m/s for 5 s by default, not 0.1 m/s for
+180 s); route deviation is the env's off-route distance (6 m in the town, not 30 m).
 """
 
 from __future__ import annotations

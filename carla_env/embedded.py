@@ -165,6 +165,7 @@ class HighwaySimulator(HighwayEnvSimulator):
             on_route=bool(car.on_road),
             route_progress_m=float(car.position[0]) - self._start_x,
             route_length_m=self.config.state.target_speed_mps * self.config.episode.max_seconds,
+            route_has_destination=False,
             off_road=not car.on_road,
         )
 

@@ -19,9 +19,11 @@ class Route:
     """
 
     def __init__(self, points: np.ndarray, search_back_m: float = 5.0, search_ahead_m: float = 30.0):
-        points = np.asarray(points, np.float64)
-        keep = np.r_[True, np.linalg.norm(np.diff(points, axis=0), axis=1) > 1e-6]
-        self.points = points[keep]
+        kept = [np.asarray(points[0], np.float64)]
+        for point in np.asarray(points, np.float64)[1:]:  # against the last point kept
+            if np.linalg.norm(point - kept[-1]) > 1e-6:
+                kept.append(point)
+        self.points = np.array(kept)
         if len(self.points) < 2:
             raise ValueError("a route needs at least two distinct points")
         seg = np.diff(self.points, axis=0)
@@ -42,8 +44,8 @@ class Route:
     def project(self, position: np.ndarray, near_s: float, back_m: float, ahead_m: float) -> tuple[float, float]:
         """(s, lateral) of the closest point to `position` on the route between near_s - back_m
         and near_s + ahead_m; lateral > 0 to the right of the route (contract.car_axes)."""
-        lo = max(0, int(np.searchsorted(self.s, near_s - back_m)) - 1)
-        hi = min(len(self.points) - 1, int(np.searchsorted(self.s, near_s + ahead_m)) + 1)
+        lo = min(max(0, int(np.searchsorted(self.s, near_s - back_m)) - 1), len(self.points) - 2)
+        hi = max(min(len(self.points) - 1, int(np.searchsorted(self.s, near_s + ahead_m)) + 1), lo + 1)
         a, b = self.points[lo:hi], self.points[lo + 1 : hi + 1]
         ab = b - a
         t = np.clip(np.einsum("ij,ij->i", position - a, ab) / np.einsum("ij,ij->i", ab, ab), 0.0, 1.0)

@@ -11,7 +11,8 @@ connects to every other arm (no U-turns): straight, right (radius junction_half 
 left (junction_half + lane/2) turns; east-west streets have the right of way. Each episode the
 ego car gets a route planned on the network (Dijkstra over lane lengths) with at least
 `route_min_turns` turns at junctions; NPC cars (highway-env's IDM drivers) follow routes of their
-own to random destinations and yield by highway-env's priority rules (RegulatedRoad).
+own to random destinations and yield by highway-env's priority rule (`_yielding`: RegulatedRoad's
+rule, computed without its per-pair copies of the cars).
 
 gymnasium id `carla_env:EmbeddedTown-v0`; kwargs: carla_env/config.py `EmbeddedTownConfig`.
 """
@@ -47,6 +48,7 @@ CONFLICT_TIMES_S = np.arange(0.25, 3.0, 0.25)
 CONFLICT_DISTANCE_M = 3.0  # under the 4 m between two oncoming lanes' centres
 FOLLOWING_HEADING_RAD = math.radians(20.0)
 LANE_BOX_MARGIN_M = 6.0
+WRONG_LANE_MARGIN_M = 0.5  # beyond the route's lane edge, as CARLA's OutsideRouteLanesTest allows
 CROSSING_TIMES_S = (0.0, 0.5, 1.0, 1.5, 2.0)  # see TownSimulator._front_vehicle
 
 
@@ -174,7 +176,8 @@ def junction_turns(town: Town, lanes: list[tuple[str, str]]) -> int:
                and town.junctions[town.movements[lane][0]] != "bend")
 
 
-def plan_route(town: Town, config: EmbeddedTownConfig, rng: np.random.Generator, tries: int = 500) -> list[tuple[str, str]]:
+def plan_route(town: Town, config: EmbeddedTownConfig, rng: np.random.Generator,
+               tries: int = 500) -> list[tuple[str, str]]:
     """A random route between two streets with enough turns at junctions and the right length."""
     for _ in range(tries):
         start, goal = (town.streets[i] for i in rng.choice(len(town.streets), 2, replace=False))
@@ -224,8 +227,9 @@ class TownSimulator(HighwayEnvSimulator):
         self.route_lanes = plan_route(self.town, self.config, self._rng)
         self.route = Route(route_centre_line(self.town, self.route_lanes))
         first = self.town.network.get_lane((*self.route_lanes[0], 0))
-        ego = no_reverse(world.action_type.vehicle_class, self.config.max_lateral_accel_mps2)(world.road, first.position(START_M, 0.0), first.heading_at(START_M),
-                                              speed=self.config.start_speed_mps)
+        car_class = no_reverse(world.action_type.vehicle_class, self.config.max_lateral_accel_mps2)
+        ego = car_class(world.road, first.position(START_M, 0.0), first.heading_at(START_M),
+                        speed=self.config.start_speed_mps)
         world.road.vehicles.append(ego)
         world.vehicle = ego
         world.controlled_vehicles = [ego]
@@ -267,9 +271,12 @@ class TownSimulator(HighwayEnvSimulator):
 
     def _send_somewhere(self, npc) -> None:
         """A route from the lane the NPC drives towards (highway-env's plan_route_to starts from
-        the lane it is on, which is stale near a lane's end) to a random street."""
+        the lane it is on, which is stale near a lane's end) to a random street: another one
+        than where that lane ends (highway-env's search for a path from a node to itself walks
+        every path in the graph)."""
         lane = npc.target_lane_index
-        goal = self.town.streets[self._rng.integers(len(self.town.streets))]
+        goals = [street for street in self.town.streets if street[1] != lane[1]]
+        goal = goals[self._rng.integers(len(goals))]
         path = self.town.network.shortest_path(lane[1], goal[1])
         npc.route = [lane] + [(a, b, None) for a, b in zip(path, path[1:])]
 
@@ -280,6 +287,11 @@ class TownSimulator(HighwayEnvSimulator):
         route, config = self.route, self.config
         s, lateral = route.locate(car.position)
         front_gap, closing = self._front_vehicle(car, s)
+        # Off the road by position alone: highway-env's own `on_road` weighs the heading in, and
+        # calls a car that swerves into the oncoming lane, still facing its own, off the road.
+        nearest = self.town.network.get_closest_lane_index(car.position)
+        off_road = not self.town.network.get_lane(nearest).on_lane(car.position)
+        in_junction = nearest[:2] in self.town.movements
         return Measurements(
             speed_mps=float(car.speed),
             lateral_offset_m=lateral,
@@ -292,8 +304,10 @@ class TownSimulator(HighwayEnvSimulator):
             on_route=abs(lateral) <= config.max_route_deviation_m,
             route_progress_m=route.progress_m,
             route_length_m=route.length_m,
-            off_road=not car.on_road,
-            wrong_lane=abs(lateral) > config.lane_width_m / 2,
+            off_road=off_road,
+            # As CARLA's OutsideRouteLanesTest: a margin, and no lanes to be wrong in inside a junction.
+            wrong_lane=(not off_road and not in_junction
+                        and abs(lateral) > config.lane_width_m / 2 + WRONG_LANE_MARGIN_M),
         )
 
     def _front_vehicle(self, car, s: float) -> tuple[float, float]:
@@ -301,24 +315,31 @@ class TownSimulator(HighwayEnvSimulator):
         lane, or one that will be in it within CROSSING_TIMES_S at its present velocity (crossing
         or turning into the route at a junction: it then counts as standing where it crosses)."""
         horizon = self.config.state.front_gap_range_m
-        corridor = (self.config.lane_width_m + car.WIDTH) / 2
         gap, closing = math.inf, 0.0
         for other in self._env.unwrapped.road.vehicles:
             if other is car or np.linalg.norm(other.position - car.position) > horizon + car.LENGTH:
                 continue
-            for t in CROSSING_TIMES_S:
-                s_other, lateral = self.route.project(other.position + t * other.velocity, s + horizon / 2,
-                                                      horizon / 2, horizon / 2)
-                if s <= s_other and abs(lateral) <= corridor:
-                    break
-            else:
+            found = self._on_route_ahead(car, other, s, horizon)
+            if found is None:
                 continue
+            s_other, crossing = found
             d = max(0.0, s_other - s - (car.LENGTH + other.LENGTH) / 2)
             if d < gap:
                 along = np.array([math.cos(self.route.heading_at(s_other)), math.sin(self.route.heading_at(s_other))])
                 gap = d
-                closing = float(np.dot(car.velocity - (other.velocity if t == 0.0 else 0.0), along))
+                closing = float(np.dot(car.velocity - (0.0 if crossing else other.velocity), along))
         return gap, closing
+
+    def _on_route_ahead(self, car, other, s: float, horizon: float) -> tuple[float, bool] | None:
+        """(where along the route, whether only crossing it) `other` is in the route's lane within
+        `horizon` metres ahead of s, now or at one of CROSSING_TIMES_S; None if it is not."""
+        corridor = (self.config.lane_width_m + car.WIDTH) / 2
+        for t in CROSSING_TIMES_S:
+            s_other, lateral = self.route.project(other.position + t * other.velocity, s, 0.0, horizon)
+            # A car beyond the window projects onto its end: it is not in it.
+            if s < s_other < min(s + horizon, self.route.length_m + 1.0) - 1e-6 and abs(lateral) <= corridor:
+                return s_other, t > 0.0
+        return None
 
     def view(self) -> np.ndarray:
         """The top-down view around the ego car, with the route ahead drawn in."""

@@ -77,6 +77,12 @@ def evaluate(env_id: str, env_kwargs: dict, policy: Policy, seeds: Iterable[int]
             returns.append(total)
             lengths.append(steps)
             ends[info.get("episode_end") or ("terminated" if terminated else "truncated")] += 1
+            if "route_progress" in info and "driving_score" not in info:
+                raise ValueError(
+                    f"{env_id}: an episode was cut before the env ended it (env.max_episode_steps "
+                    f"{max_episode_steps} is shorter than its episode.max_seconds), so it has no driving "
+                    "score: leave env.max_episode_steps unset for driving envs"
+                )
             if "driving_score" in info:
                 scores.append(info["driving_score"])
                 completions.append(info["route_completion"])

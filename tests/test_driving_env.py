@@ -294,4 +294,5 @@ def test_the_highways_route_is_the_road_a_car_at_the_target_speed_covers_in_the_
     nominal = config.state.target_speed_mps * config.episode.max_seconds
     assert info["route_completion"] == pytest.approx(min(driven / nominal, 1.0))
     assert info["driving_score"] <= info["route_completion"]
-    assert info["episode_end"] in ("time_limit", "route_complete", "collision")
+    # Its nominal end is no destination: a car faster than the target speed drives on.
+    assert info["episode_end"] in ("time_limit", "collision")

@@ -144,3 +144,48 @@ def test_a_car_too_fast_for_a_turn_runs_wide():
 
     assert turned_after(7.0, 12.0) > 60.0
     assert turned_after(25.0, 12.0) < 15.0
+
+
+def test_a_projection_at_the_routes_very_end_finds_its_end():
+    route = Route([(0.0, 0.0), (10.0, 0.0), (10.0, 10.0)])
+    assert route.project(np.array([10.0, 25.0]), route.length_m, 0.0, 30.0) == pytest.approx((20.0, 0.0))
+    # Points that creep forward by less than 1e-6 each are one point, not a zero-length segment.
+    creeping = Route([(0.0, 0.0), (5.0, 0.0), (5.0 + 6e-7, 0.0), (5.0 + 1.2e-6, 0.0), (9.0, 0.0)])
+    assert np.all(np.diff(creeping.s) > 0) and creeping.locate(np.array([5.0, 1.0])) == pytest.approx((5.0, 1.0))
+
+
+def test_swerving_into_the_oncoming_lane_is_a_wrong_lane_and_over_the_kerb_is_off_road():
+    env = gym.make(TOWN, **SMALL, npc_vehicles=0)
+    env.reset(seed=0)
+    sim = env.unwrapped.simulator
+    car, lane = sim._env.unwrapped.vehicle, sim.town.network.get_lane((*sim.route_lanes[0], 0))
+    measured = {}
+    for name, lateral in (("own lane", 0.0), ("oncoming lane", -4.0), ("over the kerb", 4.5)):
+        car.position = lane.position(20.0, lateral)  # lateral > 0: right of the route
+        m = sim._measure()
+        measured[name] = (m.off_road, m.wrong_lane)
+    env.close()
+    assert measured == {"own lane": (False, False), "oncoming lane": (False, True), "over the kerb": (True, False)}
+
+
+def test_npcs_keep_finding_destinations_in_a_larger_town():
+    """A 4x4 town has 48 streets; an NPC must never be sent to the street it is on (highway-env's
+    path search from a node to itself walks every path in the graph: a hang)."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("the town hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        env = gym.make(TOWN, **SMALL, grid=4, npc_vehicles=20, route_max_m=700.0)
+        for seed in range(3):
+            env.reset(seed=seed)
+            for _ in range(40):
+                if any(env.step(np.array([0.0, 0.0], np.float32))[2:4]):
+                    break
+        env.close()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
