@@ -30,6 +30,7 @@ ROUTES = range(1000, 1020)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a learning run on a loaded machine (tests/test_train_driving.py)
 def test_td3_with_cnn_drives_town_routes_better_than_the_constant_action_and_reports_driving_scores(
         ray_local, tmp_path, monkeypatch):
     for name in [k for k in __import__("os").environ if k.startswith("WANDB_")]:
