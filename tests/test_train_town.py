@@ -51,12 +51,15 @@ def test_td3_with_cnn_drives_town_routes_better_than_the_constant_action_and_rep
     assert ours.route_completion_mean > constant.route_completion_mean, table
 
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    last, evaluated = lines[-1], [line for line in lines if "eval/return_mean" in line][-1]
-    for prefix, line in (("env/", last), ("eval/", evaluated)):
+    # Episode metrics are in the rows of iterations where an episode ended (a training episode,
+    # an evaluation): the last of each.
+    trained = [line for line in lines if "env/driving_score" in line][-1]
+    evaluated = [line for line in lines if "eval/return_mean" in line][-1]
+    for prefix, line in (("env/", trained), ("eval/", evaluated)):
         assert all(prefix + name in line for name in ROUTE_METRICS), sorted(line)
         assert 0.0 <= line[prefix + "driving_score"] <= line[prefix + "route_completion"] <= 1.0, line
-    ends = [v for k, v in last.items() if k.startswith("env/episode_end/")]
-    assert sum(ends) == pytest.approx(1.0) and "env/episode_end/route_complete" in last
+    ends = [v for k, v in trained.items() if k.startswith("env/episode_end/")]
+    assert sum(ends) == pytest.approx(1.0) and "env/episode_end/route_complete" in trained
 
     history, _ = read_run(tmp_path / "run")
     logged = set().union(*history)
