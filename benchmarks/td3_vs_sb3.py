@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.health_zoo import DRIVING_CI_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -37,10 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS = {
     "pendulum": ("configs/pendulum_td3.yaml", 20_000, ()),
     "halfcheetah": ("configs/halfcheetah_td3.yaml", 30_000, ()),
-    "town": ("configs/driving_town_td3.yaml", 8_000, ("env.kwargs.camera={width: 48, height: 48, frame_stack: 2}",
-             "model.cnn={channels: [16, 32], kernel_sizes: [8, 4], strides: [4, 2], feature_dim: 32}",
-             "model.actor_hidden=[64, 64]", "model.critic_hidden=[64, 64]", "algo.actor_lr=1e-3",
-             "algo.critic_lr=1e-3", "algo.learning_starts=1000")),
+    "town": ("configs/driving_town_td3.yaml", 8_000, DRIVING_CI_SIZE),
 }
 ROUTES = range(1000, 1020)  # driving envs: both sides' final policies drive these episodes
 
