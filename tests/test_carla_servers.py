@@ -60,8 +60,9 @@ def carla_root(tmp_path, monkeypatch):
 
 def kill_servers_started_from(script: Path) -> list[int]:
     """Kills the process group of every launcher of `script` still running (its stand-in server
-    is its child, in its group); returns their pids."""
-    launchers = [pid for pid in procfs.pids() if str(script) in procfs.cmdline(pid) and pid != os.getpid()]
+    is its child, in its group); returns their pids. A launcher already killed but not yet reaped
+    (a zombie, or one still exiting) is not running and is not counted."""
+    launchers = [pid for pid in launchers_of(script) if procfs.alive(pid)]
     for pid in launchers:
         try:
             group = os.getpgid(pid)
@@ -70,6 +71,10 @@ def kill_servers_started_from(script: Path) -> list[int]:
         except (ProcessLookupError, PermissionError):
             pass
     return launchers
+
+
+def launchers_of(script: Path) -> list[int]:
+    return [pid for pid in procfs.pids() if str(script) in procfs.cmdline(pid) and pid != os.getpid()]
 
 
 def free_base_port(span: int = 64) -> int:
@@ -334,8 +339,10 @@ def test_a_server_a_test_leaves_running_is_killed_when_the_test_ends(carla_root,
     server = managed(tmp_path)
     server.start()  # and never stopped, as by a test that fails halfway
     binary = server_binary(server.rpc_port)
-    assert kill_servers_started_from(carla_root / "CarlaUE4.sh")
-    wait_until(lambda: not procfs.alive(binary) or procfs.state(binary) == "Z")
+    launchers = kill_servers_started_from(carla_root / "CarlaUE4.sh")
+    assert launchers
+    # SIGKILL is delivered, not awaited: wait for the whole group to be gone before sweeping again
+    wait_until(lambda: not any(procfs.alive(pid) for pid in [binary, *launchers]))
     assert not kill_servers_started_from(carla_root / "CarlaUE4.sh")
 
 
