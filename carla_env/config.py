@@ -190,6 +190,7 @@ class ServerSection(Section):
     probe_timeout_s: float = Field(default=10.0, gt=0.0, description="a game-thread call that says the server lives")
     client_worker_threads: int = Field(default=2, ge=1, description="the CARLA client's streaming threads")
     max_restarts: int = Field(default=5, ge=0, description="per env, before the error is raised")
+    owner_check_s: float = Field(default=1.0, gt=0.0, description="managed: how often a server's watchdog checks that its env lives")
     restart_every_episodes: int = Field(default=0, ge=0, description="managed: fresh server every N episodes (leaks); 0 never; external: ignored")
 
     @model_validator(mode="after")

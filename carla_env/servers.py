@@ -7,8 +7,10 @@ server handle:
   GPU, waits until the server's game thread answers a call, and restarts it when the process has
   died or hung (a hung server is killed first). A server left behind by a runner that died
   without cleaning up (`CarlaUE4.sh` keeps the UE binary as its child, in its own session, so
-  nothing kills it) is recognised by the record it left in `log_dir` and killed before its ports
-  are reused; ports another live run holds are left alone and this server moves up one block.
+  nothing kills it) is stopped by its watchdog (`server_watchdog.py`) within seconds, wherever
+  Ray starts the runner's replacement; should the watchdog be gone too, the record the server left
+  in `log_dir` gets it killed before its ports are reused. Ports another live run holds are left
+  alone and this server moves up one block.
 - `ExternalServer` connects to a `host:port` that someone else runs (a Kubernetes sidecar);
   when it fails, it waits for the server to answer again instead of restarting it.
 
@@ -27,9 +29,9 @@ import hashlib
 import importlib
 import json
 import os
-import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -38,6 +40,7 @@ from pathlib import Path
 from carla_env import procfs
 from carla_env.config import ServerSection
 from carla_env.ports import ServerPorts, server_ports
+from carla_env.server_watchdog import server_members, stop_group
 
 EXECUTABLE = "CarlaUE4.sh"
 GRACEFUL_STOP_S = 10.0  # for UE to act on SIGTERM before the group is killed
@@ -168,18 +171,9 @@ class ServerRecord:
         owner_alive = procfs.start_time(record["owner_pid"]) == record["owner_start"]
         if owner_alive and record["owner_pid"] != os.getpid():
             return False  # another live run's server: not ours to kill
-        flag = f"-carla-rpc-port={self.rpc_port}"
-        members = [pid for pid in procfs.group_members(record["pgid"]) if flag in procfs.cmdline(pid)]
+        members = server_members(record["pgid"], self.rpc_port)
         if members:
-            try:
-                os.killpg(record["pgid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 10.0
-            while any(procfs.alive(pid) for pid in members):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            stop_group(record["pgid"], grace_s=0.0)
         self.remove()
         return bool(members)
 
@@ -268,6 +262,7 @@ class ManagedServer:
         self.ports: ServerPorts | None = None
         self.restarts = 0
         self._pump: LogPump | None = None
+        self._watchdog: subprocess.Popen | None = None
 
     @property
     def rpc_port(self) -> int:
@@ -315,7 +310,9 @@ class ManagedServer:
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
-        ServerRecord(self.log_dir, self.ports.rpc).write(self.process.pid)
+        record = ServerRecord(self.log_dir, self.ports.rpc)
+        record.write(self.process.pid)
+        self._watchdog = self._start_watchdog(record)
         self._pump = LogPump(self.process.stdout, self.log_path, int(self.config.log_max_mb * 2**20))
 
         def exited() -> str | None:
@@ -335,6 +332,20 @@ class ManagedServer:
             if exited_by_itself:
                 raise
             raise ServerError(f"{e}; its log ends:\n{self._log_tail()}") from None
+
+    def _start_watchdog(self, record: ServerRecord) -> subprocess.Popen:
+        """Stops this server if this process dies, wherever its replacement runs (N6)."""
+        owner = os.getpid()
+        with open(self.log_dir / f"watchdog_{self.ports.rpc}.log", "ab") as watchdog_log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "carla_env.server_watchdog", "--owner-pid", str(owner),
+                 "--owner-start", str(procfs.start_time(owner)), "--pgid", str(self.process.pid),
+                 "--rpc-port", str(self.ports.rpc), "--record", str(record.path),
+                 "--poll-s", str(self.config.owner_check_s), "--grace-s", str(GRACEFUL_STOP_S)],
+                # none of our streams: whoever reads this process's output must not wait for the watchdog
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=watchdog_log,
+                start_new_session=True, cwd=Path(__file__).resolve().parents[1],
+            )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -361,28 +372,16 @@ class ManagedServer:
         dies at once, so what is waited for is the group, not the launcher."""
         if self.process is None:
             return
-        signals = ((signal.SIGTERM, GRACEFUL_STOP_S),) if graceful else ()
-        for sig, wait_s in (*signals, (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            if self._group_exits_within(wait_s):
-                break
+        if self._watchdog is not None:  # this process stops the server: no second stopper
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
+        # poll() reaps the launcher, our child; UE, reparented, is reaped by init
+        stop_group(self.process.pid, GRACEFUL_STOP_S if graceful else 0.0, reap=self.process.poll)
         self.process.wait()
         if self._pump is not None:
             self._pump.join()
         ServerRecord(self.log_dir, self.ports.rpc).remove()
-
-    def _group_exits_within(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.process.poll()  # reaps the launcher; UE, reparented, is reaped by init
-            if not any(procfs.alive(pid) for pid in procfs.group_members(self.process.pid)):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.log_path.is_file():

@@ -27,10 +27,18 @@ print(f"fake CARLA server {os.getpid()}: {' '.join(sys.argv[1:])}", flush=True)
 mode = os.environ.get("FAKE_CARLA_MODE", "normal")
 
 
+def log(line: str) -> None:
+    """A line of log on stdout, whose reader (the env's log pump) may have died with its process."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        pass
+
+
 def graceful_exit(*_) -> None:
-    print("shutting down", flush=True)
+    log("shutting down")
     time.sleep(float(os.environ.get("FAKE_CARLA_SHUTDOWN_S", "0")))
-    print("exited cleanly", flush=True)
+    log("exited cleanly")
     os._exit(0)
 
 

@@ -389,6 +389,7 @@ from carla_env.servers import ManagedServer
 from tests.fake_carla import FakeCarla
 server = ManagedServer(ServerSection.model_validate({config.model_dump()!r}), 0, FakeCarla(tcp=True))
 server.start()
+server._watchdog.kill()  # the server's watchdog (N6) gone too, as by `pkill -9 python`
 os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or a C++ abort
 """
     subprocess.run([sys.executable, "-c", runner], timeout=60, cwd=Path(__file__).resolve().parents[1])
@@ -403,6 +404,51 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or
         assert server_binary(rpc) != orphan
     finally:
         replacement.stop()
+
+
+def test_N6_a_server_whose_runner_died_is_stopped_on_its_node_though_no_runner_comes_back_there(
+        carla_root, tmp_path, monkeypatch):
+    """Ray may restart the runner on another node, where this node's record is never read: the
+    server's watchdog stops it, gracefully, with no new server claiming its ports."""
+    monkeypatch.setenv("FAKE_CARLA_SHUTDOWN_S", "0.5")
+    config = server_config(tmp_path, owner_check_s=0.2)
+    runner = f"""
+import os, signal
+from carla_env.config import ServerSection
+from carla_env.servers import ManagedServer
+from tests.fake_carla import FakeCarla
+server = ManagedServer(ServerSection.model_validate({config.model_dump()!r}), 0, FakeCarla(tcp=True))
+server.start()
+print(server._watchdog.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or a C++ abort
+"""
+    out = subprocess.run([sys.executable, "-c", runner], timeout=60, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    watchdog = int(out.split()[0])
+    rpc = server_ports(0, config).rpc
+    orphan = server_binary(rpc)
+    wait_until(lambda: not procfs.alive(watchdog), timeout_s=0.2 + 0.5 + 10.0)  # it is gone with its server
+    assert not procfs.alive(orphan) and not port_in_use(rpc) and not ServerRecord(tmp_path, rpc).path.exists()
+    said = (tmp_path / f"watchdog_{rpc}.log").read_text()
+    assert "is gone: stopping the server on port" in said
+    assert "exited on SIGTERM" in said  # gracefully, as stop() does
+
+
+def test_a_live_runners_server_is_left_alone_by_its_watchdog_and_stop_leaves_no_watchdog(carla_root, tmp_path):
+    server = managed(tmp_path, owner_check_s=0.05)
+    server.start()
+    watchdog = server._watchdog.pid
+    try:
+        time.sleep(0.5)  # ten checks
+        assert server.alive() and procfs.alive(server_binary(server.rpc_port)) and procfs.alive(watchdog)
+    finally:
+        server.stop()
+    assert procfs.state(watchdog) is None  # stopped and reaped, not left a zombie
+    server.start()  # a restart gets a new watchdog
+    try:
+        assert server._watchdog.pid != watchdog and procfs.alive(server._watchdog.pid)
+    finally:
+        server.stop()
 
 
 def test_a_server_of_another_live_run_is_left_alone(carla_root, tmp_path):
