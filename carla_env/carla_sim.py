@@ -45,6 +45,8 @@ CAMERA_MOUNT = {"x": 1.5, "z": 2.4}  # above the windscreen, metres from the car
 VIEW_MOUNT = {"x": -5.5, "z": 2.8}
 VIEW_PITCH_DEG = -10.0
 VIEW_SIZE = (480, 270)  # width, height
+FIRST_IMAGE_TICKS = 3  # a new camera's first images may not come (rendering warming up)
+FIRST_IMAGE_WAIT_S = 1.0  # for each of them, before the next tick
 VIEW_WAIT_S = 1.0  # for the chase view's image, once the camera's of the same frame has come
 NPC_LENGTH_M = 4.5  # gaps are measured bumper to bumper, approximately
 BGR_TO_GRAY = np.array([0.114, 0.587, 0.299])  # CARLA images are BGRA
@@ -256,9 +258,9 @@ class CarlaSimulator:
                                          self.config.route_length_m, self._rng)
         self._line = Route(np.array([_xy(w.transform.location) for w in self._route]))
         self._route_index = 0  # the last waypoint the car has passed
-        frame = self._tick()
+        frame, observation = self._first_camera_frame()
         self._episode_start_frame = frame  # contacts while spawning are not the policy's
-        return self._camera_frame(frame), self._measure()
+        return observation, self._measure()
 
     def view(self) -> np.ndarray | None:
         """The chase camera's image of the last frame, RGB uint8 (height, width, 3); None without
@@ -436,17 +438,34 @@ class CarlaSimulator:
         self._ticks += 1
         return self._frame
 
+    def _first_camera_frame(self) -> tuple[int, np.ndarray]:
+        """The first frame of an episode with its image. A camera just spawned may miss its first
+        frames while rendering warms up: the world ticks on (up to FIRST_IMAGE_TICKS ticks, each
+        image waited for FIRST_IMAGE_WAIT_S) before a missing image counts as a lost server."""
+        for _ in range(FIRST_IMAGE_TICKS - 1):
+            frame = self._tick()
+            image = self._image_of(self._camera_queue, frame, FIRST_IMAGE_WAIT_S)
+            if image is not None:
+                return frame, self._grayscale(image)
+        frame = self._tick()
+        return frame, self._camera_frame(frame)
+
     def _camera_frame(self, frame: int) -> np.ndarray:
-        """The camera image of exactly this world frame, as uint8 grayscale (height, width). The
-        chase view's image of the frame is taken too, when there is a chase camera."""
+        """The camera image of exactly this world frame, as uint8 grayscale (height, width)."""
         timeout = self.config.server.tick_timeout_s
         image = self._image_of(self._camera_queue, frame, timeout)
         if image is None:
             raise ServerLost("sensor_timeouts", f"no camera image for frame {frame} within {timeout:g} s")
+        return self._grayscale(image)
+
+    def _grayscale(self, image) -> np.ndarray:
+        """The image as uint8 grayscale (height, width). The chase view's image of the same frame
+        is taken too, when there is a chase camera."""
+        frame = image.frame
         if self._with_view:
             # Only for people (videos): a missed image is no view for this step, never a lost
             # episode. Both cameras render in the same frame, so a short wait is enough.
-            self._view = self._image_of(self._view_queue, frame, min(timeout, VIEW_WAIT_S))
+            self._view = self._image_of(self._view_queue, frame, min(self.config.server.tick_timeout_s, VIEW_WAIT_S))
         bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
         return np.rint(bgra[:, :, :3] @ BGR_TO_GRAY).clip(0, 255).astype(np.uint8)
 

@@ -73,8 +73,11 @@ import numpy as np
 LANE_WIDTH = 3.5
 MAPS = [f"/Game/Carla/Maps/{t}" for t in ("Town01", "Town02", "Town03", "Town10HD_Opt")]
 NPC_SPEED_MPS = 8.0
+FLOAT_EPSILON = float(np.finfo(np.float32).eps)  # std::numeric_limits<float>::epsilon()
 CONTACT_M = 2.5  # centres closer than this: the cars touch
 WORLD_GEOMETRY = SimpleNamespace(id=0, type_id="static.building")  # what a building is as `other_actor`
+CURB = SimpleNamespace(id=0, type_id="static.sidewalk")  # the road's edge: a car that leaves the road hits it
+CURB_M = LANE_WIDTH / 2 + 0.9  # from the nearest lane's centre: a car's wheels (half its width) at the edge
 MAX_STEER_DEG, WHEELBASE_M = 70.0, 2.9  # CARLA's default front-wheel angle; a Tesla Model 3
 
 
@@ -462,6 +465,7 @@ class Sensor(Actor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._callback = None
+        self.rendered = 0  # frames this camera has rendered
 
     def is_listening(self):  # a method in 0.9.16, not a property
         return self._callback is not None
@@ -504,11 +508,13 @@ class World:
         self.client, self.map, self.settings = client, Map(town, client.fake.network()), WorldSettings()
         self.actors: dict[int, Actor] = {}
         self.frame, self._next_id, self.weather = 0, 100, None
+        self.delta_seconds = 0.0  # the last tick's (the snapshot's timestamp)
         self.pedestrians_seed = None
         # Faults and events a test sets:
         self.drop_camera_frames: set[int] = set()
         self.drop_sensor_frames: dict[int, set[int]] = {}  # sensor id -> frames it drops
         self.late_frames: set[int] = set()  # images that arrive after the next frame's
+        self.first_images_missed = 0  # the images each new camera renders before its first that comes
         self.collisions: dict[int, int] = {}  # frame -> collision events on that frame
         self.collision_delay_ticks = 0  # events reach the client this many ticks late
         self.image_delay_s = 0.0  # every image reaches the client this long after its tick
@@ -516,6 +522,30 @@ class World:
         self._pending_collisions: list[tuple] = []  # (deliver at frame, event frame, other actor)
         self._navigation_calls = 0
         self._streaming = _Streaming()
+        self.map_actor_ids = self._place_map_actors()
+
+    def _place_map_actors(self) -> set[int]:
+        """The map's traffic lights and signs, beside the road (a car hits their poles only off
+        it): the real `get_actors()` lists them with everyone's actors, hundreds in a town."""
+        placed = set()
+        for n, spawn in enumerate(self.map.get_spawn_points()):
+            yaw = math.radians(spawn.rotation.yaw)
+            right = (-math.sin(yaw), math.cos(yaw))  # CARLA's y points right of x
+            for side, offset in itertools.product((1.0, -1.0), (2.0, 3.0, 4.0)):
+                at = Location(spawn.location.x + side * offset * LANE_WIDTH * right[0],
+                              spawn.location.y + side * offset * LANE_WIDTH * right[1], 0.0)
+                if self.map.get_waypoint(at, project_to_road=False) is None:
+                    kind = "traffic.stop" if n % 3 == 2 else "traffic.traffic_light"
+                    actor = Actor(self, len(placed) + 1, kind, Transform(at, Rotation(yaw=spawn.rotation.yaw)))
+                    actor.in_snapshot = True
+                    self.actors[actor.id] = actor
+                    placed.add(actor.id)
+                    break
+        return placed
+
+    def spawned_actors(self) -> dict[int, "Actor"]:
+        """The actors clients spawned: all but the map's."""
+        return {i: a for i, a in self.actors.items() if i not in self.map_actor_ids}
 
     # --- API used by carla_env
     def get_map(self):
@@ -527,9 +557,17 @@ class World:
         return WorldSettings(s.synchronous_mode, s.no_rendering_mode, s.fixed_delta_seconds)
 
     def apply_settings(self, settings, seconds=0.0):
+        """As LibCarla's World::ApplySettings: with a fixed delta, the client ticks the world
+        until two snapshots in a row show it (up to 30 ticks), under the same timeout as a tick."""
         self.client._remote("settings")
         self.settings = WorldSettings(settings.synchronous_mode, settings.no_rendering_mode, settings.fixed_delta_seconds)
-        return self.frame
+        frame, correct = self.frame, 0
+        for _ in range(30 if settings.fixed_delta_seconds is not None else 0):
+            correct += abs(settings.fixed_delta_seconds - self.delta_seconds) < FLOAT_EPSILON
+            if correct >= 2:
+                break
+            self.tick(seconds)
+        return frame
 
     def set_weather(self, weather):
         self.weather = weather
@@ -576,7 +614,7 @@ class World:
         # the frame's snapshot, which the double has at once.
         self.frame = int(self.client._remote("tick")) if self.client.tcp else self.frame + 1
         self.client.fake._tick_traffic_managers()
-        dt = self.settings.fixed_delta_seconds or 0.05
+        dt = self.delta_seconds = self.settings.fixed_delta_seconds or 0.05
         ego = self.ego()
         before = ego._transform.location.y if ego is not None else None
         for actor in list(self.actors.values()):
@@ -586,12 +624,14 @@ class World:
                 self._walk(actor.parent, actor.destination, actor.max_speed or 1.0, dt)
             actor.in_snapshot = True
         touched = []  # one event per frame in contact with anything solid
-        solid = ("vehicle.", "static.", "walker.")
+        solid = ("vehicle.", "static.", "walker.", "traffic.")  # a traffic light's pole too
         for other in self.actors.values() if ego is not None else ():
             if other is not ego and other.parent is None and other.type_id.startswith(solid):
                 p, q = ego._transform.location, other._transform.location
                 if math.dist((p.x, p.y), (q.x, q.y)) < CONTACT_M:
                     touched.append(other)
+        if ego is not None and self._off_the_road(ego._transform.location):
+            touched.append(CURB)
         if touched:
             self.collisions[self.frame] = self.collisions.get(self.frame, 0) + len(touched)
         self._deliver_sensor_data(ego, before, touched)
@@ -614,6 +654,9 @@ class World:
         if actor is not None:
             actor.is_alive = False
         return actor is not None
+
+    def _off_the_road(self, location) -> bool:
+        return min(lane.project(location.x, location.y)[1] for lane in self.map.lanes) > CURB_M
 
     @staticmethod
     def _occupied(transform, actor):
@@ -652,7 +695,10 @@ class World:
             if sensor.type_id == "sensor.camera.rgb":
                 image = self._image(sensor, ego)
                 held = self._held_images.pop(sensor.id, [])
-                if self.frame in self.late_frames:
+                sensor.rendered += 1
+                if sensor.rendered <= self.first_images_missed:
+                    pass  # rendering warming up: no image
+                elif self.frame in self.late_frames:
                     self._held_images[sensor.id] = [image]
                 elif self.frame not in self.drop_camera_frames | self.drop_sensor_frames.get(sensor.id, set()):
                     self._streaming.deliver(sensor, image, self.image_delay_s)

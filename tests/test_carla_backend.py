@@ -110,7 +110,7 @@ def test_no_actor_outlives_its_episode_over_many_episodes_and_close_removes_all(
         assert 1 <= len(walkers) <= 3 and len(actors_of(world, "controller.")) == len(walkers)
         assert len(actors_of(world, "sensor.")) == 2
     env.close()
-    assert fake.world.actors == {}
+    assert set(fake.world.actors) == fake.world.map_actor_ids  # ours gone; the map's lights and signs stay
     assert not fake.world.settings.synchronous_mode  # a shared server is left running freely
     assert env.simulator.server.stopped
 
@@ -155,7 +155,7 @@ def test_actors_are_destroyed_even_when_an_episode_fails_midway():
     with pytest.raises(ValueError, match="lost the ego car"):
         env.step(DRIVE)
     env.close()
-    assert fake.world.actors == {}
+    assert set(fake.world.actors) == fake.world.map_actor_ids  # ours gone; the map's lights and signs stay
 
 
 def test_D1_the_route_starts_where_the_ego_car_is_whatever_its_lane():
@@ -302,6 +302,47 @@ def test_N4_a_missed_chase_view_image_is_no_view_for_that_step_not_a_lost_episod
     assert env.render().shape == (VIEW_SIZE[1], VIEW_SIZE[0], 3)  # the next frame's view
 
 
+def test_the_doubles_apply_settings_ticks_until_two_snapshots_show_the_fixed_delta_as_libcarlas_does():
+    """World::ApplySettings (0.9.16): with fixed_delta_seconds set, tick until two snapshots in a
+    row have that delta, at most 30 ticks; without it, no tick."""
+    world = FakeCarla().Client().get_world()
+    settings = world.get_settings()
+    settings.synchronous_mode, settings.fixed_delta_seconds = True, 0.05
+    assert world.apply_settings(settings) == 0 and world.frame == 2  # a new delta: two ticks
+    world.apply_settings(settings)
+    assert world.frame == 3  # the same delta: one tick for the second snapshot
+    settings.synchronous_mode, settings.fixed_delta_seconds = False, None
+    world.apply_settings(settings)
+    assert world.frame == 3
+
+
+def test_a_car_that_leaves_the_road_hits_the_curb_a_static_collision_as_on_a_real_server():
+    fake = FakeCarla()
+    env = carla_env(fake, max_route_deviation_m=50.0, npc_vehicles=0)  # the curb, not the route, ends it
+    env.reset(seed=0)
+    for _ in range(100):
+        _, _, terminated, truncated, info = env.step(np.array([0.1, 0.6], np.float32))  # drifting right
+        if terminated or truncated:
+            break
+    assert info["episode_end"] == "collision" and info["infractions"]["collision_static"] == 1
+    assert fake.world.map.get_waypoint(fake.world.ego()._transform.location, project_to_road=False) is None
+
+
+def test_a_new_cameras_missed_first_images_cost_a_tick_at_reset_not_the_server():
+    """A real camera may miss its first frames while rendering warms up (the double's used to
+    deliver every one): the reset ticks on instead of taking the server for lost."""
+    fake = FakeCarla()
+    env = carla_env(fake, server={"tick_timeout_s": 2.0})
+    env.reset(seed=0)
+    fake.world.first_images_missed = 2  # each camera the next reset spawns
+    obs, _ = env.reset(seed=1)
+    health = env.backend_health()
+    assert health["sensor_timeouts"] == 0 and health["server_restarts"] == 0
+    (camera,) = actors_of(fake.world, "sensor.camera.rgb")
+    assert camera.rendered == 3 and env.simulator.client._episode_start_frame == fake.world.frame
+    assert env.step(DRIVE)[4]["episode_end"] is None
+
+
 def test_a_collision_reported_by_the_sensor_terminates_with_its_penalty():
     fake = FakeCarla()
     env = carla_env(fake)
@@ -349,7 +390,7 @@ def test_leftovers_of_a_client_that_died_are_removed_when_the_next_one_connects(
     env = carla_env(fake)
     env.reset(seed=0)
     world = fake.world
-    ours = {a.id for a in world.actors.values()}
+    ours = set(world.spawned_actors())
     stranger = world.spawn_actor(world.get_blueprint_library().find("vehicle.audi.a2"), Transform(Location(-50.0, 20.0)))
     env.simulator.client = None  # the client process died: nothing was cleaned up
     env.simulator._reconnect()
@@ -364,7 +405,7 @@ def test_N11_leftover_cleanup_spares_someone_elses_hero_and_another_runs_actors(
     env = carla_env(fake)
     env.reset(seed=0)
     world = fake.world
-    ours = {a.id for a in world.actors.values()}
+    ours = set(world.spawned_actors())
     library = world.get_blueprint_library()
     someone = library.find("vehicle.audi.a2")
     someone.set_attribute("role_name", "hero")  # manual_control's default role

@@ -146,18 +146,22 @@ def test_what_the_car_hits_is_the_collisions_kind(blueprint, infraction):
     assert info["driving_score"] < info["route_completion"]
 
 
-@pytest.mark.parametrize("steer, infraction", [(0.4, "off_road"), (-0.4, "wrong_lane")])
-def test_leaving_the_road_is_off_road_and_drifting_into_the_oncoming_lane_is_wrong_lane(steer, infraction):
-    """A two-way street of the grid town: right of the car's lane is the kerb, left of it the
-    oncoming lane. Either way, past max_route_deviation_m the car is off its route."""
+@pytest.mark.parametrize("steer, end, infractions", [
+    (0.4, "collision", {"off_road": 1, "collision_static": 1}),
+    (-0.4, "off_route", {"wrong_lane": 1, "route_deviation": 1}),
+])
+def test_leaving_the_road_is_off_road_and_drifting_into_the_oncoming_lane_is_wrong_lane(steer, end, infractions):
+    """A two-way street of the grid town: right of the car's lane is the kerb, which the car hits
+    (a static collision, as on a real server) once it is off the road; left of it the oncoming
+    lane, until the car is off its route (max_route_deviation_m)."""
     env = grid_env()
     env.reset(seed=1)
     for _ in range(60):
         _, _, terminated, _, info = env.step(np.array([steer, 0.3], np.float32))
         if terminated:
             break
-    assert info["episode_end"] == "off_route"
-    assert {kind: n for kind, n in info["infractions"].items() if n} == {infraction: 1, "route_deviation": 1}
+    assert info["episode_end"] == end
+    assert {kind: n for kind, n in info["infractions"].items() if n} == infractions
     assert info["outside_lanes_fraction"] > 0.0
 
 
