@@ -22,7 +22,6 @@ Real CARLA semantics this code relies on, with their evidence, are in carla_env/
 
 from __future__ import annotations
 
-import heapq
 import math
 import queue
 import threading
@@ -34,7 +33,7 @@ import numpy as np
 
 from carla_env.config import CarlaEnvConfig
 from carla_env.contract import STEER, THROTTLE_BRAKE, Measurements, car_axes
-from carla_env.route import Route
+from carla_env.route import Route, path_to, shortest_paths
 from carla_env.servers import ServerError, ServerLost, import_carla
 
 ROUTE_SPACING_M = 2.0
@@ -121,23 +120,11 @@ class RoutePlanner:
             return self._walk(start)
         exit_, exit_node = self._lanes[_lane(start)].exit, self._lanes[_lane(start)].exit_node
         first = self._walk(start, exit_)
-        distance, came_by = {exit_node: self._length(start, first, exit_)}, {exit_node: None}
-        queue = [(distance[exit_node], exit_node)]
-        while queue:
-            d, node = heapq.heappop(queue)
-            if d > distance[node]:
-                continue
-            for key in self._leaving[node]:
-                lane = self._lanes[key]
-                if d + lane.length_m < distance.get(lane.exit_node, math.inf):
-                    distance[lane.exit_node], came_by[lane.exit_node] = d + lane.length_m, (node, key)
-                    heapq.heappush(queue, (d + lane.length_m, lane.exit_node))
+        distance, came_by = shortest_paths(exit_node, self._length(start, first, exit_), lambda node: (
+            (key, self._lanes[key].exit_node, self._lanes[key].length_m) for key in self._leaving[node]))
         far = [node for node, d in distance.items() if d >= min_length_m]
         node = far[int(rng.integers(len(far)))] if far else max(distance, key=distance.get)
-        lanes = []
-        while came_by[node] is not None:
-            node, key = came_by[node]
-            lanes.insert(0, key)
+        lanes = path_to(came_by, node)
         route = first + [w for key in lanes for w in self._lanes[key].waypoints]
         return route + [self._lanes[lanes[-1] if lanes else _lane(start)].exit]
 

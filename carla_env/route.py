@@ -5,9 +5,40 @@ measures the contract's route quantities (carla_env/contract.py) the same way.
 
 from __future__ import annotations
 
+import heapq
+import math
+from collections.abc import Callable, Hashable, Iterable
+
 import numpy as np
 
 from carla_env.contract import car_axes, wrap_angle
+
+
+def shortest_paths(source: Hashable, start_m: float,
+                   edges: Callable[[Hashable], Iterable[tuple[Hashable, Hashable, float]]]) -> tuple[dict, dict]:
+    """Dijkstra from `source` (at `start_m` metres) over a road graph: `edges(node)` gives the
+    (edge, next node, length) leaving a node. Returns each reachable node's distance and the
+    (previous node, edge) it was reached by (None for the source): `path_to` reads a path."""
+    distance, came_by = {source: start_m}, {source: None}
+    queue = [(start_m, source)]
+    while queue:
+        d, node = heapq.heappop(queue)
+        if d > distance[node]:
+            continue  # an older, longer entry
+        for edge, nxt, length in edges(node):
+            if d + length < distance.get(nxt, math.inf):
+                distance[nxt], came_by[nxt] = d + length, (node, edge)
+                heapq.heappush(queue, (d + length, nxt))
+    return distance, came_by
+
+
+def path_to(came_by: dict, node: Hashable) -> list:
+    """The edges from the source to `node`, in order, from `shortest_paths`' second result."""
+    edges = []
+    while came_by[node] is not None:
+        node, edge = came_by[node]
+        edges.insert(0, edge)
+    return edges
 
 
 class Route:

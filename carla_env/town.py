@@ -20,7 +20,6 @@ gymnasium id `carla_env:EmbeddedTown-v0`; kwargs: carla_env/config.py `EmbeddedT
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from carla_env.config import EmbeddedTownConfig, load_env_config
 from carla_env.contract import Measurements
 from carla_env.driving_env import DrivingEnv
 from carla_env.embedded import HighwayEnvSimulator, no_reverse
-from carla_env.route import Route
+from carla_env.route import Route, path_to, shortest_paths
 
 DIRECTIONS = {"E": (1.0, 0.0), "S": (0.0, 1.0), "W": (-1.0, 0.0), "N": (0.0, -1.0)}  # screen: y down
 OPPOSITE = {"E": "W", "W": "E", "N": "S", "S": "N"}
@@ -155,19 +154,9 @@ def _indexed_network_class(base: type) -> type:
 def shortest_route(town: Town, start: tuple[str, str], goal: tuple[str, str]) -> list[tuple[str, str]]:
     """The shortest lane sequence (Dijkstra over lane lengths) from street `start` to street `goal`."""
     graph = town.network.graph
-    best, queue = {start[1]: 0.0}, [(0.0, start[1], [start])]
-    while queue:
-        dist, node, path = heapq.heappop(queue)
-        if node == goal[0]:
-            return [*path, goal]
-        if dist > best.get(node, math.inf):
-            continue
-        for nxt, lanes in graph.get(node, {}).items():
-            d = dist + lanes[0].length
-            if d < best.get(nxt, math.inf):
-                best[nxt] = d
-                heapq.heappush(queue, (d, nxt, [*path, (node, nxt)]))
-    return []
+    _, came_by = shortest_paths(start[1], 0.0, lambda node: (
+        ((node, nxt), nxt, lanes[0].length) for nxt, lanes in graph.get(node, {}).items()))
+    return [start, *path_to(came_by, goal[0]), goal] if goal[0] in came_by else []
 
 
 def junction_turns(town: Town, lanes: list[tuple[str, str]]) -> int:
