@@ -72,7 +72,7 @@ def car_axes(heading_rad: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def state_features(config: DrivingEnvConfig) -> list[str]:
-    ahead = [f"route_lateral_at_{d:g}m" for d in config.state.lookahead_m]
+    ahead = [lookahead_feature(d) for d in config.state.lookahead_m]
     return [
         "speed",
         "prev_steer",
@@ -83,6 +83,15 @@ def state_features(config: DrivingEnvConfig) -> list[str]:
         "front_gap",
         "front_closing",
     ]
+
+
+def state_index(config: DrivingEnvConfig) -> dict[str, int]:
+    """Each state feature's position in the state vector, by name."""
+    return {name: i for i, name in enumerate(state_features(config))}
+
+
+def lookahead_feature(distance_m: float) -> str:
+    return f"route_lateral_at_{distance_m:g}m"
 
 
 def observation_space(config: DrivingEnvConfig) -> gym.spaces.Dict:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from carla_env.config import DrivingEnvConfig, EmbeddedTownConfig
-from carla_env.contract import ACTION_SPACE, state_features
+from carla_env.contract import ACTION_SPACE, lookahead_feature, state_index
 
 Policy = Callable[[dict], np.ndarray]
 
@@ -59,9 +59,8 @@ class LaneKeepingController:
         min_gap_m: float = 10.0,
         comfortable_brake_mps2: float = 5.0,
     ):
-        names = state_features(config)
-        self._i = {name: names.index(name) for name in names}
-        self._ahead = names[5]  # the first lookahead distance
+        self._i = state_index(config)
+        self._ahead = lookahead_feature(config.state.lookahead_m[0])
         self.config = config
         self.gains = (lateral_gain, heading_gain, lookahead_gain)
         self.max_accel, self.full_throttle = max_accel_mps2, full_throttle_mps2
@@ -111,9 +110,8 @@ class RouteFollowingController:
         min_gap_m: float = 4.0,
         comfortable_brake_mps2: float = 4.0,
     ):
-        names = state_features(config)
-        self._i = {name: names.index(name) for name in names}
-        self._lookahead = [(names.index(f"route_lateral_at_{d:g}m"), d) for d in config.state.lookahead_m]
+        self._i = state_index(config)
+        self._lookahead = [(self._i[lookahead_feature(d)], d) for d in config.state.lookahead_m]
         self.config = config
         self.pursuit = self._lookahead[min(pursuit_index, len(self._lookahead) - 1)]
         self.wheelbase, self.max_steer = wheelbase_m, np.radians(config.max_steer_deg)
