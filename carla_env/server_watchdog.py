@@ -8,7 +8,9 @@ a watchdog, a small process in a session of its own on the server's node, starte
 
     python -m carla_env.server_watchdog --owner-pid P --owner-start T --pgid G --rpc-port R
 
-Every `--poll-s` it checks the owner (pid and start time, so a reused pid is not taken for it).
+It detaches (forks, and its first process exits after printing the watchdog's pid and start
+time): Ray kills the direct children of a worker that exits (`kill_child_processes_on_worker_exit`),
+and the watchdog must outlive its owner. Every `--poll-s` it checks the owner (pid and start time, so a reused pid is not taken for it).
 When the owner is gone, it stops the server's group (SIGTERM, `--grace-s` for UE to exit, then
 SIGKILL) and removes the record. It exits by itself once the server's group is gone, so a server
 stopped normally leaves no watchdog behind. A watchdog killed too (`pkill -9 python`) still
@@ -18,6 +20,7 @@ leaves the record: the next server on those ports kills the orphan before it reu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -66,11 +69,18 @@ def watch(owner_pid: int, owner_start: int, pgid: int, rpc_port: int, record: Pa
         if not (procfs.alive(owner_pid) and procfs.start_time(owner_pid) == owner_start):
             log(f"owner {owner_pid} is gone: stopping the server on port {rpc_port} (process group {pgid})")
             log(f"the server exited on {stop_group(pgid, grace_s)}")
-            if record is not None:
+            if record is not None and _names_group(record, pgid):  # not a newer server's record
                 record.unlink(missing_ok=True)
             return "orphan stopped"
         time.sleep(poll_s)
     return "stopped"
+
+
+def _names_group(record: Path, pgid: int) -> bool:
+    try:
+        return json.loads(record.read_text()).get("pgid") == pgid
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-s", type=float, default=1.0)
     parser.add_argument("--grace-s", type=float, default=10.0)
     args = parser.parse_args(argv)
+    pid = os.fork()
+    if pid:  # the first process: say who watches, and leave the watchdog to init
+        print(pid, procfs.start_time(pid), flush=True)
+        os._exit(0)
+    os.setsid()  # its own session: no signal meant for the owner's group or terminal reaches it
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)  # the owner reads the first process's output to its end: let it end
+    log(f"watching the server on port {args.rpc_port} (process group {args.pgid}) for owner {args.owner_pid}")
     watch(args.owner_pid, args.owner_start, args.pgid, args.rpc_port, args.record, args.poll_s, args.grace_s)
 
 

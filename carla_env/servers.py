@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from carla_env.server_watchdog import server_members, stop_group
 
 EXECUTABLE = "CarlaUE4.sh"
 GRACEFUL_STOP_S = 10.0  # for UE to act on SIGTERM before the group is killed
+WATCHDOG_START_S = 60.0  # for a server's watchdog to start (a Python start-up on a busy node)
 
 
 class ServerError(RuntimeError):
@@ -262,7 +264,7 @@ class ManagedServer:
         self.ports: ServerPorts | None = None
         self.restarts = 0
         self._pump: LogPump | None = None
-        self._watchdog: subprocess.Popen | None = None
+        self._watchdog: tuple[int, int] | None = None  # pid, start time
 
     @property
     def rpc_port(self) -> int:
@@ -312,8 +314,12 @@ class ManagedServer:
         )
         record = ServerRecord(self.log_dir, self.ports.rpc)
         record.write(self.process.pid)
-        self._watchdog = self._start_watchdog(record)
         self._pump = LogPump(self.process.stdout, self.log_path, int(self.config.log_max_mb * 2**20))
+        try:
+            self._watchdog = self._start_watchdog(record)
+        except ServerError:
+            self.stop(graceful=False)
+            raise
 
         def exited() -> str | None:
             if self.process.poll() is None:
@@ -333,19 +339,41 @@ class ManagedServer:
                 raise
             raise ServerError(f"{e}; its log ends:\n{self._log_tail()}") from None
 
-    def _start_watchdog(self, record: ServerRecord) -> subprocess.Popen:
-        """Stops this server if this process dies, wherever its replacement runs (N6)."""
+    def _start_watchdog(self, record: ServerRecord) -> tuple[int, int]:
+        """Stops this server if this process dies, wherever its replacement runs (N6). Returns
+        the watchdog's pid and start time: it is no child of ours (it detaches)."""
         owner = os.getpid()
-        with open(self.log_dir / f"watchdog_{self.ports.rpc}.log", "ab") as watchdog_log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "carla_env.server_watchdog", "--owner-pid", str(owner),
-                 "--owner-start", str(procfs.start_time(owner)), "--pgid", str(self.process.pid),
-                 "--rpc-port", str(self.ports.rpc), "--record", str(record.path),
-                 "--poll-s", str(self.config.owner_check_s), "--grace-s", str(GRACEFUL_STOP_S)],
-                # none of our streams: whoever reads this process's output must not wait for the watchdog
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=watchdog_log,
-                start_new_session=True, cwd=Path(__file__).resolve().parents[1],
-            )
+        command = [
+            sys.executable, "-m", "carla_env.server_watchdog", "--owner-pid", str(owner),
+            "--owner-start", str(procfs.start_time(owner)), "--pgid", str(self.process.pid),
+            "--rpc-port", str(self.ports.rpc), "--record", str(record.path.resolve()),
+            "--poll-s", str(self.config.owner_check_s), "--grace-s", str(GRACEFUL_STOP_S),
+        ]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        log = self.log_dir / f"watchdog_{self.ports.rpc}.log"
+        try:
+            with open(log, "ab") as stderr:
+                said = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                      env=env, text=True, timeout=WATCHDOG_START_S, check=True).stdout
+            pid, start = (int(x) for x in said.split())
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            raise ServerError(f"the watchdog of the CARLA server on port {self.ports.rpc} did not start "
+                              f"({e}); see {log}") from None
+        return pid, start
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is None:
+            return
+        pid, start = self._watchdog
+        self._watchdog = None
+        if procfs.start_time(pid) == start:  # not a process that reused its pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + 10.0
+            while procfs.alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -372,10 +400,7 @@ class ManagedServer:
         dies at once, so what is waited for is the group, not the launcher."""
         if self.process is None:
             return
-        if self._watchdog is not None:  # this process stops the server: no second stopper
-            self._watchdog.kill()
-            self._watchdog.wait()
-            self._watchdog = None
+        self._stop_watchdog()  # this process stops the server: no second stopper
         # poll() reaps the launcher, our child; UE, reparented, is reaped by init
         stop_group(self.process.pid, GRACEFUL_STOP_S if graceful else 0.0, reap=self.process.poll)
         self.process.wait()

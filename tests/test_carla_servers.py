@@ -8,6 +8,7 @@ thread. Tests named after a finding of the review (D3, D4, ...) failed on the co
 real `CarlaUE4.sh` was not run here.
 """
 
+import json
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from carla_env import procfs
 from carla_env.carla_driving import CarlaDrivingEnv
 from carla_env.config import ServerSection
 from carla_env.ports import PROCESS_SLOTS, check_no_clashes, server_ports, slot_ordinal
+from carla_env.server_watchdog import server_members
 from carla_env.servers import (
     ExternalServer,
     ManagedServer,
@@ -389,7 +391,7 @@ from carla_env.servers import ManagedServer
 from tests.fake_carla import FakeCarla
 server = ManagedServer(ServerSection.model_validate({config.model_dump()!r}), 0, FakeCarla(tcp=True))
 server.start()
-server._watchdog.kill()  # the server's watchdog (N6) gone too, as by `pkill -9 python`
+os.kill(server._watchdog[0], signal.SIGKILL)  # the server's watchdog (N6) gone too, as by `pkill -9 python`
 os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or a C++ abort
 """
     subprocess.run([sys.executable, "-c", runner], timeout=60, cwd=Path(__file__).resolve().parents[1])
@@ -419,14 +421,14 @@ from carla_env.servers import ManagedServer
 from tests.fake_carla import FakeCarla
 server = ManagedServer(ServerSection.model_validate({config.model_dump()!r}), 0, FakeCarla(tcp=True))
 server.start()
-print(server._watchdog.pid, flush=True)
+from tests.test_carla_servers import server_binary
+print(server._watchdog[0], server_binary(server.rpc_port), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or a C++ abort
 """
     out = subprocess.run([sys.executable, "-c", runner], timeout=60, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
-    watchdog = int(out.split()[0])
+    watchdog, orphan = (int(pid) for pid in out.split())
     rpc = server_ports(0, config).rpc
-    orphan = server_binary(rpc)
     wait_until(lambda: not procfs.alive(watchdog), timeout_s=0.2 + 0.5 + 10.0)  # it is gone with its server
     assert not procfs.alive(orphan) and not port_in_use(rpc) and not ServerRecord(tmp_path, rpc).path.exists()
     said = (tmp_path / f"watchdog_{rpc}.log").read_text()
@@ -437,18 +439,48 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as an OOM kill or
 def test_a_live_runners_server_is_left_alone_by_its_watchdog_and_stop_leaves_no_watchdog(carla_root, tmp_path):
     server = managed(tmp_path, owner_check_s=0.05)
     server.start()
-    watchdog = server._watchdog.pid
+    watchdog, _ = server._watchdog
     try:
+        assert procfs.children(os.getpid()).count(watchdog) == 0  # detached: Ray kills a worker's children
+        said = tmp_path / f"watchdog_{server.rpc_port}.log"
+        wait_until(lambda: "watching the server on port" in said.read_text(), timeout_s=30.0)
         time.sleep(0.5)  # ten checks
         assert server.alive() and procfs.alive(server_binary(server.rpc_port)) and procfs.alive(watchdog)
     finally:
         server.stop()
-    assert procfs.state(watchdog) is None  # stopped and reaped, not left a zombie
+    assert not procfs.alive(watchdog) and "is gone" not in said.read_text()
     server.start()  # a restart gets a new watchdog
     try:
-        assert server._watchdog.pid != watchdog and procfs.alive(server._watchdog.pid)
+        assert server._watchdog[0] != watchdog and procfs.alive(server._watchdog[0])
     finally:
         server.stop()
+
+
+def test_a_watchdog_leaves_the_record_of_a_newer_server_on_its_ports(carla_root, tmp_path):
+    """Its server killed meanwhile by a new runner (D8), which wrote its own record: that one stays."""
+    from carla_env.server_watchdog import watch
+
+    server = managed(tmp_path)
+    server.start()
+    try:
+        server._stop_watchdog()
+        record = ServerRecord(tmp_path, server.rpc_port)
+        record.path.write_text(json.dumps({"pgid": server.process.pid + 100000}))  # a newer server's
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        owner = int(dead.stdout)
+        assert watch(owner, 0, server.process.pid, server.rpc_port, record.path, 0.05, 1.0) == "orphan stopped"
+        assert record.path.exists() and not server_members(server.process.pid, server.rpc_port)
+    finally:
+        server.stop(graceful=False)
+
+
+def test_a_server_whose_watchdog_cannot_start_is_stopped_with_a_clear_error(carla_root, tmp_path, monkeypatch):
+    server = managed(tmp_path)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(ServerError, match=r"the watchdog of the CARLA server on port \d+ did not start"):
+        server.start()
+    assert not kill_servers_started_from(carla_root / "CarlaUE4.sh")  # nothing left running
+    assert not ServerRecord(tmp_path, server.rpc_port).path.exists()
 
 
 def test_a_server_of_another_live_run_is_left_alone(carla_root, tmp_path):
