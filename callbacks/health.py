@@ -10,7 +10,7 @@ obtained. Thresholds: `health:` in the experiment YAML (rl/config.py HealthSecti
 | rule | level | fires when |
 |---|---|---|
 | non_finite | CRITICAL | a loss, a Q statistic or a weight is NaN or Inf |
-| missing_metric | CRITICAL | a required metric (losses, Q) is not reported after learning started |
+| missing_metric | CRITICAL | a required metric (losses, Q) is not reported in an iteration that made updates, after learning started |
 | observation_non_finite | CRITICAL | an observation holds NaN or Inf |
 | observation_frozen | CRITICAL | one observation part (e.g. the camera) held one value at every step, across resets, two judged iterations running |
 | reward_out_of_bounds | CRITICAL | a reward outside the env's documented range was seen |
@@ -292,7 +292,9 @@ class HealthMonitor:
         self._check_non_finite(metrics, conditions)
         self._check_sampling(metrics, conditions)
         self._check_data_path(metrics, conditions)
-        if self._iters_learning > self.config.grace_iters:
+        # An iteration without updates (no fragment arrived in time) has no losses to report;
+        # a learner that stops updating while steps arrive is `learner_behind`.
+        if self._iters_learning > self.config.grace_iters and metrics.get("learner/updates") != 0:
             self._check_missing(metrics, conditions)
         self._check_observations(metrics, conditions)
         self._check_rewards(metrics, conditions)

@@ -14,6 +14,7 @@ from ray.rllib.utils import metrics as M
 
 from rl.td3 import td3_learner as L
 from rl.td3.td3 import (
+    ITERATION_UPDATES,
     LEARNER_INPUT_BYTES,
     LEARNER_WAIT_TIMER,
     OVERESTIMATION,
@@ -59,6 +60,7 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
     "q/td_error_mean": ("learners", DEFAULT_MODULE_ID, L.TD_ERROR_MEAN),
     "learner/num_critic_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_CRITIC_UPDATES),
     "learner/num_actor_updates": ("learners", DEFAULT_MODULE_ID, L.NUM_ACTOR_UPDATES),
+    "learner/updates": (ITERATION_UPDATES,),  # this iteration's
     "env/steps_sampled": (M.ENV_RUNNER_RESULTS, M.NUM_ENV_STEPS_SAMPLED_LIFETIME),
     "replay/size": (REPLAY_BUFFER_SIZE,),
     "replay/reward_min": (REPLAY_REWARD_MIN,),
@@ -97,7 +99,10 @@ HEALTH_RESULTS = "health"
 # Metrics of ended episodes (NaN in an iteration where none ended), and of observations
 # (`obs/<part>/frozen`: NaN in an iteration holding a single episode), then left out.
 NAN_WHEN_ABSENT = ("episode/", "eval/", "env/episode_end/", "env/reward/", "env/driving_score",
-                   "env/route_completion", "env/infractions/", "obs/")
+                   "env/route_completion", "env/infractions/", "obs/", "q/start_", "q/overestimation")
+# The learner's statistics of its updates (a loss, a Q value, a gradient norm): NaN in an
+# iteration that made no update, and left out of that one only.
+UPDATE_STATS = tuple(name for name, path in RESULT_PATHS.items() if path[0] == "learners") + ("grad/",)
 
 
 def _lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
@@ -122,8 +127,9 @@ def _passed_through(node: Any, prefix: str) -> dict[str, float]:
 def summarize(result: dict[str, Any]) -> dict[str, float]:
     """The stable metrics present in one `algo.train()` result.
 
-    RLlib reports episode stats as NaN in an iteration where no episode ended; those are left
-    out. A NaN anywhere else (a loss, a Q value) is real and is kept.
+    RLlib reports episode stats as NaN in an iteration where no episode ended, and the
+    learner's as NaN in one that made no update (no fragment arrived in time); those are left
+    out. A NaN anywhere else (a loss, a Q value after an update) is real and is kept.
     """
     out = {name: _lookup(result, path) for name, path in RESULT_PATHS.items()}
     # grad/<group>/<stat> from the learner; env/... from callbacks/driving_metrics.py.
@@ -135,8 +141,9 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
                 if k.startswith(("env/driving_score", "env/route_completion", "env/infractions/", "env/episode_end/"))})
     out.update(_passed_through(result.get(HEALTH_RESULTS), "health/"))
     out.update(_passed_through(result, "obs/"))  # rl/td3/observation_checks.py
+    absent = NAN_WHEN_ABSENT + (UPDATE_STATS if out["learner/updates"] == 0 else ())
     return {
         name: value
         for name, value in out.items()
-        if value is not None and not (math.isnan(value) and name.startswith(NAN_WHEN_ABSENT))
+        if value is not None and not (math.isnan(value) and name.startswith(absent))
     }

@@ -74,21 +74,24 @@ class HangingPendulum(gym.Wrapper):
     """Pendulum that freezes in the middle of an episode, once, like a simulator that stops
     answering: the first env to reach `hang_at_step` steps writes its pid to `marker` and blocks
     for `hang_s` seconds (its env runner answers nothing meanwhile). Bounded, so that a test that
-    goes wrong does not leave the process behind for long."""
+    goes wrong does not leave the process behind for long. With `every_env`, every env blocks
+    there (and the first writes the marker): all runners slow at once, as on a saturated node."""
 
-    def __init__(self, marker: str, hang_at_step: int = 150, hang_s: float = 300.0):
+    def __init__(self, marker: str, hang_at_step: int = 150, hang_s: float = 300.0, every_env: bool = False):
         super().__init__(gym.make("Pendulum-v1"))
         self.marker, self.hang_at_step, self.hang_s, self.steps = Path(marker), hang_at_step, hang_s, 0
+        self.every_env = every_env
 
     def step(self, action):
         self.steps += 1
-        if self.steps == self.hang_at_step and _first_to_claim(self.marker, str(os.getpid())):
+        if self.steps == self.hang_at_step and (_first_to_claim(self.marker, str(os.getpid())) or self.every_env):
             time.sleep(self.hang_s)
         return self.env.step(action)
 
 
-def _hanging_pendulum(marker: str, hang_at_step: int = 150, hang_s: float = 300.0) -> HangingPendulum:
-    return HangingPendulum(marker, hang_at_step, hang_s)
+def _hanging_pendulum(marker: str, hang_at_step: int = 150, hang_s: float = 300.0,
+                      every_env: bool = False) -> HangingPendulum:
+    return HangingPendulum(marker, hang_at_step, hang_s, every_env)
 
 
 if HANGING_PENDULUM.split(":")[1] not in gym.registry:

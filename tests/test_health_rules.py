@@ -116,6 +116,13 @@ def test_missing_losses_after_learning_started_is_critical_like_the_seeds_blind_
     _, alerts = run(monitor(grace_iters=2), [before_learning] * 5 + [no_losses] * 3)
     assert [(a.rule, a.iteration) for a in alerts] == [("missing_metric", 7)]
     assert "losses/critic, losses/actor" in alerts[0].message
+    # An iteration that made no update (no fragment arrived in time) has no losses to report;
+    # the next one that updates without them is caught.
+    idle = {**no_losses, "learner/updates": 0.0}
+    _, alerts = run(monitor(grace_iters=2), [before_learning] * 5 + [HEALTHY] * 2 + [idle] * 3)
+    assert alerts == []
+    _, alerts = run(monitor(grace_iters=2), [before_learning] * 5 + [HEALTHY] * 2 + [idle, {**no_losses, "learner/updates": 4.0}])
+    assert [(a.rule, a.iteration) for a in alerts] == [("missing_metric", 8)]
 
 
 def test_post_clip_norm_above_its_limit_means_clipping_is_broken():

@@ -72,6 +72,9 @@ POLICY_LAG_MEAN, POLICY_LAG_MAX = "policy_lag_mean", "policy_lag_max"
 WEIGHTS_MISSED_ITERS = "weights_missed_iters"
 # Updates per env step past `learning_starts`, this iteration: `updates_per_env_step` held.
 REPLAY_RATIO = "replay_ratio"
+# Learner updates made this iteration: 0 where no fragment arrived (every runner slower than
+# `sample_timeout_s`), and then the learner's loss and Q statistics have nothing to report.
+ITERATION_UPDATES = "iteration_updates"
 # Iterations since the longest-silent env runner last delivered a fragment, and how many runners
 # delivered none this iteration: one hung runner among several (its simulator frozen) leaves the
 # total of sampled steps growing, so `sampling_stalled` cannot see it.
@@ -392,6 +395,7 @@ class TD3(Algorithm):
             metrics.log_value(POLICY_LAG_MAX, max(iteration["lags"]), window=1)
             metrics.log_value(WEIGHTS_MISSED_ITERS, max(iteration["missed"]), window=1)
         self._updates_at_end.append(self._num_updates)
+        metrics.log_value(ITERATION_UPDATES, iteration["updates"], window=1)
         if iteration["learning_steps"]:
             metrics.log_value(REPLAY_RATIO, iteration["updates"] / iteration["learning_steps"], window=1)
         if iteration["updates"]:
