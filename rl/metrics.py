@@ -98,8 +98,11 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 HEALTH_RESULTS = "health"
 # Metrics of ended episodes (NaN in an iteration where none ended), and of observations
 # (`obs/<part>/frozen`: NaN in an iteration holding a single episode), then left out.
+# So are the overestimation check's (no episode ended), and the policy lag's and the replay
+# ratio's (no fragment arrived).
 NAN_WHEN_ABSENT = ("episode/", "eval/", "env/episode_end/", "env/reward/", "env/driving_score",
-                   "env/route_completion", "env/infractions/", "obs/", "q/start_", "q/overestimation")
+                   "env/route_completion", "env/infractions/", "obs/", "q/start_", "q/overestimation",
+                   "sampling/policy_lag_", "sampling/weights_missed_iters", "replay/ratio")
 # The learner's statistics of its updates (a loss, a Q value, a gradient norm): NaN in an
 # iteration that made no update, and left out of that one only.
 UPDATE_STATS = tuple(name for name, path in RESULT_PATHS.items() if path[0] == "learners") + ("grad/",)

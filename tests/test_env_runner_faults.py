@@ -81,9 +81,10 @@ def test_a_runner_stuck_in_its_env_is_alerted_while_the_others_sample_and_is_kil
         "algo.learning_starts=256",
         "resources.num_env_runners=2",
         f"resources.async_sampling={str(async_sampling).lower()}",
-        # Long enough for the healthy runner's fragment on 2 busy cores (1.5 s seen), so that it
-        # delivers every iteration.
-        "resources.sample_timeout_s=5",
+        # Long enough for the healthy runner's 64 steps on 2 cores beside two busy loops (1.5 s
+        # typical, once over 5 s), so that it delivers every iteration. A synchronous iteration
+        # waits this long for the stuck runner each time: 7 such iterations.
+        "resources.sample_timeout_s=10",
     )
     summary = train(exp, run_dir=tmp_path / "run", show_progress=False)
     # The stuck runner did not hold the run's end (RLlib's stop waits for every runner without a
@@ -121,6 +122,8 @@ def test_an_iteration_in_which_no_runner_answers_in_time_reports_no_nan_and_rais
     idle = [r for r in rows if r["learner/updates"] == 0 and r["env/steps_sampled"] > 128]
     assert idle, [(r["env/steps_sampled"], r["learner/updates"]) for r in rows]
     assert not any(k.startswith(("losses/", "q/", "grad/")) for r in idle for k in r), idle
+    nan = [(r["iteration"], k) for r in rows for k, v in r.items() if isinstance(v, float) and math.isnan(v)]
+    assert not nan, nan  # nothing that was not measured this iteration is written as NaN
     learning = [r for r in rows if r["learner/updates"] > 0]
     assert learning and all(math.isfinite(r["losses/critic"]) for r in learning)
     alerts = [(a["level"], a["rule"]) for a in read_alerts(tmp_path / "run")]
