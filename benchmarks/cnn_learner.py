@@ -27,6 +27,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tree
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -55,11 +56,12 @@ def observation_space(network: str) -> gym.spaces.Dict:
     })
 
 
-def make_config(batch_size: int, device: str, network: str) -> TD3Config:
+def make_config(batch_size: int, device: str, network: str, graphs: bool = False, bf16: bool = False) -> TD3Config:
     return (
         TD3Config()
         .environment(observation_space=observation_space(network), action_space=ACTION_SPACE)
-        .training(train_batch_size_per_learner=batch_size, grad_clip_by_group=dict(DEFAULT_GRAD_CLIP))
+        .training(train_batch_size_per_learner=batch_size, grad_clip_by_group=dict(DEFAULT_GRAD_CLIP),
+                  learner_cuda_graphs=graphs, learner_bf16=bf16)
         .rl_module(model_config=NETWORKS[network]["model"])
         .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
         .debugging(seed=0)
@@ -193,13 +195,19 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
     def plain():
         plain_td3.update(batches[next(j) % 2], batch_size)
 
-    # Interleave the two sides, round by round, so drift in machine speed hits both alike.
-    ours_rates, plain_rates = [], []
+    sides = {"ours": ours, "plain": plain}
+    if device == "cuda":
+        sides.update(captured_sides(batch_size, network, batches, updates_per_call))
+    # Interleave the sides, round by round, so drift in machine speed hits all alike.
+    rates = {name: [] for name in sides}
     for _ in range(rounds):
-        ours_rates.append(measure(ours, device, calls, updates_per_call))
-        plain_rates.append(measure(plain, device, calls, updates_per_call))
+        for name, side in sides.items():
+            rates[name].append(measure(side, device, calls, updates_per_call))
+    ours_rates, plain_rates = rates["ours"], rates["plain"]
     ours_rate, plain_rate = float(np.median(ours_rates)), float(np.median(plain_rates))
     return {
+        "captured": {name: {"updates_per_s": float(np.median(r)), "rounds": r}
+                     for name, r in rates.items() if name not in ("ours", "plain")},
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "network": network,
         "torch_threads": torch.get_num_threads(),
@@ -211,6 +219,29 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
         "ours_rounds": ours_rates,
         "plain_rounds": plain_rates,
     }
+
+
+def captured_sides(batch_size: int, network: str, batches: list[dict], updates_per_call: int) -> dict:
+    """Our learner with its updates replayed from CUDA graphs (rl/td3/captured_update.py), fp32
+    and bf16: fed the call's numpy batch (moved to the GPU per call, as the learner's host
+    replay hands it over) and fed batches already on the GPU (as a replay on the GPU would)."""
+    sides = {}
+    for bf16 in (False, True):
+        learner = make_config(batch_size, "cuda", network, graphs=True, bf16=bf16).build_learner()
+        on_gpu = [tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), b) for b in batches]
+        precision = "bf16" if bf16 else "fp32"
+        for source, data in (("host", batches), ("gpu", on_gpu)):
+            calls = iter(range(10**9))
+
+            def side(learner=learner, data=data, calls=calls):
+                columns = data[next(calls) % 2]
+                batch = tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), columns)
+                minibatches = (tree.map_structure(lambda x: x[i * batch_size : (i + 1) * batch_size], batch)
+                               for i in range(updates_per_call))
+                learner.captured.update(minibatches, timesteps={})
+
+            sides[f"graphs_{precision}_{source}"] = side
+    return sides
 
 
 def _spread(rates: list[float]) -> str:
@@ -237,6 +268,9 @@ def main() -> None:
         row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.rounds, args.network)
         print(json.dumps(row))
         rows.append(row)
+        for name, c in row["captured"].items():
+            print(f"{row['device']} batch {row['batch_size']}: {name}: {c['updates_per_s']:.1f} updates/s "
+                  f"({_spread(c['rounds'])}); eager {row['ours_updates_per_s']:.1f}, plain {row['plain_updates_per_s']:.1f}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": torch.get_num_threads()}

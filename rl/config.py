@@ -146,6 +146,11 @@ class ResourcesSection(Section):
     # Torch intra-op threads in the learner process. More threads than cores starves the
     # env runners (measured: 2.2 s vs 0.09 s per step on 2 cores).
     learner_torch_threads: int = Field(default=1, ge=1)
+    # A learner on a GPU: its updates replayed from CUDA graphs (one launch per update instead
+    # of hundreds; the eager update's math, rl/td3/captured_update.py), and optionally the
+    # forward passes and losses in bf16 (weights and optimizer state stay fp32).
+    learner_cuda_graphs: bool = True
+    learner_bf16: bool = False
     cpus_per_env_runner: float = Field(default=1.0, gt=0.0)
     # Managed CARLA servers run inside their env runners: N servers share one GPU, so each
     # runner asks Ray for 1/N GPU (0: env runners need no GPU, e.g. the embedded env).

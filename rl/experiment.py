@@ -236,6 +236,8 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             async_sampling=res.async_sampling,
             weights_sync_every_updates=res.weights_sync_every_updates,
             learner_timeout_s=res.learner_timeout_s,
+            learner_cuda_graphs=res.learner_cuda_graphs,
+            learner_bf16=res.learner_bf16,
         )
         .rl_module(
             model_config=model.model_dump()

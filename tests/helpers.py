@@ -40,9 +40,10 @@ def td3_learner(
     action_space: gym.Space = ACTION_SPACE,
     module_class: type = TD3TorchRLModule,
     model: dict | None = None,
+    gpus: int = 0,
     **training,
 ):
-    """A built `TD3TorchLearner` (no Ray, no env) for the given spaces."""
+    """A built `TD3TorchLearner` (no Ray, no env) for the given spaces; on a GPU with gpus=1."""
     config = (
         TD3Config()
         .environment(observation_space=observation_space, action_space=action_space)
@@ -51,6 +52,7 @@ def td3_learner(
             rl_module_spec=RLModuleSpec(module_class=module_class),
             model_config={**SMALL_MODEL, **(model or {})},
         )
+        .learners(num_gpus_per_learner=gpus)
         .debugging(seed=0)
     )
     return config.build_learner()

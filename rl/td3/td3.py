@@ -112,6 +112,10 @@ class TD3Config(AlgorithmConfig):
         self.weights_sync_every_updates = 1
         # Seconds a call to the learners may take before it is an error (`ReplayShards`).
         self.learner_timeout_s = 600.0
+        # A learner on a GPU replays its updates from CUDA graphs (rl/td3/captured_update.py);
+        # bf16: forward passes and losses under bf16 autocast (weights and optimizers stay fp32).
+        self.learner_cuda_graphs = True
+        self.learner_bf16 = False
         # RLlib gathers every runner's connector states after each iteration, to merge them: a
         # blocking call that queues behind a fragment in flight, and waits 10 s for a hung runner.
         # Our connectors hold no state (no observation filters); the env step count still goes
@@ -150,6 +154,8 @@ class TD3Config(AlgorithmConfig):
         async_sampling: bool = NotProvided,
         weights_sync_every_updates: int = NotProvided,
         learner_timeout_s: float = NotProvided,
+        learner_cuda_graphs: bool = NotProvided,
+        learner_bf16: bool = NotProvided,
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)

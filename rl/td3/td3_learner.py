@@ -15,6 +15,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
+from rl.td3.captured_update import CapturedUpdates
 from rl.td3.learner_replay import LearnerReplay
 from rl.td3.td3_rl_module import CRITIC_FEATURES, Q1, Q2
 
@@ -72,6 +73,17 @@ def clipped_double_q_target(
     return rewards + gamma * (1.0 - terminateds) * torch.min(q1_next, q2_next)
 
 
+class _TrainedMinibatch:
+    """What RLlib's step counters read of a trained minibatch: its size, per module."""
+
+    def __init__(self, module_ids, rows: int):
+        self.policy_batches = {module_id: range(rows) for module_id in module_ids}
+        self._rows = rows
+
+    def env_steps(self) -> int:
+        return self._rows
+
+
 class TD3TorchLearner(LearnerReplay, TorchLearner):
     def build(self) -> None:
         super().build()
@@ -86,6 +98,15 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         # The target critic's weights after the last learner call, per module (TARGET_CHANGE).
         self._last_target: dict[ModuleID, torch.Tensor] = {}
         self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # The statistics of the update in progress: (module_id, name) -> (tensor, reduce).
+        self.update_stats: dict[tuple[ModuleID, str], tuple[torch.Tensor, str]] = {}
+        self.captured = CapturedUpdates(self) if self.captures_updates else None
+
+    @property
+    def captures_updates(self) -> bool:
+        """Updates replayed from CUDA graphs: on a GPU, unless `learner_cuda_graphs` is off; one
+        learner only (the all-reduce of several learners' gradients is not recorded)."""
+        return self._device.type == "cuda" and self.config.learner_cuda_graphs and self._num_learners == 1
 
     def _make_modules_ddp_if_necessary(self) -> None:
         """Several learners, without RLlib's DDP wrapper: DDP's reducer expects a gradient for every
@@ -113,15 +134,25 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
             self.register_optimizer(
                 module_id=module_id,
                 optimizer_name=name,
-                optimizer=torch.optim.Adam(params, fused=True),
+                optimizer=torch.optim.Adam(params, fused=True, capturable=self.captures_updates),
                 params=params,
                 lr_or_lr_schedule=lr,
             )
 
-    def is_policy_step(self, module_id: ModuleID) -> bool:
-        """True on every `policy_delay`-th critic update: the actor and the targets step too."""
+    def is_policy_step(self, module_id: ModuleID, update: int | None = None) -> bool:
+        """True on every `policy_delay`-th critic update (`update`, 1-based; default: the one in
+        progress): the actor and the targets step too."""
         delay = self.config.get_config_for_module(module_id).policy_delay
-        return self._num_critic_updates[module_id] % delay == 0
+        return (self._num_critic_updates[module_id] if update is None else update) % delay == 0
+
+    def _uncompiled_update(self, batch: dict[str, Any], **kwargs):
+        """One update (RLlib's step, without its DDP and off-policyness parts, which TD3 has no
+        use for): the forward passes and losses under bf16 autocast where `learner_bf16` asks."""
+        with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.learner_bf16):
+            fwd_out = self.module.forward_train(batch)
+            loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
+        self.apply_gradients(self.postprocess_gradients(self.compute_gradients(loss_per_module)))
+        return fwd_out, loss_per_module, {}
 
     def compute_loss_for_module(
         self, *, module_id: ModuleID, config, batch: dict[str, Any], fwd_out: dict[str, TensorType]
@@ -149,13 +180,10 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
             features = fwd_out[CRITIC_FEATURES].detach()
             action = module.actor(obs)
             actor_loss = -module.critic.q1(features, action).mean()
-            self.metrics.log_value((module_id, ACTOR_LOSS), actor_loss.detach(), reduce="mean")
-            saturated = (action.detach().abs() > SATURATED).float().mean()
-            self.metrics.log_value((module_id, ACTOR_SATURATION), saturated, reduce="mean")
-            if self._counts_updates:
-                self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), 1, reduce="lifetime_sum")
+            self._record(module_id, ACTOR_LOSS, actor_loss.detach(), "mean")
+            self._record(module_id, ACTOR_SATURATION, (action.detach().abs() > SATURATED).float().mean(), "mean")
 
-        self._log_critic_metrics(module_id, critic_loss, q1, q2, q_target)
+        self._record_critic_stats(module_id, critic_loss, q1, q2, q_target)
         self._losses[module_id] = (critic_loss, actor_loss)
         return critic_loss if actor_loss is None else critic_loss + actor_loss
 
@@ -229,14 +257,14 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
             pre = global_norm(grads)
             limit = config.grad_clip_by_group[group]
             if limit is None:  # no clipping: the gradients, and so their norm, are unchanged
-                post, clipped = pre, torch.zeros(())
+                post, clipped = pre, torch.zeros((), device=pre.device)
             else:
                 scale = torch.clamp(limit / (pre + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, scale)
                 post, clipped = global_norm(grads), (pre > limit).float()
-            self.metrics.log_value((module_id, grad_metric(group, "pre_clip_norm")), pre, reduce="max")
-            self.metrics.log_value((module_id, grad_metric(group, "post_clip_norm")), post, reduce="max")
-            self.metrics.log_value((module_id, grad_metric(group, "clip_fraction")), clipped, reduce="mean")
+            self._record(module_id, grad_metric(group, "pre_clip_norm"), pre, "max")
+            self._record(module_id, grad_metric(group, "post_clip_norm"), post, "max")
+            self._record(module_id, grad_metric(group, "clip_fraction"), clipped, "mean")
         return module_gradients_dict
 
     def apply_gradients(self, gradients_dict: ParamDict) -> None:
@@ -261,7 +289,7 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         optimizer = self.get_optimizer(module_id, name)
         return [self._params[ref] for ref in self._optimizer_parameters[optimizer]]
 
-    def _log_critic_metrics(self, module_id, critic_loss, q1, q2, q_target) -> None:
+    def _record_critic_stats(self, module_id, critic_loss, q1, q2, q_target) -> None:
         with torch.no_grad():
             values = {
                 CRITIC_LOSS: critic_loss,
@@ -273,12 +301,40 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
                 TD_ERROR_MEAN: (q1 - q_target).abs().mean(),
             }
             for name, value in values.items():
-                self.metrics.log_value((module_id, name), value.detach(), reduce="mean")
-            self.metrics.log_value((module_id, Q1_MAX), q1.max(), reduce="max")
-            self.metrics.log_value((module_id, Q2_MAX), q2.max(), reduce="max")
-            self.metrics.log_value((module_id, Q1_MIN), q1.min(), reduce="min")
+                self._record(module_id, name, value.detach(), "mean")
+            self._record(module_id, Q1_MAX, q1.max(), "max")
+            self._record(module_id, Q2_MAX, q2.max(), "max")
+            self._record(module_id, Q1_MIN, q1.min(), "min")
+
+    def _record(self, module_id: ModuleID, name: str, value: torch.Tensor, reduce: str) -> None:
+        """One update's statistic, a tensor on the learner's device (reduce: mean, max or min
+        over the call's updates). The eager update logs it right after the update (`_update`);
+        a captured one accumulates it on the device and logs the call's value once
+        (rl/td3/captured_update.py)."""
+        self.update_stats[(module_id, name)] = (value, reduce)
+
+    def _update(self, batch: dict[str, Any], **kwargs):
+        """One eager minibatch update (RLlib calls it per minibatch), then its statistics."""
+        out = super()._update(batch, **kwargs)
+        for key, (value, reduce) in self.update_stats.items():
+            self.metrics.log_value(key, value, reduce=reduce)
+        self.update_stats = {}
+        for module_id in self.module.keys():
+            self.log_update_counts(module_id, critic=1, actor=int(self.is_policy_step(module_id)))
+        return out
+
+    def log_trained_rows(self, rows: int, minibatches: int) -> None:
+        """RLlib's step counters of `minibatches` updates of `rows` in all, as its `update` logs
+        them per minibatch (`Learner._log_steps_trained_metrics`)."""
+        trained = _TrainedMinibatch(self.module.keys(), rows // minibatches)
+        for _ in range(minibatches):
+            self._log_steps_trained_metrics(trained)
+
+    def log_update_counts(self, module_id: ModuleID, *, critic: int, actor: int) -> None:
         if self._counts_updates:
-            self.metrics.log_value((module_id, NUM_CRITIC_UPDATES), 1, reduce="lifetime_sum")
+            self.metrics.log_value((module_id, NUM_CRITIC_UPDATES), critic, reduce="lifetime_sum")
+            if actor:
+                self.metrics.log_value((module_id, NUM_ACTOR_UPDATES), actor, reduce="lifetime_sum")
 
     def after_gradient_based_update(self, *, timesteps) -> None:
         super().after_gradient_based_update(timesteps=timesteps)

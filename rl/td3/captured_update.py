@@ -1,0 +1,122 @@
+"""TD3's updates replayed from CUDA graphs: a learner call's updates at the GPU's pace.
+
+An eager update of the default CNN at batch 256 launches several hundred kernels, and on a GPU
+its time is the host's (~25 ms on an H100's vCPUs, benchmarks/README.md), not the arithmetic's
+(under 1 ms). Here each kind of update, critic only or critic + delayed actor + Polyak targets,
+is recorded once as a CUDA graph and then replayed: one launch per update. What is recorded is
+the eager update itself (`TD3TorchLearner._uncompiled_update`: the same losses, module-wise
+clipping and optimizer steps), so the math has one home. Its statistics are accumulated on the
+device by the graph and read once per learner call, with the call's other results.
+
+A graph reads its minibatch from fixed input tensors (each update's is copied there first) and
+keeps the Python-side decisions made while it was recorded: the update counter that decides the
+delayed actor step is advanced here for each replay, and picks the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import tree
+from ray.rllib.core import DEFAULT_MODULE_ID
+
+# Eager updates of each kind before it is recorded: cuBLAS/cuDNN handles and workspaces, the
+# optimizers' state and the gradients exist before recording (PyTorch's CUDA graph docs).
+WARMUP_UPDATES = 3
+# Where each reduction starts: a running sum for means, -inf for maxima, +inf for minima.
+START = {"mean": 0.0, "max": float("-inf"), "min": float("inf")}
+
+
+class CapturedUpdates:
+    """The learner's minibatch updates, each replayed from the graph of its kind."""
+
+    def __init__(self, learner, graphs: bool = True):
+        """graphs=False: the same loop, every update eager (how it is tested without a GPU)."""
+        if list(learner.module.keys()) != [DEFAULT_MODULE_ID]:
+            raise ValueError("captured updates support one RL module (single-agent TD3)")
+        self._learner = learner
+        self._inputs: dict[str, Any] | None = None  # the graphs' minibatch
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # policy step? -> its graph
+        self._losses: dict[bool, torch.Tensor] = {}  # each kind's total loss (the graph's output)
+        self._eager_runs = {False: 0, True: 0}
+        self._keys: dict[bool, list[tuple]] = {}  # the statistics each kind of update produces
+        self._totals: dict[tuple, tuple[torch.Tensor, str]] = {}  # running reductions, on the device
+        self._stream = torch.cuda.Stream(device=learner._device) if graphs else None
+
+    def update(self, minibatches: Iterable[dict[str, Any]], timesteps: dict) -> dict:
+        """Every minibatch's update, then the learner call's results as RLlib's `update` gives them."""
+        learner, mid = self._learner, DEFAULT_MODULE_ID
+        learner._weights_seq_no += 1
+        for total, reduce in self._totals.values():
+            total.fill_(START[reduce])
+        counts: dict[tuple, int] = {}
+        updates = {False: 0, True: 0}
+        rows = kind = 0
+        for minibatch in minibatches:
+            if self._inputs is None:
+                self._inputs = tree.map_structure(torch.empty_like, minibatch)
+            tree.map_structure(lambda static, new: static.copy_(new, non_blocking=True), self._inputs, minibatch)
+            kind = learner.is_policy_step(mid, learner._num_critic_updates[mid] + 1)
+            self._run(kind)
+            updates[kind] += 1
+            for key in self._keys[kind]:
+                counts[key] = counts.get(key, 0) + 1
+            rows += len(next(iter(tree.flatten(minibatch))))
+        if not rows:
+            return learner.metrics.reduce()
+        for key, count in counts.items():
+            total, reduce = self._totals[key]
+            learner.metrics.log_value(key, total / count if reduce == "mean" else total.clone(), reduce=reduce)
+        learner.log_update_counts(mid, critic=updates[False] + updates[True], actor=updates[True])
+        learner.log_trained_rows(rows, minibatches=updates[False] + updates[True])
+        learner.metrics.log_value((mid, learner.TOTAL_LOSS_KEY), self._losses[kind].clone(), window=1)
+        learner.after_gradient_based_update(timesteps=timesteps)
+        return learner.metrics.reduce()
+
+    def _run(self, kind: bool) -> None:
+        if self._stream is None:
+            self._losses[kind] = self._step()
+        elif kind in self._graphs:
+            self._learner._num_critic_updates[DEFAULT_MODULE_ID] += 1  # what the update's code does
+            self._graphs[kind].replay()
+        elif self._eager_runs[kind] < WARMUP_UPDATES:
+            self._eager_runs[kind] += 1
+            # On a side stream, as PyTorch's docs warm up before recording.
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                self._losses[kind] = self._step()
+            torch.cuda.current_stream().wait_stream(self._stream)
+        else:
+            self._record(kind)
+            self._graphs[kind].replay()
+
+    def _record(self, kind: bool) -> None:
+        """Records the update (its code runs once, counting itself, but computes nothing)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._losses[kind] = self._step()
+        self._graphs[kind] = graph
+
+    def _step(self) -> torch.Tensor:
+        """One update of the learner from the input minibatch, its statistics added to the totals
+        (eagerly, or as part of the graph being recorded)."""
+        learner = self._learner
+        learner.update_stats = {}
+        _, loss_per_module, _ = learner._uncompiled_update({DEFAULT_MODULE_ID: self._inputs})
+        kind = learner.is_policy_step(DEFAULT_MODULE_ID)
+        self._keys[kind] = list(learner.update_stats)
+        with torch.no_grad():
+            for key, (value, reduce) in learner.update_stats.items():
+                if key not in self._totals:
+                    start = torch.full((), START[reduce], dtype=torch.float32, device=value.device)
+                    self._totals[key] = (start, reduce)
+                total = self._totals[key][0]
+                if reduce == "mean":
+                    total.add_(value)
+                elif reduce == "max":
+                    torch.maximum(total, value, out=total)
+                else:
+                    torch.minimum(total, value, out=total)
+        learner.update_stats = {}
+        return loss_per_module[DEFAULT_MODULE_ID].detach()
