@@ -56,12 +56,13 @@ def observation_space(network: str) -> gym.spaces.Dict:
     })
 
 
-def make_config(batch_size: int, device: str, network: str, graphs: bool = False, bf16: bool = False) -> TD3Config:
+def make_config(batch_size: int, device: str, network: str, graphs: bool = False, bf16: bool = False,
+                channels_last: bool = False) -> TD3Config:
     return (
         TD3Config()
         .environment(observation_space=observation_space(network), action_space=ACTION_SPACE)
         .training(train_batch_size_per_learner=batch_size, grad_clip_by_group=dict(DEFAULT_GRAD_CLIP),
-                  learner_cuda_graphs=graphs, learner_bf16=bf16)
+                  learner_cuda_graphs=graphs, learner_bf16=bf16, learner_channels_last=channels_last)
         .rl_module(model_config=NETWORKS[network]["model"])
         .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
         .debugging(seed=0)
@@ -221,26 +222,32 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
     }
 
 
+# The captured variants timed: (precision, where the batch comes from, channels_last).
+CAPTURED_VARIANTS = [("fp32", "host", False), ("fp32", "gpu", False), ("bf16", "gpu", False),
+                     ("fp32", "gpu", True), ("bf16", "gpu", True)]
+
+
 def captured_sides(batch_size: int, network: str, batches: list[dict], updates_per_call: int) -> dict:
-    """Our learner with its updates replayed from CUDA graphs (rl/td3/captured_update.py), fp32
-    and bf16: fed the call's numpy batch (moved to the GPU per call, as the learner's host
-    replay hands it over) and fed batches already on the GPU (as a replay on the GPU would)."""
+    """Our learner with its updates replayed from CUDA graphs (rl/td3/captured_update.py): fp32
+    or bf16, NCHW or channels_last; fed the call's numpy batch (moved to the GPU per call, as
+    the learner's host replay hands it over) or batches already on the GPU (as a replay on the
+    GPU would)."""
+    on_gpu = [tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), b) for b in batches]
     sides = {}
-    for bf16 in (False, True):
-        learner = make_config(batch_size, "cuda", network, graphs=True, bf16=bf16).build_learner()
-        on_gpu = [tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), b) for b in batches]
-        precision = "bf16" if bf16 else "fp32"
-        for source, data in (("host", batches), ("gpu", on_gpu)):
-            calls = iter(range(10**9))
+    for precision, source, channels_last in CAPTURED_VARIANTS:
+        learner = make_config(batch_size, "cuda", network, graphs=True, bf16=precision == "bf16",
+                              channels_last=channels_last).build_learner()
+        data = batches if source == "host" else on_gpu
+        calls = iter(range(10**9))
 
-            def side(learner=learner, data=data, calls=calls):
-                columns = data[next(calls) % 2]
-                batch = tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), columns)
-                minibatches = (tree.map_structure(lambda x: x[i * batch_size : (i + 1) * batch_size], batch)
-                               for i in range(updates_per_call))
-                learner.captured.update(minibatches, timesteps={})
+        def side(learner=learner, data=data, calls=calls):
+            columns = data[next(calls) % 2]
+            batch = tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), columns)
+            minibatches = (tree.map_structure(lambda x: x[i * batch_size : (i + 1) * batch_size], batch)
+                           for i in range(updates_per_call))
+            learner.captured.update(minibatches, timesteps={})
 
-            sides[f"graphs_{precision}_{source}"] = side
+        sides[f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")] = side
     return sides
 
 

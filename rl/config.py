@@ -151,6 +151,8 @@ class ResourcesSection(Section):
     # forward passes and losses in bf16 (weights and optimizer state stay fp32).
     learner_cuda_graphs: bool = True
     learner_bf16: bool = False
+    # The CNNs' weights and activations in NHWC layout, the tensor cores' own (no transposes).
+    learner_channels_last: bool = False
     cpus_per_env_runner: float = Field(default=1.0, gt=0.0)
     # Managed CARLA servers run inside their env runners: N servers share one GPU, so each
     # runner asks Ray for 1/N GPU (0: env runners need no GPU, e.g. the embedded env).

@@ -88,6 +88,17 @@ def test_the_captured_loop_makes_the_eager_updates_and_reports_the_same_statisti
     assert np.isfinite(last[CRITIC_LOSS]) and np.isfinite(last[ACTOR_LOSS])
 
 
+def test_channels_last_changes_the_layout_not_the_updates():
+    nchw, nhwc = _learner(), _learner(learner_channels_last=True)
+    conv = nhwc.module[DEFAULT_MODULE_ID].critic.encoder.conv[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.manual_seed(7)
+    nchw_results = _run_eager(nchw)
+    torch.manual_seed(7)
+    nhwc_results = _run_eager(nhwc)
+    _assert_same(_weights(nchw), _weights(nhwc), nchw_results, nhwc_results, rtol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on one: benchmarks/README.md)")
 def test_cuda_graph_replays_make_the_same_updates_as_the_eager_loop():
     torch.backends.cudnn.deterministic = True  # the same convolution algorithms on both sides

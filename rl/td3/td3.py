@@ -116,6 +116,7 @@ class TD3Config(AlgorithmConfig):
         # bf16: forward passes and losses under bf16 autocast (weights and optimizers stay fp32).
         self.learner_cuda_graphs = True
         self.learner_bf16 = False
+        self.learner_channels_last = False  # convolution weights and activations as NHWC
         # RLlib gathers every runner's connector states after each iteration, to merge them: a
         # blocking call that queues behind a fragment in flight, and waits 10 s for a hung runner.
         # Our connectors hold no state (no observation filters); the env step count still goes
@@ -156,6 +157,7 @@ class TD3Config(AlgorithmConfig):
         learner_timeout_s: float = NotProvided,
         learner_cuda_graphs: bool = NotProvided,
         learner_bf16: bool = NotProvided,
+        learner_channels_last: bool = NotProvided,
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)

@@ -88,6 +88,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
     def build(self) -> None:
         super().build()
         self.build_replay()  # this learner's shard of the replay (rl/td3/learner_replay.py)
+        if self.config.learner_channels_last:  # the same Parameter objects: the optimizers keep them
+            self.module.foreach_module(lambda mid, module: module.to(memory_format=torch.channels_last))
         self.module.foreach_module(lambda mid, module: module.make_target_networks())
         # Parameter refs of each gradient-clipping group, per module (checked to cover all).
         self._gradient_groups = {
@@ -101,12 +103,14 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         # The statistics of the update in progress: (module_id, name) -> (tensor, reduce).
         self.update_stats: dict[tuple[ModuleID, str], tuple[torch.Tensor, str]] = {}
         self.captured = CapturedUpdates(self) if self.captures_updates else None
+        if self.captured is not None:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution's fastest algorithm, found once
 
     @property
     def captures_updates(self) -> bool:
         """Updates replayed from CUDA graphs: on a GPU, unless `learner_cuda_graphs` is off; one
         learner only (the all-reduce of several learners' gradients is not recorded)."""
-        return self._device.type == "cuda" and self.config.learner_cuda_graphs and self._num_learners == 1
+        return self._device.type == "cuda" and self.config.learner_cuda_graphs and self.config.num_learners <= 1
 
     def _make_modules_ddp_if_necessary(self) -> None:
         """Several learners, without RLlib's DDP wrapper: DDP's reducer expects a gradient for every
@@ -347,9 +351,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
 
     @torch.no_grad()
     def _log_target_change(self, module_id: ModuleID) -> None:
-        target = torch.nn.utils.parameters_to_vector(
-            self.module[module_id].unwrapped().target_critic.parameters()
-        )
+        # reshape, not view: channels_last weights are not one contiguous block
+        target = torch.cat([p.reshape(-1) for p in self.module[module_id].unwrapped().target_critic.parameters()])
         before = self._last_target.get(module_id)
         if before is not None:
             change = torch.linalg.vector_norm(target - before) / (torch.linalg.vector_norm(before) + 1e-12)
