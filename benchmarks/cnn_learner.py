@@ -62,6 +62,7 @@ def make_config(batch_size: int, device: str, network: str, graphs: bool = False
         TD3Config()
         .environment(observation_space=observation_space(network), action_space=ACTION_SPACE)
         .training(train_batch_size_per_learner=batch_size, grad_clip_by_group=dict(DEFAULT_GRAD_CLIP),
+                  replay_buffer_capacity=REPLAY_EPISODES * EPISODE_STEPS,
                   learner_cuda_graphs=graphs, learner_bf16=bf16, learner_channels_last=channels_last)
         .rl_module(model_config=NETWORKS[network]["model"])
         .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
@@ -222,9 +223,29 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
     }
 
 
-# The captured variants timed: (precision, where the batch comes from, channels_last).
+# The captured variants timed: (precision, where the batch comes from, channels_last). "replay":
+# the learner's own path, minibatches drawn from its replay's copy on the GPU
+# (`replay_and_update`, rl/td3/device_replay.py); "gpu": batches drawn beforehand, already on the
+# GPU; "host": numpy batches moved per call.
 CAPTURED_VARIANTS = [("fp32", "host", False), ("fp32", "gpu", False), ("bf16", "gpu", False),
-                     ("fp32", "gpu", True), ("bf16", "gpu", True)]
+                     ("fp32", "gpu", True), ("bf16", "gpu", True),
+                     ("fp32", "replay", False), ("fp32", "replay", True), ("bf16", "replay", True)]
+REPLAY_EPISODES, EPISODE_STEPS = 16, 256  # the replay variants' data: 4,096 transitions
+
+
+def fill_replay(learner, network: str, rng: np.random.Generator) -> None:
+    """Episodes of sliding frame stacks, as an env gives them (each frame stored once)."""
+    k, *frame = NETWORKS[network]["frames"]
+    for _ in range(REPLAY_EPISODES):
+        frames = rng.integers(0, 256, (EPISODE_STEPS + k, *frame), dtype=np.uint8)
+        stacks = np.stack([frames[i : i + k] for i in range(EPISODE_STEPS + 1)])
+        state = rng.normal(size=(EPISODE_STEPS + 1, 10)).astype(np.float32)
+        learner.replay.add(
+            {"image": stacks[:-1], "state": state[:-1]}, rng.uniform(-1, 1, (EPISODE_STEPS, 2)).astype(np.float32),
+            rng.normal(size=EPISODE_STEPS).astype(np.float32), {"image": stacks[1:], "state": state[1:]},
+            (rng.random(EPISODE_STEPS) < 0.01).astype(np.float32),
+        )
+    learner.device_replay.sync()
 
 
 def captured_sides(batch_size: int, network: str, batches: list[dict], updates_per_call: int) -> dict:
@@ -239,6 +260,11 @@ def captured_sides(batch_size: int, network: str, batches: list[dict], updates_p
                               channels_last=channels_last).build_learner()
         data = batches if source == "host" else on_gpu
         calls = iter(range(10**9))
+        if source == "replay":
+            fill_replay(learner, network, np.random.default_rng(1))
+            sides[f"graphs_{precision}_replay" + ("_channels_last" if channels_last else "")] = (
+                lambda learner=learner: learner.replay_and_update(updates_per_call, timesteps={}))
+            continue
 
         def side(learner=learner, data=data, calls=calls):
             columns = data[next(calls) % 2]

@@ -153,6 +153,9 @@ class ResourcesSection(Section):
     learner_bf16: bool = False
     # The CNNs' weights and activations in NHWC layout, the tensor cores' own (no transposes).
     learner_channels_last: bool = False
+    # A learner on a GPU keeps a copy of its replay there and draws its minibatches there
+    # (rl/td3/device_replay.py); refused at the start if the GPU cannot hold it.
+    learner_replay_on_gpu: bool = True
     cpus_per_env_runner: float = Field(default=1.0, gt=0.0)
     # Managed CARLA servers run inside their env runners: N servers share one GPU, so each
     # runner asks Ray for 1/N GPU (0: env runners need no GPU, e.g. the embedded env).

@@ -239,6 +239,7 @@ def build_td3_config(exp: ExperimentConfig, run_dir: str | None = None) -> TD3Co
             learner_cuda_graphs=res.learner_cuda_graphs,
             learner_bf16=res.learner_bf16,
             learner_channels_last=res.learner_channels_last,
+            learner_replay_on_gpu=res.learner_replay_on_gpu,
         )
         .rl_module(
             model_config=model.model_dump()

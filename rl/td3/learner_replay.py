@@ -26,6 +26,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
 from rl.checkpoints import shard_manifests
+from rl.td3.device_replay import DeviceReplay, check_fits
 from rl.td3.replay_buffer import TransitionReplayBuffer
 from rl.td3.transition_wire import EpisodeChunk, chunks_of, pack, unpack, wire_bytes
 
@@ -39,9 +40,18 @@ class LearnerReplay:
         rank = torch.distributed.get_rank() if shards > 1 and torch.distributed.is_initialized() else 0
         seed = None if config.seed is None else config.seed + rank
         self.replay = TransitionReplayBuffer(-(-config.replay_buffer_capacity // shards), seed=seed)
+        # On a GPU, minibatches are drawn there, from a copy of the shard (rl/td3/device_replay.py).
+        self.device_replay = None
+        if self._device.type == "cuda" and config.learner_replay_on_gpu:
+            module = self.module[DEFAULT_MODULE_ID]
+            needed = TransitionReplayBuffer.check_fits(self.replay.capacity, module.observation_space, module.action_space)
+            check_fits(needed, self.replay.capacity, self._device)
+            self.device_replay = DeviceReplay(self.replay, self._device, seed)
 
     def add_to_replay(self, chunks: list[EpisodeChunk]) -> dict[str, Any]:
         self.replay.add_chunks(unpack(chunk) for chunk in chunks)
+        if self.device_replay is not None:
+            self.device_replay.sync()
         return self.replay.stats()
 
     def replay_and_update(self, num_updates: int, timesteps: dict) -> tuple[list[dict], float]:
@@ -57,7 +67,7 @@ class LearnerReplay:
             n = min(num_updates, per_call)
             num_updates -= n
             start = time.perf_counter()
-            columns = self.replay.sample(n * rows)
+            columns = (self.device_replay or self.replay).sample(n * rows)
             sample_s += time.perf_counter() - start
             if self.captured is not None:
                 batch = tree.map_structure(lambda x: torch.as_tensor(x, device=self._device), columns)
@@ -73,6 +83,8 @@ class LearnerReplay:
 
     def load_replay(self, directory: str, manifest: dict[str, Any]) -> dict[str, Any]:
         self.replay.load(Path(directory), manifest)
+        if self.device_replay is not None:
+            self.device_replay.sync(everything=True)
         return self.replay.stats()
 
 

@@ -90,6 +90,21 @@ class TransitionReplayBuffer:
         return self._size
 
     @property
+    def added(self) -> int:
+        """Rows ever added; row r lives in slot r % capacity."""
+        return self._added
+
+    @property
+    def columns(self) -> dict[str, Any] | None:
+        """The per-row arrays (stacked camera leaves as frame numbers); None before the first add."""
+        return self._columns
+
+    @property
+    def frame_stores(self) -> dict[tuple, FrameStore]:
+        """Per stacked camera leaf (its path in the observation), the store of its frames."""
+        return self._stores
+
+    @property
     def reward_range(self) -> tuple[float, float]:
         """The lowest and highest reward ever added (also of transitions since overwritten)."""
         return self._reward_range
@@ -232,21 +247,21 @@ class TransitionReplayBuffer:
             needs[np.searchsorted(needs, frame, side="right") :] = frame
 
     @classmethod
-    def check_fits(cls, capacity: int, observation_space, action_space) -> None:
+    def check_fits(cls, capacity: int, observation_space, action_space) -> int:
         """Before anything starts: raises the ValueError the first add would, for transitions of
-        these spaces, if `capacity` of them cannot fit in memory."""
+        these spaces, if `capacity` of them cannot fit in memory; else returns the bytes they need."""
         obs = tree.map_structure(lambda x: np.asarray(x)[None], observation_space.sample())
         batch = {
             Columns.OBS: obs, Columns.NEXT_OBS: obs,
             Columns.ACTIONS: np.asarray(action_space.sample(), np.float32)[None],
             Columns.REWARDS: np.zeros(1, np.float32), Columns.TERMINATEDS: np.zeros(1, np.float32),
         }
-        cls(capacity)._plan(batch, _stacked_camera_paths(obs))
+        return cls(capacity)._plan(batch, _stacked_camera_paths(obs))[3]
 
-    def _plan(self, batch: dict[str, Any], camera_paths: list[tuple]) -> tuple[dict, dict, int]:
+    def _plan(self, batch: dict[str, Any], camera_paths: list[tuple]) -> tuple[dict, dict, int, int]:
         """The ring's layout for transitions shaped like `batch` (its stacked camera leaves
-        `camera_paths` as frame numbers), the frame stores' shapes and their size in frames;
-        refused, with the numbers, if it would not fit in memory.
+        `camera_paths` as frame numbers), the frame stores' shapes, their size in frames and the
+        bytes of it all; refused, with the numbers, if it would not fit in memory.
 
         numpy reserves the memory lazily, so an oversized buffer would not fail at allocation but
         kill the run hours later, when the ring fills up: refuse it now."""
@@ -269,11 +284,11 @@ class TransitionReplayBuffer:
                 f"{limit / 2**30:.1f} GiB; at most about {int(MAX_MEMORY_FRACTION * limit // per_transition):,} "
                 f"fit in {MAX_MEMORY_FRACTION:.0%} of it"
             )
-        return layout, stores, frames
+        return layout, stores, frames, needed
 
     def _allocate(self, batch: dict[str, Any], camera_paths: list[tuple]) -> None:
         """Allocates the ring for transitions shaped like `batch`, after checking it fits."""
-        layout, stores, frames = self._plan(batch, camera_paths)
+        layout, stores, frames, _ = self._plan(batch, camera_paths)
         self._columns = tree.map_structure(lambda x: np.empty((self.capacity, *x.shape[1:]), x.dtype), layout)
         self._stores = {path: FrameStore(frames, shape, dtype) for path, (shape, dtype) in stores.items()}
         self._needs = {path: np.zeros(self.capacity, np.int64) for path in stores}

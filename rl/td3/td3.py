@@ -117,6 +117,7 @@ class TD3Config(AlgorithmConfig):
         self.learner_cuda_graphs = True
         self.learner_bf16 = False
         self.learner_channels_last = False  # convolution weights and activations as NHWC
+        self.learner_replay_on_gpu = True  # a GPU learner samples from a copy of its replay there
         # RLlib gathers every runner's connector states after each iteration, to merge them: a
         # blocking call that queues behind a fragment in flight, and waits 10 s for a hung runner.
         # Our connectors hold no state (no observation filters); the env step count still goes
@@ -158,6 +159,7 @@ class TD3Config(AlgorithmConfig):
         learner_cuda_graphs: bool = NotProvided,
         learner_bf16: bool = NotProvided,
         learner_channels_last: bool = NotProvided,
+        learner_replay_on_gpu: bool = NotProvided,
         **kwargs,
     ) -> "TD3Config":
         super().training(**kwargs)
