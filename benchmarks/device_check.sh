@@ -9,6 +9,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, ray, platform; print('torch', torch.__version__, 'ray', ray.__version__, 'python', platform.python_version(), 'cpus', torch.get_num_threads())"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_captured_update.py tests/test_device_replay.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+timeout 120 python3 -m benchmarks.gpu_update_profile --channels-last 2>&1 | grep -v -i warn | tee "$OUT/profile_256.log"
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(256 1024)
 for batch in "${batches[@]}"; do
   timeout 300 python3 -m benchmarks.cnn_learner --devices cuda --batch-size "$batch" --updates-per-call 32 --calls 4 --rounds 3 2>&1 \
