@@ -34,6 +34,7 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
 from rl.config import DEFAULT_GRAD_CLIP
 from rl.td3 import TD3Config
+from rl.td3.captured_update import CapturedUpdates
 from rl.td3.td3_learner import clipped_double_q_target, smoothed_target_action
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -200,6 +201,8 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
     sides = {"ours": ours, "plain": plain}
     if device == "cuda":
         sides.update(captured_sides(batch_size, network, batches, updates_per_call))
+    else:
+        sides["loop"] = eager_loop_side(config, batch_size, batches, updates_per_call)
     # Interleave the sides, round by round, so drift in machine speed hits all alike.
     rates = {name: [] for name in sides}
     for _ in range(rounds):
@@ -275,6 +278,21 @@ def captured_sides(batch_size: int, network: str, batches: list[dict], updates_p
 
         sides[f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")] = side
     return sides
+
+
+def eager_loop_side(config: TD3Config, batch_size: int, batches: list[dict], updates_per_call: int):
+    """Our learner's updates through the captured update's loop without graphs (every update
+    eager, statistics summed on the device), instead of RLlib's per-minibatch `update`."""
+    learner = config.build_learner()
+    loop = CapturedUpdates(learner, graphs=False)
+    calls = iter(range(10**9))
+
+    def side():
+        batch = tree.map_structure(torch.from_numpy, batches[next(calls) % 2])
+        loop.update((tree.map_structure(lambda x: x[i * batch_size : (i + 1) * batch_size], batch)
+                     for i in range(updates_per_call)), timesteps={})
+
+    return side
 
 
 def _spread(rates: list[float]) -> str:

@@ -44,6 +44,11 @@ class CapturedUpdates:
         self._totals: dict[tuple, tuple[torch.Tensor, str]] = {}  # running reductions, on the device
         self._stream = torch.cuda.Stream(device=learner._device) if graphs else None
 
+    def reset(self) -> None:
+        """Forgets the recorded graphs (they hold the addresses of the tensors they were recorded
+        with: after a state load, the optimizers' are new); the next updates warm up and record anew."""
+        self._graphs, self._eager_runs = {}, {False: 0, True: 0}
+
     def update(self, minibatches: Iterable[dict[str, Any]], timesteps: dict) -> dict:
         """Every minibatch's update, then the learner call's results as RLlib's `update` gives them."""
         learner, mid = self._learner, DEFAULT_MODULE_ID

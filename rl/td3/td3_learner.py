@@ -367,3 +367,5 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
     def set_state(self, state) -> None:
         super().set_state(state)
         self._num_critic_updates.update(state.get(NUM_CRITIC_UPDATES, {}))
+        if self.captured is not None:  # the optimizers' state tensors are new: record anew
+            self.captured.reset()
