@@ -270,11 +270,7 @@ def captured_sides(batch_size: int, network: str, batches: list[dict], updates_p
             continue
 
         def side(learner=learner, data=data, calls=calls):
-            columns = data[next(calls) % 2]
-            batch = tree.map_structure(lambda x: torch.as_tensor(x, device="cuda"), columns)
-            minibatches = (tree.map_structure(lambda x: x[i * batch_size : (i + 1) * batch_size], batch)
-                           for i in range(updates_per_call))
-            learner.captured.update(minibatches, timesteps={})
+            learner.captured.update(data[next(calls) % 2], batch_size, timesteps={})
 
         sides[f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")] = side
     return sides
@@ -288,9 +284,7 @@ def eager_loop_side(config: TD3Config, batch_size: int, batches: list[dict], upd
     calls = iter(range(10**9))
 
     def side():
-        batch = tree.map_structure(torch.from_numpy, batches[next(calls) % 2])
-        loop.update((tree.map_structure(lambda x: x[i * batch_size : (i + 1) * batch_size], batch)
-                     for i in range(updates_per_call)), timesteps={})
+        loop.update(batches[next(calls) % 2], batch_size, timesteps={})
 
     return side
 

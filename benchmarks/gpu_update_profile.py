@@ -36,8 +36,7 @@ def main() -> None:
                                  draw(transition_pool(rng, "default"), args.batch_size * UPDATES, rng))
 
     def run():
-        loop.update((tree.map_structure(lambda x: x[i * args.batch_size : (i + 1) * args.batch_size], columns)
-                     for i in range(UPDATES)), timesteps={})
+        loop.update(columns, args.batch_size, timesteps={})
         torch.cuda.synchronize()
 
     run()  # warm-up: cuDNN autotuning, optimizer state

@@ -34,13 +34,6 @@ def _calls():
     return [transition_columns(OBS_SPACE, BATCH * UPDATES_PER_CALL, reward_scale=30.0, seed=s) for s in range(CALLS)]
 
 
-def _minibatches(columns: dict, device: str):
-    def part(x, i):
-        return {k: part(v, i) for k, v in x.items()} if isinstance(x, dict) else torch.as_tensor(x[i : i + BATCH], device=device)
-
-    return (part(columns, i) for i in range(0, BATCH * UPDATES_PER_CALL, BATCH))
-
-
 def _weights(learner) -> dict[str, torch.Tensor]:
     module = learner.module[DEFAULT_MODULE_ID]
     return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
@@ -54,8 +47,8 @@ def _run_eager(learner) -> list[dict]:
     return [_values(learner.update(batch=as_batch(c), minibatch_size=BATCH, num_epochs=1)) for c in _calls()]
 
 
-def _run_captured(learner, captured: CapturedUpdates, device: str) -> list[dict]:
-    return [_values(captured.update(_minibatches(c, device), timesteps={})) for c in _calls()]
+def _run_captured(captured: CapturedUpdates) -> list[dict]:
+    return [_values(captured.update(c, BATCH, timesteps={})) for c in _calls()]
 
 
 def _assert_same(weights_a, weights_b, results_a, results_b, rtol):
@@ -75,7 +68,7 @@ def test_the_captured_loop_makes_the_eager_updates_and_reports_the_same_statisti
     torch.manual_seed(7)  # the target policy's smoothing noise: the same draws on both sides
     eager_results = _run_eager(eager)
     torch.manual_seed(7)
-    looped_results = _run_captured(looped, CapturedUpdates(looped, graphs=False), "cpu")
+    looped_results = _run_captured(CapturedUpdates(looped, graphs=False))
 
     _assert_same(_weights(eager), _weights(looped), eager_results, looped_results, rtol=1e-5)
     last = looped_results[-1]
@@ -107,8 +100,8 @@ def test_cuda_graph_replays_make_the_same_updates_as_the_eager_loop():
     eager = _learner(gpus=1, learner_cuda_graphs=False, policy_noise=0.0)
     assert graphed.captured is not None and eager.captured is None
     torch.manual_seed(7)
-    eager_results = _run_captured(eager, CapturedUpdates(eager, graphs=False), "cuda")
+    eager_results = _run_captured(CapturedUpdates(eager, graphs=False))
     torch.manual_seed(7)
-    graphed_results = _run_captured(graphed, graphed.captured, "cuda")
+    graphed_results = _run_captured(graphed.captured)
     assert set(graphed.captured._graphs) == {False, True}  # both kinds recorded and replayed
     _assert_same(_weights(eager), _weights(graphed), eager_results, graphed_results, rtol=1e-4)

@@ -15,7 +15,7 @@ delayed actor step is advanced here for each replay, and picks the graph.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import tree
@@ -49,16 +49,20 @@ class CapturedUpdates:
         with: after a state load, the optimizers' are new); the next updates warm up and record anew."""
         self._graphs, self._eager_runs = {}, {False: 0, True: 0}
 
-    def update(self, minibatches: Iterable[dict[str, Any]], timesteps: dict) -> dict:
-        """Every minibatch's update, then the learner call's results as RLlib's `update` gives them."""
+    def update(self, batch: dict[str, Any], minibatch_size: int, timesteps: dict) -> dict:
+        """One update per `minibatch_size` rows of `batch` (numpy or tensors, moved to the
+        learner's device), then the learner call's results as RLlib's `update` gives them."""
         learner, mid = self._learner, DEFAULT_MODULE_ID
         learner._weights_seq_no += 1
+        batch = tree.map_structure(lambda x: torch.as_tensor(x, device=learner._device), batch)
         for total, reduce in self._totals.values():
             total.fill_(START[reduce])
         counts: dict[tuple, int] = {}
         updates = {False: 0, True: 0}
-        rows = kind = 0
-        for minibatch in minibatches:
+        kind = False
+        rows = len(tree.flatten(batch)[0]) // minibatch_size * minibatch_size
+        for start in range(0, rows, minibatch_size):
+            minibatch = tree.map_structure(lambda x: x[start : start + minibatch_size], batch)
             if self._inputs is None:
                 self._inputs = tree.map_structure(torch.empty_like, minibatch)
             tree.map_structure(lambda static, new: static.copy_(new, non_blocking=True), self._inputs, minibatch)
@@ -67,7 +71,6 @@ class CapturedUpdates:
             updates[kind] += 1
             for key in self._keys[kind]:
                 counts[key] = counts.get(key, 0) + 1
-            rows += len(next(iter(tree.flatten(minibatch))))
         if not rows:
             return learner.metrics.reduce()
         for key, count in counts.items():

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import tree
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -70,9 +69,7 @@ class LearnerReplay:
             columns = (self.device_replay or self.replay).sample(n * rows)
             sample_s += time.perf_counter() - start
             if self.captured is not None:
-                batch = tree.map_structure(lambda x: torch.as_tensor(x, device=self._device), columns)
-                minibatches = (tree.map_structure(lambda x: x[i * rows : (i + 1) * rows], batch) for i in range(n))
-                results.append(self.captured.update(minibatches, timesteps))
+                results.append(self.captured.update(columns, rows, timesteps))
                 continue
             batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n * rows)
             results.append(self.update(batch=batch, minibatch_size=rows, num_epochs=1, timesteps=timesteps))
