@@ -1,5 +1,6 @@
 """The TD3 learner's update schedule, on a real `TD3TorchLearner`: delayed actor and targets."""
 
+import contextlib
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -145,3 +146,31 @@ def test_the_updates_of_one_call_read_nothing_on_the_host_between_them(monkeypat
         reads[updates] = host_reads_of_one_call(learner, batch, 16, monkeypatch)
     assert reads[4] == reads[16], reads
     assert reads[16] < 80, reads  # about two per metric; one per parameter (56 here) is too many
+
+
+def test_updates_do_not_fill_every_new_tensor_and_stay_reproducible():
+    """RLlib's seeding turns on torch's deterministic algorithms, which on a CPU build also
+    NaN-fills every tensor it allocates (a write over every activation and gradient). The learner
+    turns that fill off: no `fill_` runs inside an allocation during an update. Two learners
+    with the same seed and data still end with the same weights."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.helpers import image_state_space
+
+    space = image_state_space()
+    batch = as_batch(transition_columns(space, 64, seed=3))
+
+    def trained_weights(profiled: bool) -> list[torch.Tensor]:
+        learner = td3_learner(space, train_batch_size_per_learner=16)  # seeds torch's generator
+        learner.update(batch=batch, minibatch_size=16, num_epochs=1)
+        with profile(activities=[ProfilerActivity.CPU]) if profiled else contextlib.nullcontext() as prof:
+            learner.update(batch=batch, minibatch_size=16, num_epochs=1)
+        if profiled:
+            allocations = [e for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided")]
+            fills_in_allocations = [e for e in prof.events() if e.name == "aten::fill_" and e.cpu_parent
+                                    is not None and e.cpu_parent.name.startswith("aten::empty")]
+            assert len(allocations) > 100 and fills_in_allocations == []
+        return list(learner.module[DEFAULT_MODULE_ID].state_dict().values())
+
+    for a, b in zip(trained_weights(profiled=True), trained_weights(profiled=False)):
+        assert torch.equal(a, b)

@@ -86,6 +86,12 @@ class _TrainedMinibatch:
 
 class TD3TorchLearner(LearnerReplay, TorchLearner):
     def build(self) -> None:
+        # RLlib's seeding (`set_torch_seed`, in the Learner's constructor) turns on torch's
+        # deterministic algorithms on CPU builds of torch, and with them a NaN-fill of every new
+        # tensor: an extra pass over each activation and gradient, 20-60% of a CPU update
+        # (benchmarks/README.md). The fill only makes reads of uninitialized memory repeatable;
+        # the updates' math is deterministic without it.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         super().build()
         self.build_replay()  # this learner's shard of the replay (rl/td3/learner_replay.py)
         if self.config.learner_channels_last:  # the same Parameter objects: the optimizers keep them
