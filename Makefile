@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= configs/driving_embedded_td3.yaml
+CONFIG ?= configs/driving_town_td3.yaml
+# Extra rl.train arguments, e.g. TRAIN_ARGS="--set experiment.seed=1" (tests cut the run short).
+TRAIN_ARGS ?=
 # CPU torch for CI and laptops. GPU users: install your own torch into .venv first; an
 # existing torch is never replaced (pyproject asks for a range, not a pin).
 TORCH  ?= torch==2.13.0
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(PY) -m rl.train --config $(CONFIG)
+	$(PY) -m rl.train --config $(CONFIG) $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest

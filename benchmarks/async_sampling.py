@@ -2,6 +2,7 @@
 
     python -m benchmarks.async_sampling                  # about 4 minutes on 2 cores
     python -m benchmarks.async_sampling --tick-ms 30 --iters 24 --ratio 1.0
+    python -m benchmarks.async_sampling --runners 8 --ratio 1.0 --learner actor   # 8 stand-in servers
 
 Env runners step a stand-in for a CARLA server (benchmarks/tick_env.py: each step sleeps
 `--tick-ms` without using the CPU, as a client waits on the server's tick) with the CI-size
@@ -12,6 +13,9 @@ each a fresh algorithm, measured over its iterations after the first `--warmup` 
 2. learning alone: the learner's updates/s, U, from the synchronous run's learner time (replay
    sampling + learner calls, nothing else);
 3. synchronous, 4. asynchronous: env steps/s and updates/s, at `updates_per_env_step` r.
+
+`--learner`: where the learner runs: in the driver (`num_learners: 0`), as an actor (`num_learners:
+1`, the cluster's layout: transitions reach its replay once), or as an actor on a GPU.
 
 The ideal overlap bound is the slower side alone: min(S, U / r) env steps/s. Overlap gains most
 when the two sides take equally long; `--ratio auto` (the default) sets r = U / S, so that they
@@ -37,6 +41,11 @@ from rl.experiment import build_td3_config
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "driving_embedded_td3.yaml"
 NEVER = 10**9
+LEARNER = {
+    "driver": ("resources.num_learners=0",),
+    "actor": ("resources.num_learners=1",),
+    "gpu": ("resources.num_learners=1", "resources.num_gpus_per_learner=1"),
+}
 
 
 def experiment(args, *, async_sampling: bool, ratio: float, learning: bool, extra: tuple[str, ...] = ()):
@@ -52,6 +61,7 @@ def experiment(args, *, async_sampling: bool, ratio: float, learning: bool, extr
         f"resources.async_sampling={str(async_sampling).lower()}",
         "evaluation.interval_iters=0",
         "wandb.enabled=false",
+        *LEARNER[args.learner],
         *extra,
     ])
 
@@ -95,6 +105,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--learning-starts", type=int, default=256)
+    parser.add_argument("--learner", choices=list(LEARNER), default="driver",
+                        help="the learner in the driver, as an actor, or as an actor on a GPU")
     parser.add_argument("--ratio", default="auto", help="updates per env step, or 'auto' (balance the two sides)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -119,13 +131,14 @@ def main() -> None:
     meta = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
         "cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__, "ray": ray.__version__,
-        "tick_ms": args.tick_ms, "runners": args.runners, "fragment": args.fragment, "iters": args.iters,
+        "tick_ms": args.tick_ms, "runners": args.runners, "learner": args.learner, "fragment": args.fragment, "iters": args.iters,
         "warmup": args.warmup, "ratio": ratio, "sampling_alone": S, "learning_alone": U,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "async_sampling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"Sampling alone S = {S:.1f} env steps/s ({args.runners} runners, {args.tick_ms:g} ms ticks); "
+        f"Sampling alone S = {S:.1f} env steps/s ({args.runners} runners, {args.tick_ms:g} ms ticks, "
+        f"the learner: {args.learner}); "
         f"learning alone U = {U:.1f} updates/s; updates_per_env_step = {ratio}.",
         "",
         "| loop | env steps/s | updates/s | of the bound | replay ratio (setting) | policy lag, updates |",

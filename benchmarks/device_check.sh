@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent device session (the `device` tool): CUDA-graph updates checked
 # against the eager loop, then timed. Wheels for what the machine lacks (Ray, RLlib's needs,
-# pydantic) travel in .whl (benchmarks/README.md, "On a GPU"). Usage: bash benchmarks/device_check.sh [BATCH...]
+# pydantic) travel in .whl (benchmarks/README.md, "On a GPU").
+# Usage: [E2E=1] bash benchmarks/device_check.sh [BATCH...]
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -16,3 +17,9 @@ for batch in "${batches[@]}"; do
     | grep -v -i "warn" | tee "$OUT/cnn_learner_$batch.log"
   cp benchmarks/results/cnn_learner.json "$OUT/cnn_learner_$batch.json"
 done
+# End to end (E2E=1): 8 stand-in servers feeding the learner actor on the GPU, one update per env step.
+if [ "${E2E:-0}" = 1 ]; then
+  timeout 420 python3 -m benchmarks.async_sampling --runners 8 --ratio 1.0 --learner gpu --iters 16 --warmup 6 2>&1 \
+    | grep -v -i "warn" | tail -20 | tee "$OUT/async_8_servers.log"
+  cp benchmarks/results/async_sampling.json "$OUT/async_8_servers.json"
+fi

@@ -1,0 +1,43 @@
+"""`make train`, the README's first command, as shipped: its Makefile target and its config (the
+embedded town), cut to a few iterations with the target's own TRAIN_ARGS. Setup is not redone
+here (`-o .venv/.installed`): `make test` has just done it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_runs_the_town_config_end_to_end(tmp_path):
+    args = " ".join([
+        "--no-progress", "--set experiment.stop_env_steps=192", "--set algo.learning_starts=128",
+        "--set evaluation.episodes=1", "--set wandb.enabled=false", f"--set experiment.output_dir={tmp_path}",
+    ])
+    # make, the run and its Ray in a process group of their own, killed whole on any exit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_ADDRESS"))}
+    make = subprocess.Popen(
+        ["make", "-s", "-o", ".venv/.installed", "train", f"PY={sys.executable}", f"TRAIN_ARGS={args}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = make.communicate(timeout=600)
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+            make.wait()
+    assert make.returncode == 0, err[-3000:]
+    assert "Training driving_town_td3: TD3 on carla_env:EmbeddedTown-v0, 192 env steps" in out
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_steps"] >= 192 and summary["learner_updates"] > 0, summary
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "losses/critic" in metrics[-1]
+    assert (run_dir / "videos" / "final.gif").stat().st_size > 0
