@@ -181,17 +181,20 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
     n = batch_size * updates_per_call
     batches = [draw(pool, n, rng) for _ in range(2)]  # alternate two, drawn outside the timing
 
-    learner = config.build_learner()
-    i = iter(range(10**9))
+    def rllib_update_side(config: TD3Config):
+        """Our learner through RLlib's `update`, as training calls it on a CPU."""
+        learner, i = config.build_learner(), iter(range(10**9))
 
-    def ours():
-        columns = batches[next(i) % 2]
-        learner.update(
-            batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n),
-            minibatch_size=batch_size,
-            num_epochs=1,
-        )
+        def side():
+            learner.update(
+                batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batches[next(i) % 2])}, env_steps=n),
+                minibatch_size=batch_size,
+                num_epochs=1,
+            )
 
+        return side
+
+    ours = rllib_update_side(config)
     plain_td3 = PlainTD3(config, torch.device(device))
     j = iter(range(10**9))
 
@@ -203,6 +206,8 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
         sides.update(captured_sides(batch_size, network, batches, updates_per_call))
     else:
         sides["loop"] = eager_loop_side(config, batch_size, batches, updates_per_call)
+        # bf16 autocast on the CPU (oneDNN uses AVX512-BF16 or AMX where the CPU has them)
+        sides["eager_bf16"] = rllib_update_side(make_config(batch_size, device, network, bf16=True))
     # Interleave the sides, round by round, so drift in machine speed hits all alike.
     rates = {name: [] for name in sides}
     for _ in range(rounds):
