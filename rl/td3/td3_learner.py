@@ -88,8 +88,9 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
     def build(self) -> None:
         # RLlib's seeding (`set_torch_seed`, in the Learner's constructor) turns on torch's
         # deterministic algorithms on CPU builds of torch, and with them a NaN-fill of every new
-        # tensor: an extra pass over each activation and gradient, 20-60% of a CPU update
-        # (benchmarks/README.md). The fill only makes reads of uninitialized memory repeatable;
+        # tensor: an extra pass over each activation and gradient (measured on 2 CPU cores: 2% of
+        # an update of the default CNN, ~12% at the CI size; benchmarks/README.md). The fill only
+        # makes reads of uninitialized memory repeatable;
         # the updates' math is deterministic without it.
         torch.utils.deterministic.fill_uninitialized_memory = False
         super().build()
