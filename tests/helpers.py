@@ -99,3 +99,22 @@ def transition_columns(
 def as_batch(columns: dict) -> MultiAgentBatch:
     n = len(columns[Columns.REWARDS])
     return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n)
+
+
+def run_in_own_group(command: list[str], timeout: float, **popen) -> tuple[int, str, str]:
+    """Runs `command` in a process group of its own (with whatever it starts: Ray, servers) and
+    kills the group on any exit: a timeout, a failure, an interrupted test run. Returns the exit
+    code, stdout and stderr."""
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **popen)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, out, err

@@ -6,29 +6,21 @@ puts the learner and that the config asks for it correctly, not CUDA itself."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_in_own_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_the_cluster_configs_learner_trains_on_the_gpu_node_while_the_driver_node_has_none():
-    # The cluster and the driver in a process group of their own, killed whole on any exit.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_ADDRESS"))}
-    driver = subprocess.Popen([sys.executable, "-m", "tests.gpu_learner_driver", "3"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-    assert driver.returncode == 0, err[-3000:]
+    code, out, err = run_in_own_group([sys.executable, "-m", "tests.gpu_learner_driver", "3"], timeout=300, cwd=ROOT, env=env)
+    assert code == 0, err[-3000:]
     placed = json.loads(out.strip().splitlines()[-1])
     assert placed["num_learners"] == 1 and placed["driver_node_gpus"] == 0.0  # the head: no GPU
     assert placed["learner"]["node"] != placed["driver_node"]

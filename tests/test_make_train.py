@@ -5,12 +5,12 @@ here (`-o .venv/.installed`): `make test` has just done it."""
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_in_own_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,19 +21,12 @@ def test_make_train_runs_the_town_config_end_to_end(tmp_path):
         "--no-progress", "--set experiment.stop_env_steps=192", "--set algo.learning_starts=128",
         "--set evaluation.episodes=1", "--set wandb.enabled=false", f"--set experiment.output_dir={tmp_path}",
     ])
-    # make, the run and its Ray in a process group of their own, killed whole on any exit.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_ADDRESS"))}
-    make = subprocess.Popen(
+    code, out, err = run_in_own_group(
         ["make", "-s", "-o", ".venv/.installed", "train", f"PY={sys.executable}", f"TRAIN_ARGS={args}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        timeout=600, cwd=ROOT, env=env,
     )
-    try:
-        out, err = make.communicate(timeout=600)
-    finally:
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-            make.wait()
-    assert make.returncode == 0, err[-3000:]
+    assert code == 0, err[-3000:]
     assert "Training driving_town_td3: TD3 on carla_env:EmbeddedTown-v0, 192 env steps" in out
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
