@@ -101,16 +101,18 @@ def as_batch(columns: dict) -> MultiAgentBatch:
     return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n)
 
 
-def run_in_own_group(command: list[str], timeout: float, **popen) -> tuple[int, str, str]:
-    """Runs `command` in a process group of its own (with whatever it starts: Ray, servers) and
-    kills the group on any exit: a timeout, a failure, an interrupted test run. Returns the exit
-    code, stdout and stderr."""
+def run_in_own_group(command: list[str], timeout: float, cwd) -> tuple[int, str, str]:
+    """Runs `command` in `cwd`, in a process group of its own (with whatever it starts: Ray,
+    servers), and kills the group on any exit: a timeout, a failure, an interrupted test run. The
+    child gets this environment without the user's W&B settings and Ray address (a test's run
+    never logs to their W&B or joins their cluster). Returns the exit code, stdout and stderr."""
     import os
     import signal
     import subprocess
 
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, **popen)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_ADDRESS"))}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     try:
         out, err = process.communicate(timeout=timeout)
     finally:

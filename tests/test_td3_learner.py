@@ -1,6 +1,7 @@
 """The TD3 learner's update schedule, on a real `TD3TorchLearner`: delayed actor and targets."""
 
 import contextlib
+
 import gymnasium as gym
 import numpy as np
 import pytest

@@ -90,8 +90,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         # deterministic algorithms on CPU builds of torch, and with them a NaN-fill of every new
         # tensor: an extra pass over each activation and gradient (measured on 2 CPU cores: 2% of
         # an update of the default CNN, ~12% at the CI size; benchmarks/README.md). The fill only
-        # makes reads of uninitialized memory repeatable;
-        # the updates' math is deterministic without it.
+        # makes reads of uninitialized memory repeatable; the updates' math is deterministic
+        # without it.
         torch.utils.deterministic.fill_uninitialized_memory = False
         super().build()
         self.build_replay()  # this learner's shard of the replay (rl/td3/learner_replay.py)
