@@ -1,6 +1,9 @@
 """The TD3 learner's update schedule, on a real `TD3TorchLearner`: delayed actor and targets."""
 
 import contextlib
+import platform
+import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -9,7 +12,9 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from rl.td3.td3_learner import ACTOR_SATURATION, NUM_ACTOR_UPDATES, NUM_CRITIC_UPDATES, TARGET_CHANGE
-from tests.helpers import as_batch, td3_learner, transition_columns, vector_space
+from tests.helpers import as_batch, run_in_own_group, td3_learner, transition_columns, vector_space
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 32
 TAU = 0.1
@@ -175,3 +180,28 @@ def test_updates_do_not_fill_every_new_tensor_and_stay_reproducible():
 
     for a, b in zip(trained_weights(profiled=True), trained_weights(profiled=False)):
         assert torch.equal(a, b)
+
+
+PAGE_FAULTS_OF_AN_UPDATE = """
+import resource
+from tests.helpers import as_batch, image_state_space, td3_learner, transition_columns
+
+space = image_state_space(frames=2, size=48)
+learner = td3_learner(space, train_batch_size_per_learner=256)
+batch = as_batch(transition_columns(space, 256 * 4))
+for call in range(3):
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    learner.update(batch=batch, minibatch_size=256, num_epochs=1)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // 4)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator's settings are glibc's")
+def test_a_learner_reuses_its_freed_memory_instead_of_faulting_it_in_again_every_update():
+    """An update frees all its tensors and asks for them again at the next one; glibc's defaults
+    return that memory to the kernel in between, and every update faulted its working set back
+    in (thousands of page faults per update at this size). The learner's process keeps it:
+    once warm, an update faults (almost) no page. In a fresh process: the setting is global."""
+    code, out, err = run_in_own_group([sys.executable, "-c", PAGE_FAULTS_OF_AN_UPDATE], timeout=300, cwd=ROOT)
+    assert code == 0, err[-3000:]
+    assert int(out.split()[-1]) < 100, out

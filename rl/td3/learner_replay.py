@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
 from rl.checkpoints import shard_manifests
 from rl.td3.device_replay import DeviceReplay, check_fits
@@ -55,9 +54,10 @@ class LearnerReplay:
 
     def replay_and_update(self, num_updates: int, timesteps: dict) -> tuple[list[dict], float]:
         """`num_updates` minibatch updates of `train_batch_size_per_learner` transitions, each
-        drawn from this shard; in calls of at most `learner_batch_max_mb` of batch (RLlib's
-        overhead is per call, not per update). Returns RLlib's results of each call and the
-        seconds spent sampling."""
+        drawn from this shard; in calls of at most `learner_batch_max_mb` of batch (the
+        metrics' overhead is per call, not per update), through the learner's update loop
+        (rl/td3/captured_update.py). Returns RLlib's results of each call and the seconds spent
+        sampling."""
         config = self.config
         rows = config.train_batch_size_per_learner
         per_call = max(1, int(config.learner_batch_max_mb * 2**20 // (rows * self.replay.bytes_per_sample)))
@@ -68,11 +68,7 @@ class LearnerReplay:
             start = time.perf_counter()
             columns = (self.device_replay or self.replay).sample(n * rows)
             sample_s += time.perf_counter() - start
-            if self.captured is not None:
-                results.append(self.captured.update(columns, rows, timesteps))
-                continue
-            batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=n * rows)
-            results.append(self.update(batch=batch, minibatch_size=rows, num_epochs=1, timesteps=timesteps))
+            results.append(self.update_loop.update(columns, rows, timesteps))
         return results, sample_s
 
     def save_replay(self, directory: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
 from rl.td3.captured_update import CapturedUpdates
+from rl.td3.host_allocator import keep_freed_heap_for_reuse
 from rl.td3.learner_replay import LearnerReplay
 from rl.td3.td3_rl_module import CRITIC_FEATURES, Q1, Q2
 
@@ -93,6 +94,7 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         # makes reads of uninitialized memory repeatable; the updates' math is deterministic
         # without it.
         torch.utils.deterministic.fill_uninitialized_memory = False
+        keep_freed_heap_for_reuse()  # no page faults on every update's tensors (host_allocator.py)
         super().build()
         self.build_replay()  # this learner's shard of the replay (rl/td3/learner_replay.py)
         if self.config.learner_channels_last:  # the same Parameter objects: the optimizers keep them
@@ -109,8 +111,10 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # The statistics of the update in progress: (module_id, name) -> (tensor, reduce).
         self.update_stats: dict[tuple[ModuleID, str], tuple[torch.Tensor, str]] = {}
-        self.captured = CapturedUpdates(self) if self.captures_updates else None
-        if self.captured is not None:
+        # The loop training runs its updates in: replayed from CUDA graphs where they are
+        # captured, eager elsewhere (statistics summed on the device and logged once per call).
+        self.update_loop = CapturedUpdates(self, graphs=self.captures_updates)
+        if self.captures_updates:
             torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution's fastest algorithm, found once
 
     @property
@@ -160,10 +164,17 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         """One update (RLlib's step, without its DDP and off-policyness parts, which TD3 has no
         use for): the forward passes and losses under bf16 autocast where `learner_bf16` asks."""
         with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.learner_bf16):
+            batch = {module_id: self._prepared(module_id, columns) for module_id, columns in batch.items()}
             fwd_out = self.module.forward_train(batch)
             loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
         self.apply_gradients(self.postprocess_gradients(self.compute_gradients(loss_per_module)))
         return fwd_out, loss_per_module, {}
+
+    def _prepared(self, module_id: ModuleID, columns: dict[str, Any]) -> dict[str, Any]:
+        """The minibatch, its observations converted once for all the encoders that read them
+        (images to float pixels: models/encoders.py `Pixels`)."""
+        prepare = self.module[module_id].unwrapped().critic.encoder.prepare
+        return {**columns, Columns.OBS: prepare(columns[Columns.OBS]), Columns.NEXT_OBS: prepare(columns[Columns.NEXT_OBS])}
 
     def compute_loss_for_module(
         self, *, module_id: ModuleID, config, batch: dict[str, Any], fwd_out: dict[str, TensorType]
@@ -292,9 +303,10 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
     @torch.no_grad()
     def _polyak_update_targets(self, module_id: ModuleID) -> None:
         tau = self.config.get_config_for_module(module_id).tau
-        for main, target in self.module[module_id].unwrapped().get_target_network_pairs():
-            for p_target, p in zip(target.parameters(), main.parameters()):
-                p_target.lerp_(p, tau)  # p_target <- (1 - tau) * p_target + tau * p
+        pairs = self.module[module_id].unwrapped().get_target_network_pairs()
+        targets = [p for _, target in pairs for p in target.parameters()]
+        mains = [p for main, _ in pairs for p in main.parameters()]
+        torch._foreach_lerp_(targets, mains, tau)  # p_target <- (1 - tau) * p_target + tau * p, all at once
 
     def _optimizer_params(self, module_id: ModuleID, name: str) -> list[torch.Tensor]:
         optimizer = self.get_optimizer(module_id, name)
@@ -319,8 +331,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
 
     def _record(self, module_id: ModuleID, name: str, value: torch.Tensor, reduce: str) -> None:
         """One update's statistic, a tensor on the learner's device (reduce: mean, max or min
-        over the call's updates). The eager update logs it right after the update (`_update`);
-        a captured one accumulates it on the device and logs the call's value once
+        over the call's updates). RLlib's `update` logs it right after the update (`_update`);
+        training's update loop accumulates it on the device and logs the call's value once
         (rl/td3/captured_update.py)."""
         self.update_stats[(module_id, name)] = (value, reduce)
 
@@ -374,5 +386,4 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
     def set_state(self, state) -> None:
         super().set_state(state)
         self._num_critic_updates.update(state.get(NUM_CRITIC_UPDATES, {}))
-        if self.captured is not None:  # the optimizers' state tensors are new: record anew
-            self.captured.reset()
+        self.update_loop.reset()  # the optimizers' state tensors are new: graphs record anew
