@@ -275,7 +275,7 @@ def captured_sides(batch_size: int, network: str, batches: list[dict], updates_p
             continue
 
         def side(learner=learner, data=data, calls=calls):
-            learner.captured.update(data[next(calls) % 2], batch_size, timesteps={})
+            learner.update_loop.update(data[next(calls) % 2], batch_size, timesteps={})
 
         sides[f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")] = side
     return sides

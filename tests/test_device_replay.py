@@ -92,7 +92,7 @@ def test_a_gpu_learner_updates_from_its_replay_on_the_gpu(graphs):
     space = image_state_space()
     learner = td3_learner(space, gpus=1, learner_cuda_graphs=graphs, train_batch_size_per_learner=32,
                           replay_buffer_capacity=1000)
-    assert learner.device_replay is not None and (learner.captured is not None) == graphs
+    assert learner.device_replay is not None and learner.update_loop.graphs == graphs
     c = transition_columns(space, 100)
     learner.replay.add(c[Columns.OBS], c[Columns.ACTIONS], c[Columns.REWARDS], c[Columns.NEXT_OBS], c[Columns.TERMINATEDS])
     learner.device_replay.sync()

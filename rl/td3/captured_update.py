@@ -42,7 +42,8 @@ class CapturedUpdates:
         if list(learner.module.keys()) != [DEFAULT_MODULE_ID]:
             raise ValueError("captured updates support one RL module (single-agent TD3)")
         self._learner = learner
-        self._inputs: dict[str, Any] | None = None  # the graphs' minibatch
+        self.graphs = graphs
+        self._inputs: dict[str, Any] | None = None  # the graphs' minibatch (fixed input tensors)
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # policy step? -> its graph
         self._losses: dict[bool, torch.Tensor] = {}  # each kind's total loss (the graph's output)
         self._eager_runs = {False: 0, True: 0}
@@ -60,7 +61,7 @@ class CapturedUpdates:
         learner's device), then the learner call's results as RLlib's `update` gives them."""
         learner, mid = self._learner, DEFAULT_MODULE_ID
         learner._weights_seq_no += 1
-        batch = tree.map_structure(lambda x: torch.as_tensor(x, device=learner._device), batch)
+        batch = tree.map_structure(lambda x: _as_tensor(x, learner._device), batch)
         for total, reduce in self._totals.values():
             total.fill_(START[reduce])
         counts: dict[tuple, int] = {}
@@ -69,14 +70,8 @@ class CapturedUpdates:
         rows = len(tree.flatten(batch)[0]) // minibatch_size * minibatch_size
         for start in range(0, rows, minibatch_size):
             minibatch = tree.map_structure(lambda x: x[start : start + minibatch_size], batch)
-            if self._stream is None:  # eager: the update reads the minibatch where it is
-                self._inputs = minibatch
-            else:  # a graph reads its fixed input tensors
-                if self._inputs is None:
-                    self._inputs = tree.map_structure(torch.empty_like, minibatch)
-                tree.map_structure(lambda static, new: static.copy_(new, non_blocking=True), self._inputs, minibatch)
             kind = learner.is_policy_step(mid, learner._num_critic_updates[mid] + 1)
-            self._run(kind)
+            self._run(kind, minibatch)
             updates[kind] += 1
             for key in self._keys[kind]:
                 counts[key] = counts.get(key, 0) + 1
@@ -91,10 +86,15 @@ class CapturedUpdates:
         learner.after_gradient_based_update(timesteps=timesteps)
         return learner.metrics.reduce()
 
-    def _run(self, kind: bool) -> None:
-        if self._stream is None:
-            self._losses[kind] = self._step()
-        elif kind in self._graphs:
+    def _run(self, kind: bool, minibatch: dict[str, Any]) -> None:
+        if self._stream is None:  # eager: the update reads the minibatch where it is
+            self._losses[kind] = self._step(minibatch)
+            return
+        # A graph reads its fixed input tensors: the minibatch is copied there first.
+        if self._inputs is None:
+            self._inputs = tree.map_structure(torch.empty_like, minibatch)
+        tree.map_structure(lambda static, new: static.copy_(new, non_blocking=True), self._inputs, minibatch)
+        if kind in self._graphs:
             self._learner._num_critic_updates[DEFAULT_MODULE_ID] += 1  # what the update's code does
             self._graphs[kind].replay()
         elif self._eager_runs[kind] < WARMUP_UPDATES:
@@ -102,7 +102,7 @@ class CapturedUpdates:
             # On a side stream, as PyTorch's docs warm up before recording.
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
-                self._losses[kind] = self._step()
+                self._losses[kind] = self._step(self._inputs)
             torch.cuda.current_stream().wait_stream(self._stream)
         else:
             self._record(kind)
@@ -112,15 +112,15 @@ class CapturedUpdates:
         """Records the update (its code runs once, counting itself, but computes nothing)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._losses[kind] = self._step()
+            self._losses[kind] = self._step(self._inputs)
         self._graphs[kind] = graph
 
-    def _step(self) -> torch.Tensor:
-        """One update of the learner from the input minibatch, its statistics added to the totals
+    def _step(self, minibatch: dict[str, Any]) -> torch.Tensor:
+        """One update of the learner from `minibatch`, its statistics added to the totals
         (eagerly, or as part of the graph being recorded)."""
         learner = self._learner
         learner.update_stats = {}
-        _, loss_per_module, _ = learner._uncompiled_update({DEFAULT_MODULE_ID: self._inputs})
+        _, loss_per_module, _ = learner._uncompiled_update({DEFAULT_MODULE_ID: minibatch})
         kind = learner.is_policy_step(DEFAULT_MODULE_ID)
         self._keys[kind] = list(learner.update_stats)
         with torch.no_grad():
@@ -136,3 +136,10 @@ class CapturedUpdates:
                                [learner.update_stats[key][0].float() for key in keys])
         learner.update_stats = {}
         return loss_per_module[DEFAULT_MODULE_ID].detach()
+
+
+def _as_tensor(x, device: torch.device) -> torch.Tensor:
+    """A batch column on the learner's device, float columns as float32 (as RLlib's `update`
+    converts them: a float64 env's observations meet float32 weights)."""
+    tensor = torch.as_tensor(x, device=device)
+    return tensor.float() if tensor.is_floating_point() else tensor

@@ -1,7 +1,8 @@
 """TD3's learner: the whole update of Fujimoto et al. (2018), Algorithm 1, in `compute_loss_for_module`.
 
-One call of `Learner.update` runs many minibatch updates (see `TD3.training_step`); the delayed
-actor step and the Polyak target update are decided per minibatch update, here, not once per call.
+One learner call runs many minibatch updates (training's update loop, rl/td3/captured_update.py,
+or RLlib's `Learner.update`); the delayed actor step and the Polyak target update are decided per
+minibatch update, here, not once per call.
 """
 
 from __future__ import annotations
