@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import tree
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 # Eager updates of each kind before it is recorded: cuBLAS/cuDNN handles and workspaces, the
 # optimizers' state and the gradients exist before recording (PyTorch's CUDA graph docs).
@@ -61,7 +62,9 @@ class CapturedUpdates:
         learner's device), then the learner call's results as RLlib's `update` gives them."""
         learner, mid = self._learner, DEFAULT_MODULE_ID
         learner._weights_seq_no += 1
-        batch = tree.map_structure(lambda x: _as_tensor(x, learner._device), batch)
+        # As RLlib's `update` converts a batch: float columns become float32 (a float64 env's
+        # observations meet float32 weights).
+        batch = convert_to_torch_tensor(batch, device=learner._device)
         for total, reduce in self._totals.values():
             total.fill_(START[reduce])
         counts: dict[tuple, int] = {}
@@ -137,9 +140,3 @@ class CapturedUpdates:
         learner.update_stats = {}
         return loss_per_module[DEFAULT_MODULE_ID].detach()
 
-
-def _as_tensor(x, device: torch.device) -> torch.Tensor:
-    """A batch column on the learner's device, float columns as float32 (as RLlib's `update`
-    converts them: a float64 env's observations meet float32 weights)."""
-    tensor = torch.as_tensor(x, device=device)
-    return tensor.float() if tensor.is_floating_point() else tensor
