@@ -129,3 +129,18 @@ def test_actor_loss_moves_only_the_actor_and_critic_loss_only_the_critics(share_
         assert module.actor.encoder is module.critic.encoder
         encoder_ids = {id(p) for p in module.critic.encoder.parameters()}
         assert not encoder_ids & {id(p) for p in actor_params}
+
+
+def test_a_group_without_a_limit_keeps_even_a_non_finite_gradient_as_it_is():
+    """Its norm is Inf; a scale computed from it (limit / Inf, Inf / Inf) would turn the whole
+    group's gradients into zeros or NaN. Unclipped means untouched: the Inf shows where it is."""
+    learner = _learner(limits={**LIMITS, "critic.head": None})
+    refs = learner._gradient_groups[DEFAULT_MODULE_ID]["critic.head"]
+    grads = {ref: torch.full_like(learner._params[ref], 2.0) for ref in refs}
+    grads[refs[0]].view(-1)[0] = float("inf")
+    before = {ref: g.clone() for ref, g in grads.items()}
+    learner.postprocess_gradients_for_module(module_id=DEFAULT_MODULE_ID, config=learner.config, module_gradients_dict=grads)
+    for ref in refs:
+        assert torch.equal(grads[ref], before[ref])
+    assert learner.update_stats[(DEFAULT_MODULE_ID, grad_metric("critic.head", "pre_clip_norm"))][0] == float("inf")
+    assert learner.update_stats[(DEFAULT_MODULE_ID, grad_metric("critic.head", "clip_fraction"))][0] == 0.0

@@ -189,10 +189,14 @@ from tests.helpers import as_batch, image_state_space, td3_learner, transition_c
 space = image_state_space(frames=2, size=48)
 learner = td3_learner(space, train_batch_size_per_learner=256)
 batch = as_batch(transition_columns(space, 256 * 4))
-for call in range(3):
+per_update = []
+for call in range(5):
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     learner.update(batch=batch, minibatch_size=256, num_epochs=1)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // 4)
+    per_update.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // 4)
+# The median of the warm calls: now and then one call grows a heap (Python's, the metrics') by a
+# few hundred pages; the refaulting this test is about costs thousands in almost every call.
+print(sorted(per_update[2:])[1])
 """
 
 

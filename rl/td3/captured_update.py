@@ -32,7 +32,14 @@ from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 WARMUP_UPDATES = 3
 # Where each reduction starts: a running sum for means, -inf for maxima, +inf for minima.
 START = {"mean": 0.0, "max": float("-inf"), "min": float("inf")}
-ACCUMULATE = {"mean": torch._foreach_add_, "max": torch._foreach_maximum_, "min": torch._foreach_minimum_}
+# One update's statistics into the running ones, in place (and so recordable in a graph).
+ACCUMULATE = {
+    "mean": lambda total, values: total.add_(values),
+    "max": lambda total, values: torch.maximum(total, values, out=total),
+    "min": lambda total, values: torch.minimum(total, values, out=total),
+}
+# Running sums, maxima or minima of the kinds of update, combined into one.
+COMBINE = {"mean": torch.add, "max": torch.maximum, "min": torch.minimum}
 
 
 class CapturedUpdates:
@@ -48,8 +55,10 @@ class CapturedUpdates:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # policy step? -> its graph
         self._losses: dict[bool, torch.Tensor] = {}  # each kind's total loss (the graph's output)
         self._eager_runs = {False: 0, True: 0}
-        self._keys: dict[bool, list[tuple]] = {}  # the statistics each kind of update produces
-        self._totals: dict[tuple, tuple[torch.Tensor, str]] = {}  # running reductions, on the device
+        # Per kind of update and reduction: the statistics it produces, and their running
+        # reductions on the device, one vector for all of them (one op per update, not one each).
+        self._keys: dict[bool, dict[str, list[tuple]]] = {}
+        self._totals: dict[bool, dict[str, torch.Tensor]] = {}
         self._stream = torch.cuda.Stream(device=learner._device) if graphs else None
 
     def reset(self) -> None:
@@ -65,24 +74,24 @@ class CapturedUpdates:
         # As RLlib's `update` converts a batch: float columns become float32 (a float64 env's
         # observations meet float32 weights).
         batch = convert_to_torch_tensor(batch, device=learner._device)
-        for total, reduce in self._totals.values():
-            total.fill_(START[reduce])
-        counts: dict[tuple, int] = {}
+        for totals in self._totals.values():
+            for reduce, total in totals.items():
+                total.fill_(START[reduce])
         updates = {False: 0, True: 0}
         kind = False
-        rows = len(tree.flatten(batch)[0]) // minibatch_size * minibatch_size
-        for start in range(0, rows, minibatch_size):
-            minibatch = tree.map_structure(lambda x: x[start : start + minibatch_size], batch)
+        columns = tree.flatten(batch)
+        rows = len(columns[0]) // minibatch_size * minibatch_size
+        # Each column cut into the call's minibatches at once (views; a smaller last one is left out).
+        parts = [column.split(minibatch_size) for column in columns]
+        for i in range(rows // minibatch_size):
+            minibatch = tree.unflatten_as(batch, [part[i] for part in parts])
             kind = learner.is_policy_step(mid, learner._num_critic_updates[mid] + 1)
             self._run(kind, minibatch)
             updates[kind] += 1
-            for key in self._keys[kind]:
-                counts[key] = counts.get(key, 0) + 1
         if not rows:
             return learner.metrics.reduce()
-        for key, count in counts.items():
-            total, reduce = self._totals[key]
-            learner.metrics.log_value(key, total / count if reduce == "mean" else total.clone(), reduce=reduce)
+        for key, (reduce, value) in self._call_statistics(updates).items():
+            learner.metrics.log_value(key, value, reduce=reduce)
         learner.log_update_counts(mid, critic=updates[False] + updates[True], actor=updates[True])
         learner.log_trained_rows(rows, minibatches=updates[False] + updates[True])
         learner.metrics.log_value((mid, learner.TOTAL_LOSS_KEY), self._losses[kind].clone(), window=1)
@@ -124,19 +133,36 @@ class CapturedUpdates:
         learner = self._learner
         learner.update_stats = {}
         _, loss_per_module, _ = learner._uncompiled_update({DEFAULT_MODULE_ID: minibatch})
-        kind = learner.is_policy_step(DEFAULT_MODULE_ID)
-        self._keys[kind] = list(learner.update_stats)
+        kind, stats = learner.is_policy_step(DEFAULT_MODULE_ID), learner.update_stats
+        if kind not in self._keys:  # the first update of its kind
+            self._keys[kind] = {reduce: [key for key, (_, r) in stats.items() if r == reduce] for reduce in START}
+            self._totals[kind] = {
+                reduce: torch.full((len(keys),), START[reduce], dtype=torch.float32, device=learner._device)
+                for reduce, keys in self._keys[kind].items()
+            }
         with torch.no_grad():
-            for key, (value, reduce) in learner.update_stats.items():
-                if key not in self._totals:
-                    start = torch.full((), START[reduce], dtype=torch.float32, device=value.device)
-                    self._totals[key] = (start, reduce)
-            # One foreach op per kind of reduction, not one op per statistic (~20 of them).
-            for reduce, accumulate in ACCUMULATE.items():
-                keys = [key for key, (_, r) in learner.update_stats.items() if r == reduce]
+            for reduce, keys in self._keys[kind].items():
                 if keys:
-                    accumulate([self._totals[key][0] for key in keys],
-                               [learner.update_stats[key][0].float() for key in keys])
+                    ACCUMULATE[reduce](self._totals[kind][reduce], torch.stack([stats[key][0].float() for key in keys]))
         learner.update_stats = {}
         return loss_per_module[DEFAULT_MODULE_ID].detach()
 
+    def _call_statistics(self, updates: dict[bool, int]) -> dict[tuple, tuple[str, torch.Tensor]]:
+        """Each statistic over the call's `updates` (their number per kind), as a tensor: the
+        mean over every update that produced it, or the max or min."""
+        combined: dict[tuple, tuple[str, torch.Tensor, int]] = {}  # key -> (reduce, total, updates)
+        for kind, count in updates.items():
+            if not count:
+                continue
+            for reduce, keys in self._keys[kind].items():
+                totals = self._totals[kind][reduce].clone()  # not the running one: the next call resets it
+                for key, total in zip(keys, totals.unbind()):
+                    n = count
+                    if key in combined:  # from the other kind of update too
+                        _, other, other_n = combined[key]
+                        total, n = COMBINE[reduce](other, total), n + other_n
+                    combined[key] = (reduce, total, n)
+        return {
+            key: (reduce, total / count if reduce == "mean" else total)
+            for key, (reduce, total, count) in combined.items()
+        }
