@@ -1,7 +1,7 @@
 """CNN learner throughput: our TD3 learner against a plain torch loop doing the same update.
 
     python -m benchmarks.cnn_learner                     # CPU, and CUDA when there is a GPU
-    python -m benchmarks.cnn_learner --devices cpu --calls 5
+    python -m benchmarks.cnn_learner --devices cpu --network ci --calls 60
 
 Both sides train the same network (our TD3 module, the default Nature-DQN CNN, image+state
 observations of 4x84x84 uint8 frames and a 10-float state) with the same update: TD3's critic
@@ -11,9 +11,10 @@ replay buffer hands them over): "ours" is our learner's update loop as training 
 (rl/td3/captured_update.py), metrics included; "plain" moves the arrays to torch itself and runs
 the math. On a CPU, "rllib_update" is our learner through RLlib's own per-minibatch `update`.
 
-The median over rounds of plain/ours updates per second is our learner's overhead (1.00x =
-none; above 1, ours is slower).
-Writes benchmarks/results/cnn_learner.{json,md}.
+The sides take turns, call by call. Our learner's overhead is the median, over pairs of calls
+made next to each other, of plain/ours updates per second (1.00x = none; above 1, ours is
+slower), with a 95% bootstrap interval.
+Writes benchmarks/results/cnn_learner.{json,md} (`--results` elsewhere).
 """
 
 from __future__ import annotations
@@ -164,17 +165,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(run_call, device: str, calls: int, updates_per_call: int) -> float:
-    run_call()  # warm-up: allocations, cuDNN autotuning
+def take_turns(sides: dict, device: str, calls: int, updates_per_call: int) -> dict[str, list[float]]:
+    """Each side's updates/s in each of `calls` timed calls, after one warm-up call each
+    (allocations, cuDNN autotuning, graph recording). The sides take turns call by call, in an
+    order that rotates: drift in the machine's speed (10-30% within a run on a shared VM) hits
+    them alike, and the ratio of two sides' calls made next to each other cancels it."""
+    for side in sides.values():
+        side()
     sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        run_call()
-    sync(device)
-    return calls * updates_per_call / (time.perf_counter() - start)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for call in range(calls):
+        shift = call % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            sides[name]()
+            sync(device)
+            rates[name].append(updates_per_call / (time.perf_counter() - start))
+    return rates
 
 
-def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, rounds: int, network: str) -> dict:
+def median_with_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+    """The median and a 95% bootstrap interval of it."""
+    medians = np.median(rng.choice(values, (2000, len(values))), axis=1)
+    return float(np.median(values)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
+def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, network: str) -> dict:
     rng = np.random.default_rng(0)
     pool = transition_pool(rng, network)
     config = make_config(batch_size, device, network)
@@ -206,28 +223,24 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
         sides["rllib_update"] = rllib_update_side(config, batches, batch_size)
         # bf16 autocast on the CPU (oneDNN uses AVX512-BF16 or AMX where the CPU has them)
         sides["eager_bf16"] = training_side(make_config(batch_size, device, network, bf16=True))
-    # Interleave the sides, round by round, so drift in machine speed hits all alike.
-    rates = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, side in sides.items():
-            rates[name].append(measure(side, device, calls, updates_per_call))
-    ours_rates, plain_rates = rates["ours"], rates["plain"]
-    ours_rate, plain_rate = float(np.median(ours_rates)), float(np.median(plain_rates))
+    rates = take_turns(sides, device, calls, updates_per_call)
+    ours_rates, plain_rates = np.array(rates["ours"]), np.array(rates["plain"])
+    # Per pair of calls made next to each other, then the median: plain/ours, above 1 = ours slower.
+    overhead, low, high = median_with_ci(plain_rates / ours_rates, np.random.default_rng(0))
     return {
-        "captured": {name: {"updates_per_s": float(np.median(r)), "rounds": r}
+        "captured": {name: {"updates_per_s": float(np.median(r)), "calls": r}
                      for name, r in rates.items() if name not in ("ours", "plain")},
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "network": network,
         "torch_threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "updates_per_call": updates_per_call,
-        "ours_updates_per_s": ours_rate,
-        "plain_updates_per_s": plain_rate,
-        # Per round, then the median: each round's two sides ran back to back, so drift in the
-        # machine's speed (a shared 2-core VM drifts by 10-30%) cancels in their ratio.
-        "overhead_ratio": float(np.median(np.array(plain_rates) / np.array(ours_rates))),
-        "ours_rounds": ours_rates,
-        "plain_rounds": plain_rates,
+        "ours_updates_per_s": float(np.median(ours_rates)),
+        "plain_updates_per_s": float(np.median(plain_rates)),
+        "overhead_ratio": overhead,
+        "overhead_ci95": [low, high],
+        "ours_calls": rates["ours"],
+        "plain_calls": rates["plain"],
     }
 
 
@@ -304,10 +317,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--updates-per-call", type=int, default=16,
                         help="minibatch updates per learner call (training: fragment length x runners)")
-    parser.add_argument("--calls", type=int, default=4, help="timed calls per side and round")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; medians are reported")
+    parser.add_argument("--calls", type=int, default=28,
+                        help="timed calls per side, the sides taking turns call by call; medians are reported")
     parser.add_argument("--network", choices=list(NETWORKS), default="default",
                         help="default: the Nature-DQN CNN on 4x84x84; ci: the CI test's size")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for cnn_learner.{json,md}")
     args = parser.parse_args()
 
     rows = []
@@ -315,26 +329,28 @@ def main() -> None:
         if device == "cuda" and not torch.cuda.is_available():
             print("cuda: no GPU here, skipped")
             continue
-        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.rounds, args.network)
+        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.network)
         print(json.dumps(row))
         rows.append(row)
         for name, c in row["captured"].items():
             print(f"{row['device']} batch {row['batch_size']}: {name}: {c['updates_per_s']:.1f} updates/s "
-                  f"({_spread(c['rounds'])}); eager {row['ours_updates_per_s']:.1f}, plain {row['plain_updates_per_s']:.1f}")
+                  f"({_spread(c['calls'])}); eager {row['ours_updates_per_s']:.1f}, plain {row['plain_updates_per_s']:.1f}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": torch.get_num_threads()}
-    (RESULTS / "cnn_learner.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.results / "cnn_learner.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "| device | network | batch | updates/call | ours updates/s (rounds) | plain torch updates/s (rounds) | overhead (plain/ours) |",
-        "|---|---|---|---|---|---|---|",
+        "| device | network | batch | updates/call | ours updates/s (calls) | plain torch updates/s (calls) "
+        "| overhead (plain/ours, median of paired calls) | its 95% interval |",
+        "|---|---|---|---|---|---|---|---|",
     ] + [
         f"| {r['device']} ({r['torch_threads']} threads) | {r['network']} | {r['batch_size']} | {r['updates_per_call']} | "
-        f"{r['ours_updates_per_s']:.1f} ({_spread(r['ours_rounds'])}) | "
-        f"{r['plain_updates_per_s']:.1f} ({_spread(r['plain_rounds'])}) | {r['overhead_ratio']:.2f}x |"
+        f"{r['ours_updates_per_s']:.1f} ({_spread(r['ours_calls'])}) | "
+        f"{r['plain_updates_per_s']:.1f} ({_spread(r['plain_calls'])}) | {r['overhead_ratio']:.3f}x | "
+        f"{r['overhead_ci95'][0]:.3f}-{r['overhead_ci95'][1]:.3f} |"
         for r in rows
     ]
-    (RESULTS / "cnn_learner.md").write_text("\n".join(lines) + "\n")
+    (args.results / "cnn_learner.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -13,7 +13,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_captured_update.
 timeout 120 python3 -m benchmarks.gpu_update_profile --channels-last 2>&1 | grep -v -i warn | tee "$OUT/profile_256.log"
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(256 1024)
 for batch in "${batches[@]}"; do
-  timeout 300 python3 -m benchmarks.cnn_learner --devices cuda --batch-size "$batch" --updates-per-call 32 --calls 4 --rounds 3 2>&1 \
+  timeout 300 python3 -m benchmarks.cnn_learner --devices cuda --batch-size "$batch" --updates-per-call 32 --calls 12 2>&1 \
     | grep -v -i "warn" | tee "$OUT/cnn_learner_$batch.log"
   cp benchmarks/results/cnn_learner.json "$OUT/cnn_learner_$batch.json"
 done

@@ -87,9 +87,8 @@ def clipped_double_q_target(
 
 
 class ClipLayout(NamedTuple):
-    """The gradient tensors of the groups clipped together, on the learner's device."""
+    """The groups clipped together, on the learner's device."""
 
-    owner: torch.Tensor  # (tensors,) each tensor's group
     membership: torch.Tensor  # (groups, tensors) 1.0 where the tensor is the group's
     limits: torch.Tensor  # (groups,) each group's L2 limit, +inf for none
     clipped: torch.Tensor  # (groups,) False for a group without a limit
@@ -226,8 +225,10 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         return critic_loss if actor_loss is None else critic_loss + actor_loss
 
     def compute_gradients(self, loss_per_module: dict[ModuleID, TensorType], **kwargs) -> ParamDict:
-        for optimizer in self._optimizer_parameters:
-            optimizer.zero_grad(set_to_none=True)
+        # The last update's gradients dropped, as `Optimizer.zero_grad(set_to_none=True)` does,
+        # without its per-call wrapper (~50 us a call on a CPU, two calls an update).
+        for param in self._params.values():
+            param.grad = None
         for module_id, (critic_loss, actor_loss) in self._losses.items():
             # Each loss only reaches its own network's parameters: the critic loss's graph holds
             # no actor parameter (the targets are computed without one), the actor loss's passes
@@ -314,7 +315,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         pre = group_norms(grads, layout.membership)
         # A group without a limit keeps its gradients as they are (not even a NaN scale).
         scale = torch.where(layout.clipped, torch.clamp(layout.limits / (pre + 1e-6), max=1.0), 1.0)
-        torch._foreach_mul_(grads, list(scale[layout.owner].unbind()))
+        for (_, group_grads), group_scale in zip(present, scale.unbind()):
+            torch._foreach_mul_(group_grads, group_scale)
         post = group_norms(grads, layout.membership)
         acted = (pre > layout.limits).float()  # never, without a limit (+inf)
         for stat, values, reduce in (("pre_clip_norm", pre, "max"), ("post_clip_norm", post, "max"),
@@ -331,7 +333,6 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
             owner = torch.tensor([g for g, (_, n) in enumerate(sizes) for _ in range(n)], device=self._device)
             limits = [config.grad_clip_by_group[group] for group, _ in sizes]
             self._clip_layouts[key] = ClipLayout(
-                owner=owner,
                 membership=(owner == torch.arange(len(sizes), device=self._device)[:, None]).float(),
                 limits=torch.tensor([math.inf if lim is None else lim for lim in limits], device=self._device),
                 clipped=torch.tensor([lim is not None for lim in limits], device=self._device),
