@@ -11,9 +11,9 @@ replay buffer hands them over): "ours" is our learner's update loop as training 
 (rl/td3/captured_update.py), metrics included; "plain" moves the arrays to torch itself and runs
 the math. On a CPU, "rllib_update" is our learner through RLlib's own per-minibatch `update`.
 
-The sides take turns, call by call. Our learner's overhead is the median, over pairs of calls
-made next to each other, of plain/ours updates per second (1.00x = none; above 1, ours is
-slower), with a 95% bootstrap interval.
+The sides take turns, call by call: ours and plain back to back (which one first alternating),
+then the others. Our learner's overhead is the median over turns of plain/ours updates per
+second (1.00x = none; above 1, ours is slower), with a 95% bootstrap interval.
 Writes benchmarks/results/cnn_learner.{json,md} (`--results` elsewhere).
 """
 
@@ -165,19 +165,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def take_turns(sides: dict, device: str, calls: int, updates_per_call: int) -> dict[str, list[float]]:
+def take_turns(sides: dict, device: str, calls: int, updates_per_call: int,
+               pair: tuple[str, str] = ("ours", "plain")) -> dict[str, list[float]]:
     """Each side's updates/s in each of `calls` timed calls, after one warm-up call each
-    (allocations, cuDNN autotuning, graph recording). The sides take turns call by call, in an
-    order that rotates: drift in the machine's speed (10-30% within a run on a shared VM) hits
-    them alike, and the ratio of two sides' calls made next to each other cancels it."""
+    (allocations, cuDNN autotuning, graph recording). In every turn `pair`'s two sides run back
+    to back, which one first alternating, and the other sides follow in a rotating order: drift
+    in the machine's speed (10-30% within a minute on a shared VM) hits the pair alike, and the
+    ratio of its two calls cancels it."""
     for side in sides.values():
         side()
     sync(device)
     rates: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
+    others = [name for name in sides if name not in pair]
     for call in range(calls):
-        shift = call % len(names)
-        for name in names[shift:] + names[:shift]:
+        shift = call % len(others) if others else 0
+        for name in [*(pair if call % 2 == 0 else pair[::-1]), *others[shift:], *others[:shift]]:
             start = time.perf_counter()
             sides[name]()
             sync(device)
@@ -186,7 +188,8 @@ def take_turns(sides: dict, device: str, calls: int, updates_per_call: int) -> d
 
 
 def median_with_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
-    """The median and a 95% bootstrap interval of it."""
+    """The median and a 95% bootstrap interval of it (the values taken as independent: drift
+    that outlasts a turn makes the interval too narrow, so runs can differ by more)."""
     medians = np.median(rng.choice(values, (2000, len(values))), axis=1)
     return float(np.median(values)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 

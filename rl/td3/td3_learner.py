@@ -58,10 +58,11 @@ def grad_metric(group: str, stat: str) -> str:
 
 
 def group_norms(tensors: list[torch.Tensor], membership: torch.Tensor) -> torch.Tensor:
-    """The global L2 norm of each group of `tensors`, all groups at once: membership[g, i] is 1
-    where tensor i is in group g, else 0. (Elementwise, not a matmul: TF32 would round it.)"""
+    """The global L2 norm of each group of `tensors`, all groups at once: membership[g, i] is
+    True where tensor i is in group g. A select, not a product with 0/1 (0 x Inf is NaN: one
+    group's Inf would spread to all), nor a matmul (TF32 would round it)."""
     squares = torch.stack(torch._foreach_norm(tensors)).square()
-    return (membership * squares).sum(dim=1).sqrt()
+    return torch.where(membership, squares, 0.0).sum(dim=1).sqrt()
 
 
 def smoothed_target_action(
@@ -89,7 +90,7 @@ def clipped_double_q_target(
 class ClipLayout(NamedTuple):
     """The groups clipped together, on the learner's device."""
 
-    membership: torch.Tensor  # (groups, tensors) 1.0 where the tensor is the group's
+    membership: torch.Tensor  # (groups, tensors) True where the tensor is the group's
     limits: torch.Tensor  # (groups,) each group's L2 limit, +inf for none
     clipped: torch.Tensor  # (groups,) False for a group without a limit
 
@@ -333,7 +334,7 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
             owner = torch.tensor([g for g, (_, n) in enumerate(sizes) for _ in range(n)], device=self._device)
             limits = [config.grad_clip_by_group[group] for group, _ in sizes]
             self._clip_layouts[key] = ClipLayout(
-                membership=(owner == torch.arange(len(sizes), device=self._device)[:, None]).float(),
+                membership=owner == torch.arange(len(sizes), device=self._device)[:, None],
                 limits=torch.tensor([math.inf if lim is None else lim for lim in limits], device=self._device),
                 clipped=torch.tensor([lim is not None for lim in limits], device=self._device),
             )
@@ -368,7 +369,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
 
     @torch.no_grad()
     def _record_critic_stats(self, module_id, critic_loss, q1, q2, q_target) -> None:
-        # All at once, as rows of one tensor: a few ops per update, not one or two per statistic.
+        # All at once, as rows of one tensor: a few ops per update, not one or two per statistic
+        # (in float32 under bf16 autocast too: the float32 target promotes the rows).
         rows = torch.stack([q1, q2, q_target, (q1 - q_target).abs()])
         std, mean = torch.std_mean(rows, dim=1)
         lowest, highest = torch.aminmax(rows, dim=1)
