@@ -142,8 +142,9 @@ def test_a_group_without_a_limit_keeps_even_a_non_finite_gradient_as_it_is():
     learner.postprocess_gradients_for_module(module_id=DEFAULT_MODULE_ID, config=learner.config, module_gradients_dict=grads)
     for ref in refs:
         assert torch.equal(grads[ref], before[ref])
-    assert learner.update_stats[(DEFAULT_MODULE_ID, grad_metric("critic.head", "pre_clip_norm"))][0] == float("inf")
-    assert learner.update_stats[(DEFAULT_MODULE_ID, grad_metric("critic.head", "clip_fraction"))][0] == 0.0
+    stats = learner.last_update_statistics()
+    assert stats[(DEFAULT_MODULE_ID, grad_metric("critic.head", "pre_clip_norm"))][0] == float("inf")
+    assert stats[(DEFAULT_MODULE_ID, grad_metric("critic.head", "clip_fraction"))][0] == 0.0
 
 
 def test_a_non_finite_gradient_in_one_group_leaves_the_other_groups_clipped_as_before():
@@ -155,9 +156,9 @@ def test_a_non_finite_gradient_in_one_group_leaves_the_other_groups_clipped_as_b
     grads[refs["actor.head"][0]].view(-1)[0] = float("inf")
     first, second = refs["critic.head"][:2]
     grads[first].view(-1)[0], grads[second].view(-1)[0] = 3.0, 4.0  # norm 5, limit 2: scaled by 0.4
-    learner.update_stats = {}
+    learner.update_stats = []
     learner.postprocess_gradients_for_module(module_id=DEFAULT_MODULE_ID, config=learner.config, module_gradients_dict=grads)
-    stat = lambda group, name: learner.update_stats[(DEFAULT_MODULE_ID, grad_metric(group, name))][0].item()
+    stat = lambda group, name: learner.last_update_statistics()[(DEFAULT_MODULE_ID, grad_metric(group, name))][0].item()
     assert stat("critic.head", "pre_clip_norm") == pytest.approx(5.0, rel=1e-6)
     assert stat("critic.head", "post_clip_norm") == pytest.approx(2.0, rel=1e-5)
     assert grads[first].view(-1)[0].item() == pytest.approx(1.2, rel=1e-5)

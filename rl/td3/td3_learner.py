@@ -93,6 +93,16 @@ class ClipLayout(NamedTuple):
     membership: torch.Tensor  # (groups, tensors) True where the tensor is the group's
     limits: torch.Tensor  # (groups,) each group's L2 limit, +inf for none
     clipped: torch.Tensor  # (groups,) False for a group without a limit
+    metric_names: dict[str, tuple[str, ...]]  # stat -> the groups' metric names, in order
+
+
+class UpdateStatistics(NamedTuple):
+    """Statistics of one update: `values[i]` is the statistic `names[i]`."""
+
+    module_id: ModuleID
+    names: tuple[str, ...]
+    values: torch.Tensor  # 1-D, on the learner's device
+    reduce: str  # over a learner call's updates: mean, max or min
 
 
 class TD3TorchLearner(LearnerReplay, TorchLearner):
@@ -125,8 +135,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         # The target critic's weights after the last learner call, per module (TARGET_CHANGE).
         self._last_target: dict[ModuleID, torch.Tensor] = {}
         self._losses: dict[ModuleID, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        # The statistics of the update in progress: (module_id, name) -> (tensor, reduce).
-        self.update_stats: dict[tuple[ModuleID, str], tuple[torch.Tensor, str]] = {}
+        # The statistics of the update in progress, as recorded (`_record`).
+        self.update_stats: list[UpdateStatistics] = []
         # The loop training runs its updates in: replayed from CUDA graphs where they are
         # captured, eager elsewhere (statistics summed on the device and logged once per call).
         self.update_loop = CapturedUpdates(self, graphs=self.captures_updates)
@@ -218,8 +228,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
             features = fwd_out[CRITIC_FEATURES].detach()
             action = module.actor(obs)
             actor_loss = -module.critic.q1(features, action).mean()
-            self._record(module_id, ACTOR_LOSS, actor_loss.detach(), "mean")
-            self._record(module_id, ACTOR_SATURATION, (action.detach().abs() > SATURATED).float().mean(), "mean")
+            saturation = (action.detach().abs() > SATURATED).float().mean()
+            self._record(module_id, (ACTOR_LOSS, ACTOR_SATURATION), torch.stack([actor_loss.detach(), saturation]), "mean")
 
         self._record_critic_stats(module_id, critic_loss, q1, q2, q_target)
         self._losses[module_id] = (critic_loss, actor_loss)
@@ -322,8 +332,7 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         acted = (pre > layout.limits).float()  # never, without a limit (+inf)
         for stat, values, reduce in (("pre_clip_norm", pre, "max"), ("post_clip_norm", post, "max"),
                                      ("clip_fraction", acted, "mean")):
-            for (group, _), value in zip(present, values.unbind()):
-                self._record(module_id, grad_metric(group, stat), value, reduce)
+            self._record(module_id, layout.metric_names[stat], values, reduce)
         return module_gradients_dict
 
     def _clip_layout(self, module_id: ModuleID, config, sizes: list[tuple[str, int]]) -> ClipLayout:
@@ -337,6 +346,8 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
                 membership=owner == torch.arange(len(sizes), device=self._device)[:, None],
                 limits=torch.tensor([math.inf if lim is None else lim for lim in limits], device=self._device),
                 clipped=torch.tensor([lim is not None for lim in limits], device=self._device),
+                metric_names={stat: tuple(grad_metric(group, stat) for group, _ in sizes)
+                              for stat in ("pre_clip_norm", "post_clip_norm", "clip_fraction")},
             )
         return self._clip_layouts[key]
 
@@ -374,35 +385,34 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         rows = torch.stack([q1, q2, q_target, (q1 - q_target).abs()])
         std, mean = torch.std_mean(rows, dim=1)
         lowest, highest = torch.aminmax(rows, dim=1)
-        (q1_mean, q2_mean, q_target_mean, td_error_mean), (q1_std, q2_std, _, _) = mean.unbind(), std.unbind()
-        (q1_max, q2_max, _, _), (q1_min, _, _, _) = highest.unbind(), lowest.unbind()
-        for name, value, reduce in (
-            (CRITIC_LOSS, critic_loss.detach(), "mean"),
-            (Q1_MEAN, q1_mean, "mean"),
-            (Q2_MEAN, q2_mean, "mean"),
-            (Q1_STD, q1_std, "mean"),
-            (Q2_STD, q2_std, "mean"),
-            (Q_TARGET_MEAN, q_target_mean, "mean"),
-            (TD_ERROR_MEAN, td_error_mean, "mean"),
-            (Q1_MAX, q1_max, "max"),
-            (Q2_MAX, q2_max, "max"),
-            (Q1_MIN, q1_min, "min"),
-        ):
-            self._record(module_id, name, value, reduce)
+        self._record(module_id, (CRITIC_LOSS,), critic_loss.detach().reshape(1), "mean")
+        self._record(module_id, (Q1_MEAN, Q2_MEAN, Q_TARGET_MEAN, TD_ERROR_MEAN), mean, "mean")
+        self._record(module_id, (Q1_STD, Q2_STD), std[:2], "mean")
+        self._record(module_id, (Q1_MAX, Q2_MAX), highest[:2], "max")
+        self._record(module_id, (Q1_MIN,), lowest[:1], "min")
 
-    def _record(self, module_id: ModuleID, name: str, value: torch.Tensor, reduce: str) -> None:
-        """One update's statistic, a tensor on the learner's device (reduce: mean, max or min
-        over the call's updates). RLlib's `update` logs it right after the update (`_update`);
-        training's update loop accumulates it on the device and logs the call's value once
+    def _record(self, module_id: ModuleID, names: tuple[str, ...], values: torch.Tensor, reduce: str) -> None:
+        """One update's statistics `names`, the entries of the vector `values` on the learner's
+        device (reduce: mean, max or min over the call's updates). RLlib's `update` logs them
+        right after the update (`_update`); training's update loop accumulates them on the
+        device, all of a reduction in one op, and logs the call's values once
         (rl/td3/captured_update.py)."""
-        self.update_stats[(module_id, name)] = (value, reduce)
+        self.update_stats.append(UpdateStatistics(module_id, names, values, reduce))
+
+    def last_update_statistics(self) -> dict[tuple[ModuleID, str], tuple[torch.Tensor, str]]:
+        """The update's statistics one by one: (module_id, name) -> (0-d tensor, reduce)."""
+        return {
+            (stats.module_id, name): (value, stats.reduce)
+            for stats in self.update_stats
+            for name, value in zip(stats.names, stats.values.unbind())
+        }
 
     def _update(self, batch: dict[str, Any], **kwargs):
         """One eager minibatch update (RLlib calls it per minibatch), then its statistics."""
         out = super()._update(batch, **kwargs)
-        for key, (value, reduce) in self.update_stats.items():
+        for key, (value, reduce) in self.last_update_statistics().items():
             self.metrics.log_value(key, value, reduce=reduce)
-        self.update_stats = {}
+        self.update_stats = []
         for module_id in self.module.keys():
             self.log_update_counts(module_id, critic=1, actor=int(self.is_policy_step(module_id)))
         return out
