@@ -85,7 +85,24 @@ def test_weights_go_out_once_the_set_number_of_updates_was_made(ray_local, every
         publish(self)
         published[self._weights_version] = ray.get(self._published_weights[0])[COMPONENT_RL_MODULE]
 
+    # Per fragment: its runner, the updates made when it arrived, the version it sampled with,
+    # and the updates made when the poll that brought it returned.
+    arrivals, polled = [], [0]
+    store, runners = TD3._store, algo.env_runner_group
+    fetch = runners.fetch_ready_async_reqs
+
+    def recording_fetch(*args, **kwargs):
+        ready = fetch(*args, **kwargs)
+        polled[0] = algo._num_updates
+        return ready
+
+    def recording_store(self, fragments):
+        arrivals.extend((f.runner_index, self._num_updates, f.weights_version, polled[0]) for f in fragments)
+        return store(self, fragments)
+
     algo._publish_weights = recording_publish.__get__(algo)
+    algo._store = recording_store.__get__(algo)
+    runners.fetch_ready_async_reqs = recording_fetch
     try:
         lags = []
         for _ in range(20):
@@ -106,8 +123,16 @@ def test_weights_go_out_once_the_set_number_of_updates_was_made(ray_local, every
     # learner call that brings the updates since the last sync to `every` or more.
     per_arrival = FRAGMENT * RATIO
     assert len(versions) >= 5 and all(every <= gap < every + per_arrival for gap in gaps), gaps
-    # Sampling weights are never older than what the runners were last sent allows.
-    assert 0 < max(lags) <= every + RUNNERS * 2 * per_arrival, lags
+    # Sampling weights are never older than what the runners were last sent allows. A runner
+    # gets its next request once the poll that brought its fragment returned (before or after
+    # that fragment is stored), with the newest weights: at most `every - 1` updates older than
+    # the learner then. So a fragment lags by the updates made since that poll, plus those;
+    # however long it took (a loaded machine slows one runner more than the other).
+    assert 0 < max(lags) == max(updates - version for _, updates, version, _ in arrivals), lags
+    previous_poll = {}  # runner -> updates made when the poll that brought its last fragment returned
+    for runner, updates, version, poll in arrivals:
+        assert updates - version <= updates - previous_poll.get(runner, 0) + every - 1, (runner, updates, version)
+        previous_poll[runner] = poll
 
 
 def test_the_observation_checks_see_every_fragment_of_an_iteration_not_the_last_to_arrive(ray_local, tmp_path):
