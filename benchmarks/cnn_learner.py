@@ -20,6 +20,7 @@ Writes benchmarks/results/cnn_learner.{json,md} (`--results` elsewhere).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -194,7 +195,8 @@ def median_with_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float,
     return float(np.median(values)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
-def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, network: str) -> dict:
+def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int, network: str,
+                 cuda_tuning: bool = False) -> dict:
     rng = np.random.default_rng(0)
     pool = transition_pool(rng, network)
     config = make_config(batch_size, device, network)
@@ -220,7 +222,7 @@ def bench_device(device: str, batch_size: int, updates_per_call: int, calls: int
 
     sides = {"ours": ours, "plain": plain}
     if device == "cuda":
-        sides.update(captured_sides(batch_size, network, batches, updates_per_call))
+        sides.update(captured_sides(batch_size, network, batches, updates_per_call, cuda_tuning))
     else:
         # RLlib's own `update`, per minibatch (what tests and RLlib's API call)
         sides["rllib_update"] = rllib_update_side(config, batches, batch_size)
@@ -255,6 +257,27 @@ CAPTURED_VARIANTS = [("fp32", "host", False), ("fp32", "gpu", False), ("bf16", "
                      ("fp32", "gpu", True), ("bf16", "gpu", True),
                      ("fp32", "replay", False), ("fp32", "replay", True), ("bf16", "replay", True)]
 REPLAY_EPISODES, EPISODE_STEPS = 16, 256  # the replay variants' data: 4,096 transitions
+# Settings of torch's CUDA backends tried on the learner's own path (fp32, channels_last, from
+# its replay) with `--cuda-tuning`: TF32 matmuls (convolutions already use TF32 by default), and
+# cuDNN free to pick non-deterministic algorithms (RLlib's seeding sets `cudnn.deterministic`,
+# which keeps the autotuner to deterministic ones).
+CUDA_TUNINGS = {
+    "tf32": {"matmul_tf32": True, "cudnn_deterministic": True},
+    "free_cudnn": {"matmul_tf32": False, "cudnn_deterministic": False},
+    "tf32_free_cudnn": {"matmul_tf32": True, "cudnn_deterministic": False},
+}
+
+
+@contextlib.contextmanager
+def cuda_backend_settings(matmul_tf32: bool, cudnn_deterministic: bool):
+    """The settings in effect for one side's calls only (its graphs, recorded in its first
+    calls, keep the kernels chosen then; cuDNN's autotuning cache tells the settings apart)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic = matmul_tf32, cudnn_deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic = saved
 
 
 def fill_replay(learner, network: str, rng: np.random.Generator) -> None:
@@ -272,7 +295,8 @@ def fill_replay(learner, network: str, rng: np.random.Generator) -> None:
     learner.device_replay.sync()
 
 
-def captured_sides(batch_size: int, network: str, batches: list[dict], updates_per_call: int) -> dict:
+def captured_sides(batch_size: int, network: str, batches: list[dict], updates_per_call: int,
+                   cuda_tuning: bool = False) -> dict:
     """Our learner with its updates replayed from CUDA graphs (rl/td3/captured_update.py): fp32
     or bf16, NCHW or channels_last; fed the call's numpy batch (moved to the GPU per call, as
     the learner's host replay hands it over) or batches already on the GPU (as a replay on the
@@ -294,6 +318,15 @@ def captured_sides(batch_size: int, network: str, batches: list[dict], updates_p
             learner.update_loop.update(data[next(calls) % 2], batch_size, timesteps={})
 
         sides[f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")] = side
+    for name, settings in CUDA_TUNINGS.items() if cuda_tuning else ():
+        learner = make_config(batch_size, "cuda", network, graphs=True, channels_last=True).build_learner()
+        fill_replay(learner, network, np.random.default_rng(1))
+
+        def tuned(learner=learner, settings=settings):
+            with cuda_backend_settings(**settings):
+                learner.replay_and_update(updates_per_call, timesteps={})
+
+        sides[f"graphs_fp32_replay_channels_last_{name}"] = tuned
     return sides
 
 
@@ -325,6 +358,9 @@ def main() -> None:
     parser.add_argument("--network", choices=list(NETWORKS), default="default",
                         help="default: the Nature-DQN CNN on 4x84x84; ci: the CI test's size")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for cnn_learner.{json,md}")
+    parser.add_argument("--cuda-tuning", action="store_true",
+                        help="on CUDA, also the learner's own path with TF32 matmuls and/or cuDNN free "
+                             "to pick non-deterministic algorithms (CUDA_TUNINGS)")
     args = parser.parse_args()
 
     rows = []
@@ -332,7 +368,8 @@ def main() -> None:
         if device == "cuda" and not torch.cuda.is_available():
             print("cuda: no GPU here, skipped")
             continue
-        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.network)
+        row = bench_device(device, args.batch_size, args.updates_per_call, args.calls, args.network,
+                           cuda_tuning=args.cuda_tuning)
         print(json.dumps(row))
         rows.append(row)
         for name, c in row["captured"].items():

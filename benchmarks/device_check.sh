@@ -12,10 +12,12 @@ python3 -c "import torch, ray, platform; print('torch', torch.__version__, 'ray'
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_captured_update.py tests/test_device_replay.py 2>&1 | tail -25 | tee "$OUT/tests.log"
 timeout 120 python3 -m benchmarks.gpu_update_profile --channels-last 2>&1 | grep -v -i warn | tee "$OUT/profile_256.log"
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(256 1024)
+tuning=--cuda-tuning  # the backend settings tried at the first batch only (device time)
 for batch in "${batches[@]}"; do
-  timeout 300 python3 -m benchmarks.cnn_learner --devices cuda --batch-size "$batch" --updates-per-call 32 --calls 12 2>&1 \
+  timeout 300 python3 -m benchmarks.cnn_learner --devices cuda --batch-size "$batch" --updates-per-call 32 --calls 12 $tuning 2>&1 \
     | grep -v -i "warn" | tee "$OUT/cnn_learner_$batch.log"
   cp benchmarks/results/cnn_learner.json "$OUT/cnn_learner_$batch.json"
+  tuning=
 done
 # End to end (E2E=1): 8 stand-in servers feeding the learner actor on the GPU, one update per env step.
 if [ "${E2E:-0}" = 1 ]; then
