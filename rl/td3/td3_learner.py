@@ -397,6 +397,7 @@ class TD3TorchLearner(LearnerReplay, TorchLearner):
         right after the update (`_update`); training's update loop accumulates them on the
         device, all of a reduction in one op, and logs the call's values once
         (rl/td3/captured_update.py)."""
+        assert len(names) == values.numel(), (names, values.shape)  # a name for every value
         self.update_stats.append(UpdateStatistics(module_id, names, values, reduce))
 
     def last_update_statistics(self) -> dict[tuple[ModuleID, str], tuple[torch.Tensor, str]]:
