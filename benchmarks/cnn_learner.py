@@ -306,28 +306,32 @@ def captured_sides(batch_size: int, network: str, batches: list[dict], updates_p
     for precision, source, channels_last in CAPTURED_VARIANTS:
         learner = make_config(batch_size, "cuda", network, graphs=True, bf16=precision == "bf16",
                               channels_last=channels_last).build_learner()
-        data = batches if source == "host" else on_gpu
-        calls = iter(range(10**9))
+        name = f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")
         if source == "replay":
-            fill_replay(learner, network, np.random.default_rng(1))
-            sides[f"graphs_{precision}_replay" + ("_channels_last" if channels_last else "")] = (
-                lambda learner=learner: learner.replay_and_update(updates_per_call, timesteps={}))
+            sides[name] = replay_side(learner, network, updates_per_call)
             continue
+        data = batches if source == "host" else on_gpu
 
-        def side(learner=learner, data=data, calls=calls):
+        def side(learner=learner, data=data, calls=iter(range(10**9))):
             learner.update_loop.update(data[next(calls) % 2], batch_size, timesteps={})
 
-        sides[f"graphs_{precision}_{source}" + ("_channels_last" if channels_last else "")] = side
-    for name, settings in CUDA_TUNINGS.items() if cuda_tuning else ():
+        sides[name] = side
+    for tuning, settings in CUDA_TUNINGS.items() if cuda_tuning else ():
         learner = make_config(batch_size, "cuda", network, graphs=True, channels_last=True).build_learner()
-        fill_replay(learner, network, np.random.default_rng(1))
-
-        def tuned(learner=learner, settings=settings):
-            with cuda_backend_settings(**settings):
-                learner.replay_and_update(updates_per_call, timesteps={})
-
-        sides[f"graphs_fp32_replay_channels_last_{name}"] = tuned
+        sides[f"graphs_fp32_replay_channels_last_{tuning}"] = replay_side(learner, network, updates_per_call, settings)
     return sides
+
+
+def replay_side(learner, network: str, updates_per_call: int, settings: dict | None = None):
+    """The learner's own path (`replay_and_update`) from a filled replay, under `settings`
+    (`cuda_backend_settings`) where given."""
+    fill_replay(learner, network, np.random.default_rng(1))
+
+    def side():
+        with cuda_backend_settings(**settings) if settings else contextlib.nullcontext():
+            learner.replay_and_update(updates_per_call, timesteps={})
+
+    return side
 
 
 def rllib_update_side(config: TD3Config, batches: list[dict], batch_size: int):

@@ -148,9 +148,10 @@ class CapturedUpdates:
             self._keys[kind] = {
                 reduce: [(s.module_id, name) for s in stats if s.reduce == reduce for name in s.names] for reduce in START
             }
-            keys = [key for keys in self._keys[kind].values() for key in keys]
-            if len(set(keys)) != len(keys):  # each would be accumulated twice
-                raise ValueError(f"statistics recorded twice in one update: {sorted({k for k in keys if keys.count(k) > 1})}")
+            recorded = [key for keys in self._keys[kind].values() for key in keys]
+            if len(set(recorded)) != len(recorded):  # each would be accumulated twice
+                twice = sorted({key for key in recorded if recorded.count(key) > 1})
+                raise ValueError(f"statistics recorded twice in one update: {twice}")
             self._totals[kind] = {
                 reduce: torch.full((len(keys),), START[reduce], dtype=torch.float32, device=learner._device)
                 for reduce, keys in self._keys[kind].items()
