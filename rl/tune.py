@@ -30,13 +30,15 @@ ready-to-run YAML: `<output_dir>/<name>/best_config.yaml`.
 Exit status: 0 when every trial ended (completed, or stopped by ASHA or its health monitor) and
 a best config was written; 1 when a trial errored (each is listed with its error file; a best
 config is still written if another trial was healthy) or no trial was healthy; 2 when the search
-file or an option is invalid.
+file or an option is invalid; 130 when the search was interrupted (Ctrl-C): the best config is
+then chosen among the trials that finished, if any did, and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -225,8 +227,30 @@ def _errored(error: Exception, error_file: Path) -> str:
 class SearchOutcome(NamedTuple):
     best_config: Path | None  # None when no trial was healthy
     errored: list[str]  # per trial that errored: what it raised, and its error file
-    trials: int
+    trials: int  # the search's trials, started or not
+    unfinished: int  # trials that neither ended nor errored: the search was interrupted
     directory: Path
+
+
+def planned_trials(search: SearchConfig) -> int:
+    """Tune's count: num_samples of every combination of the grids."""
+    grids = [values for spec in search.search.values() for kind, values in spec.items() if kind == "grid"]
+    return search.num_samples * math.prod(len(values) for values in grids)
+
+
+def finished_trials_recorder():
+    """A Tune callback, and the paths of the trials it saw end: those that completed or that a
+    scheduler stopped. A trial cut short by Ctrl-C ends without this call (Tune marks it
+    TERMINATED all the same)."""
+    from ray import tune
+
+    finished: set[str] = set()
+
+    class FinishedTrials(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            finished.add(trial.path)
+
+    return FinishedTrials(), finished
 
 
 def search(search: SearchConfig) -> SearchOutcome:
@@ -239,6 +263,7 @@ def search(search: SearchConfig) -> SearchOutcome:
 
     _init_ray()
     directory = Path(search.output_dir) / search.name
+    recorder, finished = finished_trials_recorder()
     tuner = tune.Tuner(
         tune.with_parameters(run_trial, search=search),
         param_space=param_space(search),
@@ -254,28 +279,32 @@ def search(search: SearchConfig) -> SearchOutcome:
                 reduction_factor=search.asha.reduction_factor,
             ),
         ),
-        run_config=tune.RunConfig(name=search.name, storage_path=search.output_dir),
+        run_config=tune.RunConfig(name=search.name, storage_path=search.output_dir, callbacks=[recorder]),
     )
     results = tuner.fit()
     errored = [_errored(r.error, Path(r.path) / EXPR_ERROR_FILE) for r in results if r.error is not None]
+    trials = max(planned_trials(search), len(results))
+    unfinished = trials - len(errored) - sum(r.path in finished for r in results if r.error is None)
     healthy = [
         r for r in results
-        if r.error is None and r.metrics and not r.metrics.get("health/stop") and search.metric in r.metrics
+        if r.error is None and r.path in finished and r.metrics and not r.metrics.get("health/stop")
+        and search.metric in r.metrics
     ]
     if not healthy:
-        return SearchOutcome(None, errored, len(results), directory)
+        return SearchOutcome(None, errored, trials, unfinished, directory)
     sign = 1 if search.mode == "max" else -1
     best = max(healthy, key=lambda r: sign * r.metrics[search.metric])
     params = {k: v for k, v in best.config.items() if k in search.search}
     resolved = trial_config(search, params).to_dict()
     path = directory / "best_config.yaml"
+    interrupted = f"; the search was interrupted, {unfinished} trials did not finish" if unfinished else ""
     header = (
         f"# Best healthy trial of search '{search.name}' ({len(healthy)} healthy of "
-        f"{len(results)}): {search.metric} = {best.metrics[search.metric]:.4g}\n"
+        f"{trials}{interrupted}): {search.metric} = {best.metrics[search.metric]:.4g}\n"
         f"# searched values: {json.dumps(params)}\n"
     )
     path.write_text(header + yaml.safe_dump(resolved, sort_keys=False))
-    return SearchOutcome(path, errored, len(results), directory)
+    return SearchOutcome(path, errored, trials, unfinished, directory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,15 +330,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    outcome = search(config)
+    try:
+        outcome = search(config)
+    except KeyboardInterrupt:  # a second Ctrl-C, while Tune was saving its state after the first
+        print(f"error: the search was interrupted before its trials were collected: see "
+              f"{Path(config.output_dir) / config.name}", file=sys.stderr)
+        return 130
+    if outcome.unfinished:
+        chosen = "the best config is the best of those that did" if outcome.best_config else "no best config"
+        print(f"error: the search was interrupted: {outcome.unfinished} of {outcome.trials} trials did not "
+              f"finish; {chosen}: see {outcome.directory}", file=sys.stderr)
     if outcome.best_config:
         print(f"Best config: {outcome.best_config}\n  train it: python -m rl.train --config {outcome.best_config}")
-    else:
+    elif not outcome.unfinished:
         print(f"error: no healthy trial reported {config.metric}: see {outcome.directory}", file=sys.stderr)
     if outcome.errored:
         print(f"error: {len(outcome.errored)} of {outcome.trials} trials errored:", file=sys.stderr)
         for line in outcome.errored:
             print(f"  {line}", file=sys.stderr)
+    if outcome.unfinished:
+        return 130
     return 0 if outcome.best_config and not outcome.errored else 1
 
 

@@ -210,3 +210,36 @@ def test_search_stops_the_unhealthy_trial_and_writes_a_best_config_that_trains(r
     assert exp.algo.critic_lr == 1e-3
     assert "Best healthy trial of search 'lr_check' (1 healthy of 2)" in best.read_text()
     assert train(exp, show_progress=False)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_exits_130_and_takes_its_best_config_only_from_finished_trials(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while trial 2 of 2 runs: Tune ends the
+    search and marks the cut trial TERMINATED like a finished one. It must not be the best (its
+    metric is of a part of its run), and the search must not exit 0 as if it were done."""
+    path = search_file(
+        tmp_path,
+        set={"experiment.stop_env_steps": 640, "algo.learning_starts": 320, "evaluation.interval_iters": 0,
+             "evaluation.episodes": 1, "wandb.enabled": False},
+        # trial 2 would run for an hour; its early returns beat trial 1's (no learning yet)
+        search={"experiment.stop_env_steps": {"grid": [640, 400_000]}, "algo.learning_starts": {"grid": [320]}},
+        mode="min", max_concurrent_trials=1,
+    )
+    run = subprocess.Popen([sys.executable, "-m", "rl.tune", "--config", str(path)], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any("400000" in p.parent.parent.name for p in (tmp_path / "tune").glob("*/*/run/metrics.jsonl")):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.5)
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, out + err
+    assert "the search was interrupted: 1 of 2 trials did not finish; the best config is the best of those" in err
+    best = tmp_path / "tune" / "lr_check" / "best_config.yaml"
+    assert "(1 healthy of 2; the search was interrupted, 1 trials did not finish)" in best.read_text()
+    assert load_config(best).experiment.stop_env_steps == 640
