@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from common.config import ConfigError, Section, format_errors, load_yaml, read_yaml_file, yaml_problem
+from rl.storage import SCHEMES as STORAGE_SCHEMES
 
 
 LayerWidth = Annotated[int, Field(gt=0)]
@@ -29,7 +30,9 @@ class ExperimentSection(Section):
     stop_env_steps: int = Field(gt=0, description="train until this many env steps were sampled")
     output_dir: str = Field(default="runs", min_length=1)
     # Also mirror the run directory here (rl/storage.py): s3://bucket/runs, gs://..., file://...
-    storage_uri: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+.\-]*://.+")
+    storage_uri: str | None = Field(default=None, pattern=rf"^({'|'.join(STORAGE_SCHEMES)})://.+")
+    # How long a copy there may hold training up (an unreachable storage retries for many minutes).
+    storage_timeout_s: float = Field(default=600.0, gt=0.0)
     checkpoint_every_iters: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1, description="newest periodic ones kept")
 

@@ -197,6 +197,15 @@ def _train_in(
         for pool in endpoint_pools:
             ray.kill(pool)
 
+    def mirror() -> None:
+        """The run directory copied to `experiment.storage_uri`, if set (rl/storage.py), waited
+        for until a stop is asked for (a run stopped before still copies its last state: the
+        next Ctrl-C stops at once)."""
+        if exp.experiment.storage_uri:
+            asked = stops.signal
+            sync_run_dir(run_dir, exp.experiment.storage_uri, exp.experiment.storage_timeout_s,
+                         stop_requested=lambda: stops.signal is not asked)
+
     env_steps, updates, iteration = 0.0, 0.0, 0
     if resume:
         try:
@@ -271,8 +280,7 @@ def _train_in(
                         break
                     if iteration % exp.experiment.checkpoint_every_iters == 0:
                         checkpoints.save(algo, run_dir / "checkpoints", f"iter_{iteration:06d}", keep)
-                        if exp.experiment.storage_uri:
-                            sync_run_dir(run_dir, exp.experiment.storage_uri)
+                        mirror()
             train_time = time.monotonic() - start
             if stops.signal and not stopped_by:
                 # Stopped by its user or host: the iteration just finished is kept, with no final
@@ -341,8 +349,7 @@ def _train_in(
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     except OSError as error:
         print(f"could not write {run_dir / 'summary.json'}: {error}", file=sys.stderr)
-    if exp.experiment.storage_uri:
-        sync_run_dir(run_dir, exp.experiment.storage_uri)
+    mirror()
     return summary
 
 
