@@ -28,6 +28,7 @@ import math
 import reprlib
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,14 +92,18 @@ def _why(error: ValueError | RecursionError) -> str:
 
 
 def _json_objects(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, object) per line of a JSON-lines file. A line a crash or a full disk cut short
-    is skipped with a warning: the rest stands. Any other damage is a ReportError."""
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    """(where, object) per line of a JSON-lines file. The last line, which a crash or a full
+    disk may have cut short, is skipped with a warning if it is: the rest stands. Any other
+    damage (a line cut short before others were written after it) is a ReportError."""
+    lines = _read(path).splitlines()
+    for n, line in enumerate(lines, 1):
         where = f"{path} line {n}"
         try:
             value = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"warning: {where} is not valid JSON; skipped", file=sys.stderr)
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ReportError(f"{where}: {_why(e)}, and lines follow it: the file is damaged") from None
+            print(f"warning: {where} is not valid JSON (the last line: cut short by a crash?); skipped", file=sys.stderr)
             continue
         except (ValueError, RecursionError) as e:  # a number too long to convert, deep nesting
             raise ReportError(f"{where}: {_why(e)}") from None
@@ -271,9 +276,29 @@ def checks(config: dict, rows: list[dict], alerts: list[dict], summary: dict, fa
         "; ".join([", ".join(f"{a['rule']} (iteration {a['iteration']})" for a in critical) or "none"]
                   + [crash_note(a) for a in resumed]),
     ))
+    out.append(iterations_recorded(rows, summary))
     status = summary.get("status", "unknown (no summary.json: the run did not finish)")
     out.append(Check("run completed", "PASS" if status == "completed" else "FAIL", f"status: {status}"))
     return out
+
+
+def iterations_recorded(rows: list[dict], summary: dict) -> Check:
+    """Every iteration the run made (summary.json's count, else up to the last row) has exactly
+    one row: an iteration without one is an iteration nobody checked."""
+    made = summary.get("iterations")
+    recorded = Counter(row["iteration"] for row in rows)
+    last = made if type(made) is int else max(recorded, default=0)
+    missing = [i for i in range(1, last + 1) if i not in recorded]
+    repeated = sorted(i for i, n in recorded.items() if n > 1)
+    problems = [f"{what}: {_iterations(numbers)}" for what, numbers in (("missing", missing), ("repeated", repeated)) if numbers]
+    if not recorded:
+        problems = ["no iteration recorded"]
+    detail = "; ".join(problems) or f"iterations 1-{last}, one row each"
+    return Check("every iteration in metrics.jsonl, once", "FAIL" if problems else "PASS", detail)
+
+
+def _iterations(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
 
 def episode_mean(rows: list[dict], key: str) -> float | None:

@@ -11,7 +11,7 @@ import yaml
 
 from callbacks.health import RULE_TITLES
 from rl import report
-from rl.report import checks, load_run, main, run_facts
+from rl.report import checks, iterations_recorded, load_run, main, run_facts
 
 CONFIG = {
     "experiment": {"name": "synthetic"},
@@ -87,6 +87,24 @@ def test_a_last_line_cut_short_by_a_full_disk_is_skipped_with_a_warning(tmp_path
     assert "line 31 is not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("metrics, summary, detail", [
+    ([], {"iterations": 5}, "no iteration recorded"),
+    ([1, 2, 4, 5], {"iterations": 5}, "missing: 3"),
+    ([1, 2, 1, 2, 3], {"iterations": 3}, "repeated: 1, 2"),
+    ([1, 2, 3], {"iterations": 5}, "missing: 4, 5"),
+    ([1, 2, 3], {}, "iterations 1-3, one row each"),
+], ids=["empty", "a gap", "repeated", "rows end early", "whole, no count in the summary"])
+def test_a_run_whose_metrics_miss_or_repeat_iterations_fails_the_report(tmp_path, metrics, summary, detail):
+    """The seed's losses were never logged and nobody saw it: an iteration without its row was
+    never checked, so the report cannot pass it (nor count one twice)."""
+    path = run_dir(tmp_path, [row | {"iteration": i} for row, i in zip(rows(len(metrics)), metrics)])
+    (path / "summary.json").write_text(json.dumps({"status": "completed", **summary}))
+    config, rows_read, alerts, summary_read = load_run(path)
+    check = iterations_recorded(rows_read, summary_read)
+    assert (check.result, check.detail) == ("PASS" if "one row each" in detail else "FAIL", detail)
+    assert main([str(path)]) == (0 if check.result == "PASS" else 1)
+
+
 def test_a_directory_that_is_not_a_run_is_a_clear_error_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rl.report", str(tmp_path)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1])
@@ -125,6 +143,8 @@ BAD_INPUT = {
     "metric a string": (metrics_line_2('{"iteration": 1, "q/q1_max": "high"}'),
                         "metrics.jsonl line 2: \"q/q1_max\": expected a number, got str 'high'"),
     "row deeply nested": (metrics_line_2(DEEP), "metrics.jsonl line 2: JSON nested too deeply"),
+    "row cut short, not the last": (metrics_line_2('{"iteration": 1, "q/q1'),
+                                    "metrics.jsonl line 2: not valid JSON (Unterminated string"),
     "run facts empty": (write("run_facts.json", "{}"), "run_facts.json: required keys missing: gamma, grad_clip, learning_starts"),
     "run facts a list": (write("run_facts.json", "[]"), "run_facts.json: expected a JSON object, got list"),
     "run facts deeply nested": (write("run_facts.json", DEEP), "run_facts.json: JSON nested too deeply"),
