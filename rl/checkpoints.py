@@ -56,8 +56,10 @@ def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
     return checkpoints / name
 
 
-def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = False) -> tuple[Path, list[str]]:
-    """Loads the newest periodic checkpoint that loads completely into `algo` (weights,
+def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = False,
+                   final_is_newest: bool = False) -> tuple[Path, list[str]]:
+    """Loads the newest periodic checkpoint (or `final`, where the caller knows it is newer:
+    a completed run resumed for more steps) that loads completely into `algo` (weights,
     optimizers, counters, and the replay buffer unless `replay` is False: it then starts empty).
     A newer one that does not (cut short by a crash before this version wrote checkpoints
     atomically, a file damaged since) is skipped with a message. Returns the checkpoint loaded
@@ -67,7 +69,8 @@ def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = F
     a checkpoint that another user could have written is refused before anything is loaded."""
     skipped = []
     _move_unsharded_chunks(checkpoints / REPLAY_CHUNKS)
-    for path in reversed(periodic(checkpoints)):
+    final = [checkpoints / "final"] if final_is_newest else []
+    for path in [*final, *reversed(periodic(checkpoints))]:
         if not trust:
             _refuse_if_writable_by_others(path, checkpoints.parent)
         try:

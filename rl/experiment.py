@@ -128,6 +128,27 @@ def check_replay_fits(exp: ExperimentConfig) -> None:
         raise ConfigError(f"the replay buffer does not fit: {e}") from None
 
 
+def check_model_fits_observations(exp: ExperimentConfig) -> None:
+    """Fails fast, before Ray starts, when `model` cannot read this env's observations (e.g. a
+    camera too small for the CNN's layers): one encoder, built on the CPU and dropped."""
+    from models.encoders import build_encoder
+
+    observation_space, _ = env_spaces(exp)
+    try:
+        build_encoder(observation_space, exp.model.model_dump())
+    except ValueError as e:
+        raise ConfigError(f"{e} (env.kwargs gives the observations)") from None
+
+
+def check_metric_names(exp: ExperimentConfig) -> None:
+    """Fails fast when `health.required_metrics` names a metric no run reports (a typo would
+    otherwise stop a healthy run, after its grace iterations, for a metric that never comes)."""
+    from rl.metrics import check_metric_name
+
+    for name in exp.health.required_metrics:
+        check_metric_name(name, "health.required_metrics")
+
+
 def env_spaces(exp: ExperimentConfig):
     """The env's observation and action spaces, without a simulator: a driving env's from its
     contract, another env's from one instance made and closed at once."""

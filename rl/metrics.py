@@ -94,6 +94,26 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Written by rl/train.py into each metrics.jsonl row beside the result's.
+RUN_METRICS = ("iteration", "time_s", "perf/env_steps_per_s", "perf/updates_per_s")
+# Families whose members depend on the run: gradient groups, the env's reward terms and
+# episode ends, the evaluation's, the health monitor's, the observation checks' parts.
+METRIC_FAMILIES = ("grad/", "env/", "eval/", "health/", "obs/")
+
+
+def check_metric_name(name: str, key: str) -> None:
+    """Raises ConfigError naming `key` when no run reports a metric called `name`."""
+    from common.config import ConfigError
+
+    if name in RESULT_PATHS or name in RUN_METRICS or name.startswith(METRIC_FAMILIES):
+        return
+    close = [known for known in (*RESULT_PATHS, *RUN_METRICS) if known.split("/")[0] == name.split("/")[0]]
+    raise ConfigError(
+        f"{key}: no run reports a metric {name!r}; metrics are {', '.join(close) if close else ', '.join(RESULT_PATHS)}"
+        f"{'' if close else ', '} or of the families {', '.join(f + '...' for f in METRIC_FAMILIES)} (rl/metrics.py)"
+    )
+
+
 # The result key under which callbacks/health_callback.py puts its `health/...` metrics.
 HEALTH_RESULTS = "health"
 # Metrics of ended episodes (NaN in an iteration where none ended), and of observations

@@ -9,6 +9,7 @@ second process out of a run directory in use.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ from rl.config import ConfigError, ExperimentConfig, load_config
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
 # A run resumed with more steps to go is the same experiment.
 MAY_DIFFER_ON_RESUME = {("experiment", "stop_env_steps"), ("experiment", "output_dir")}
 _held: dict[Path, tuple[int, int]] = {}  # run dir -> (lock file descriptor, times taken)
@@ -82,12 +84,40 @@ def locked(run_dir: Path):
             os.close(fd)  # releases the lock
 
 
-def check_resumable(run_dir: Path) -> None:
-    """`--resume DIR`: DIR must be a run with a checkpoint (nothing is written there otherwise)."""
+def completed(run_dir: Path) -> dict | None:
+    """The summary of the run in `run_dir` if it ran to its end (status `completed`), else None."""
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
+
+
+def final_is_newest(run_dir: Path) -> bool:
+    """True when checkpoints/final holds the run's newest state: the run completed and no
+    periodic checkpoint was written after it (a completed run resumed with more steps writes
+    some, and a crash then leaves `final` older than them)."""
+    summary = completed(run_dir)
+    newest = checkpoints.periodic(run_dir / "checkpoints")
+    return (summary is not None and (run_dir / "checkpoints" / "final").is_dir()
+            and all(int(p.name.removeprefix("iter_")) <= summary.get("iterations", 0) for p in newest))
+
+
+def check_resumable(run_dir: Path, exp: ExperimentConfig, flag: str = "--resume") -> None:
+    """`--resume DIR` (or `--run-dir DIR` holding a run) with the experiment `exp`: DIR must be
+    a run with a checkpoint, and one that ran to its end must be asked for more steps than it
+    made (resuming it otherwise would redo its last iterations over its results)."""
     if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"--resume {run_dir}: not a run directory (no {CONFIG_FILE})")
-    if not checkpoints.periodic(run_dir / "checkpoints"):
-        raise ConfigError(f"--resume {run_dir}: the run has no checkpoint to resume from yet")
+        raise ConfigError(f"{flag} {run_dir}: not a run directory (no {CONFIG_FILE})")
+    summary = completed(run_dir)
+    if summary is not None and exp.experiment.stop_env_steps <= summary.get("env_steps", 0):
+        raise ConfigError(
+            f"{flag} {run_dir}: the run already completed {summary.get('env_steps', 0):,.0f} env steps, and "
+            f"experiment.stop_env_steps is {exp.experiment.stop_env_steps:,}: nothing to resume. To train "
+            f"it further: python -m rl.train --resume {run_dir} --set experiment.stop_env_steps=<more>"
+        )
+    if not checkpoints.periodic(run_dir / "checkpoints") and not final_is_newest(run_dir):
+        raise ConfigError(f"{flag} {run_dir}: the run has no checkpoint to resume from yet")
 
 
 def settle(run_dir: Path, exp: ExperimentConfig) -> bool:
@@ -107,7 +137,8 @@ def settle(run_dir: Path, exp: ExperimentConfig) -> bool:
             f"{'; ...' if len(differences) > 5 else ''}). Resume it with --resume {run_dir} "
             "(and --set to change keys), or give another --run-dir"
         )
-    if checkpoints.periodic(run_dir / "checkpoints"):
+    if checkpoints.periodic(run_dir / "checkpoints") or final_is_newest(run_dir):
+        check_resumable(run_dir, exp, "--run-dir")
         return True
     aside = run_dir / f"attempt-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()

@@ -98,7 +98,8 @@ def restore(algo, run_dir: Path, refill_replay: bool = False, trust_checkpoints:
     the metrics rows written after it (into metrics.after_<iteration>.jsonl: kept, not mixed with
     the rows the resumed run writes) and any line a crash cut short."""
     checkpoint, skipped = checkpoints.restore_newest(
-        algo, run_dir / "checkpoints", replay=not refill_replay, trust=trust_checkpoints
+        algo, run_dir / "checkpoints", replay=not refill_replay, trust=trust_checkpoints,
+        final_is_newest=run_directory.final_is_newest(run_dir),
     )
     iteration = algo.training_iteration
     if refill_replay:
@@ -146,12 +147,16 @@ def train(
     `trust_checkpoints`: load checkpoints that others could have written (they are pickles)."""
     import ray
 
-    from rl.experiment import check_placement, check_replay_fits, check_resources
+    from rl.experiment import (
+        check_metric_names, check_model_fits_observations, check_placement, check_replay_fits, check_resources,
+    )
 
     run_directory.check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
     check_replay_fits(exp)
+    check_model_fits_observations(exp)
+    check_metric_names(exp)
     if resume:
-        run_directory.check_resumable(run_dir)
+        run_directory.check_resumable(run_dir, exp)
     _init_ray(verbose)
     # Before anything is written: a config the cluster cannot place fails now, not never.
     check_resources(exp, ray.cluster_resources())
@@ -386,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as held:
         try:
             if args.resume:
-                run_directory.check_resumable(args.resume)
+                if not (args.resume / run_directory.CONFIG_FILE).is_file():
+                    raise ConfigError(f"--resume {args.resume}: not a run directory (no {run_directory.CONFIG_FILE})")
                 run_dir, resume = args.resume, True
                 exp = load_config(args.resume / run_directory.CONFIG_FILE, args.overrides)
+                run_directory.check_resumable(run_dir, exp)
             else:
                 run_dir, resume = args.run_dir, False
                 exp = load_config(args.config, args.overrides)
@@ -409,10 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                   "already written are intact (resume: python -m rl.train --resume RUN_DIR)", file=sys.stderr)
             return 130
     if summary["status"] == "interrupted":
+        again = (f"resume: python -m rl.train --resume {summary['run_dir']}" if summary["final_checkpoint"] else
+                 f"no iteration had finished, so there is no checkpoint: start it again (--run-dir "
+                 f"{summary['run_dir']} reuses the directory)")
         print(
             f"\nStopped by {summary['signal']} after {summary['env_steps']:,.0f} env steps "
-            f"(iteration {summary['iterations']}); checkpoint: {summary['final_checkpoint']}\n"
-            f"  resume: python -m rl.train --resume {summary['run_dir']}",
+            f"(iteration {summary['iterations']}); checkpoint: {summary['final_checkpoint']}\n  {again}",
             file=sys.stderr,
         )
         return EXIT_CODES[getattr(signal, summary["signal"])]

@@ -168,6 +168,12 @@ def load_search(path: str | Path, **options: Any) -> SearchConfig:
         load_config(search.base, overrides(search.set))
     except ConfigError as e:
         raise ConfigError(f"{path}: set: {e}") from None
+    from rl.metrics import check_metric_name
+
+    try:
+        check_metric_name(search.metric, "metric")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     for key, spec in search.search.items():
         for kind, values in spec.items():
             for value in trial_values(kind, values):

@@ -241,6 +241,11 @@ MISUSES = {
     "not UTF-8": (b"\xff\xfe" + GOOD.encode("utf-16-le"), [], "not a UTF-8 text file"),
     "unknown key": (GOOD + "algo:\n  gama: 0.9\n", [], "algo.gama: unknown key"),
     "replay buffer too large": (GOOD, ["algo.buffer_size=100_000_000_000"], "algo.buffer_size=100,000,000,000 transitions"),
+    "required metric misspelled": (GOOD, ["health.required_metrics=[losses/critic, losses/actr]"],
+                                   "health.required_metrics: no run reports a metric 'losses/actr'; metrics are losses/critic, losses/actor"),
+    "camera too small for the CNN": (GOOD.replace("Pendulum-v1", "carla_env:EmbeddedDriving-v0"),
+                                     ["env.kwargs.camera={width: 16, height: 16, frame_stack: 1}"],
+                                     "model.cnn: a (1, 16, 16) image has no pixels left after conv layer"),
 }
 
 

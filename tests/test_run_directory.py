@@ -116,3 +116,26 @@ def test_an_attempt_that_died_before_its_first_checkpoint_is_set_aside_not_mixed
     assert (aside / "metrics.jsonl").read_text() == died
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]  # not 1, 2, 1, 2
+
+
+def test_a_completed_run_is_not_redone_and_resumes_from_its_final_checkpoint_when_given_more_steps(
+        ray_local, tmp_path, capsys):
+    """A run shorter than `checkpoint_every_iters` has only `final`. `--resume` (or the same
+    `--run-dir` again) without more steps would redo its last iterations over its results: it is
+    refused, and nothing changes; with more steps it goes on from `final`, its rows continuing."""
+    run_dir = tmp_path / "run"
+    assert main(["--config", PENDULUM, "--run-dir", str(run_dir), *SHORT]) == 0
+    assert not list((run_dir / "checkpoints").glob("iter_*")) and (run_dir / "checkpoints" / "final").is_dir()
+    capsys.readouterr()
+    before = listing(run_dir)
+    for again in (["--resume", str(run_dir)], ["--resume", str(run_dir), "--set", "experiment.stop_env_steps=64"],
+                  ["--config", PENDULUM, "--run-dir", str(run_dir), *SHORT]):
+        assert main(again) == 2
+        assert "the run already completed 128 env steps" in capsys.readouterr().err
+        assert listing(run_dir) == before
+
+    assert main(["--resume", str(run_dir), "--set", "experiment.stop_env_steps=256", "--no-progress"]) == 0
+    assert "resume: from final (iteration 2)" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and not list(run_dir.glob("metrics.after_*"))
+    assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 256

@@ -55,6 +55,12 @@ def test_a_misspelled_searched_key_fails_at_load_not_in_a_trial(tmp_path):
         load_search(search_file(tmp_path, search={"algo.tau": {"normal": [0, 1]}}))
 
 
+def test_a_misspelled_metric_fails_at_load_not_after_the_search(tmp_path):
+    with pytest.raises(ConfigError, match="metric: no run reports a metric 'episode/retrn_mean'; metrics are episode/return_mean"):
+        load_search(search_file(tmp_path, metric="episode/retrn_mean"))
+    assert load_search(search_file(tmp_path, metric="eval/driving_score")).metric == "eval/driving_score"
+
+
 @pytest.mark.parametrize("where", ["repo root", "another directory"])
 @pytest.mark.parametrize("shipped", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_search_file_loads_from_the_repo_root_and_from_another_directory(
