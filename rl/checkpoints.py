@@ -25,6 +25,7 @@ from pathlib import Path
 from rl.durable import publish
 
 REPLAY_MANIFEST = "replay.json"
+ITERATION_FILE = "iteration"  # the training iteration a checkpoint holds (`final`'s is in no name)
 REPLAY_CHUNKS = "replay"
 
 
@@ -33,6 +34,26 @@ def periodic(checkpoints: Path) -> list[Path]:
     if not checkpoints.is_dir():
         return []
     return sorted(p for p in checkpoints.iterdir() if p.name.startswith("iter_") and p.is_dir())
+
+
+def iteration_of(checkpoint: Path) -> int | None:
+    """The iteration `checkpoint` holds: from its iteration file, else its name (iter_NNNNNN);
+    None for a `final` written before checkpoints said theirs."""
+    for text in ((checkpoint / ITERATION_FILE).read_text() if (checkpoint / ITERATION_FILE).is_file() else "",
+                 checkpoint.name.removeprefix("iter_")):
+        if text.strip().isdigit():
+            return int(text)
+    return None
+
+
+def resumable(checkpoints: Path) -> list[Path]:
+    """The checkpoints a run can resume from, oldest first: the periodic ones and `final` (a
+    completed run given more steps goes on from it), ordered by the iteration each holds; at a
+    tie, `final` comes last."""
+    final = checkpoints / "final"
+    candidates = [*periodic(checkpoints), *([final] if final.is_dir() else [])]
+    known = [(iteration_of(path), path.name == "final", path) for path in candidates]
+    return [path for _, _, path in sorted(k for k in known if k[0] is not None)]
 
 
 def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
@@ -46,6 +67,7 @@ def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
         algo.save_to_path(str(partial.resolve()))
         manifest = algo.replay.save(checkpoints / REPLAY_CHUNKS)
         (partial / REPLAY_MANIFEST).write_text(json.dumps(manifest))
+        (partial / ITERATION_FILE).write_text(f"{algo.training_iteration}\n")
         publish(partial, checkpoints / name)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -56,10 +78,8 @@ def save(algo, checkpoints: Path, name: str, keep: int) -> Path:
     return checkpoints / name
 
 
-def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = False,
-                   final_is_newest: bool = False) -> tuple[Path, list[str]]:
-    """Loads the newest periodic checkpoint (or `final`, where the caller knows it is newer:
-    a completed run resumed for more steps) that loads completely into `algo` (weights,
+def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = False) -> tuple[Path, list[str]]:
+    """Loads the newest checkpoint (`resumable`) that loads completely into `algo` (weights,
     optimizers, counters, and the replay buffer unless `replay` is False: it then starts empty).
     A newer one that does not (cut short by a crash before this version wrote checkpoints
     atomically, a file damaged since) is skipped with a message. Returns the checkpoint loaded
@@ -69,8 +89,7 @@ def restore_newest(algo, checkpoints: Path, replay: bool = True, trust: bool = F
     a checkpoint that another user could have written is refused before anything is loaded."""
     skipped = []
     _move_unsharded_chunks(checkpoints / REPLAY_CHUNKS)
-    final = [checkpoints / "final"] if final_is_newest else []
-    for path in [*final, *reversed(periodic(checkpoints))]:
+    for path in reversed(resumable(checkpoints)):
         if not trust:
             _refuse_if_writable_by_others(path, checkpoints.parent)
         try:

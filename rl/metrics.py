@@ -96,9 +96,11 @@ RESULT_PATHS: dict[str, tuple[str, ...]] = {
 
 # Written by rl/train.py into each metrics.jsonl row beside the result's.
 RUN_METRICS = ("iteration", "time_s", "perf/env_steps_per_s", "perf/updates_per_s")
-# Families whose members depend on the run: gradient groups, the env's reward terms and
-# episode ends, the evaluation's, the health monitor's, the observation checks' parts.
-METRIC_FAMILIES = ("grad/", "env/", "eval/", "health/", "obs/")
+# The driving envs' episode metrics (env/...) that evaluation reports too, as eval/...
+EVALUATED_ENV_METRICS = ("driving_score", "route_completion", "infractions/", "episode_end/")
+# Families whose members depend on the run: gradient groups, the env's metrics (reward terms,
+# episode ends, route metrics), the health monitor's, the observation checks' parts.
+METRIC_FAMILIES = ("grad/", "env/", "health/", "obs/", *(f"eval/{name}" for name in EVALUATED_ENV_METRICS))
 
 
 def check_metric_name(name: str, key: str) -> None:
@@ -161,7 +163,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     # The evaluation episodes' route metrics and ends: eval/driving_score, eval/infractions/...
     evaluation = result.get(M.EVALUATION_RESULTS, {}).get(M.ENV_RUNNER_RESULTS)
     out.update({"eval/" + k.removeprefix("env/"): v for k, v in _passed_through(evaluation, "env/").items()
-                if k.startswith(("env/driving_score", "env/route_completion", "env/infractions/", "env/episode_end/"))})
+                if k.removeprefix("env/").startswith(EVALUATED_ENV_METRICS)})
     out.update(_passed_through(result.get(HEALTH_RESULTS), "health/"))
     out.update(_passed_through(result, "obs/"))  # rl/td3/observation_checks.py
     absent = NAN_WHEN_ABSENT + (UPDATE_STATS if out["learner/updates"] == 0 else ())

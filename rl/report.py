@@ -91,19 +91,20 @@ def _why(error: ValueError | RecursionError) -> str:
     return "JSON nested too deeply" if isinstance(error, RecursionError) else f"not valid JSON ({error})"
 
 
-def _json_objects(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, object) per line of a JSON-lines file. The last line, which a crash or a full
-    disk may have cut short, is skipped with a warning if it is: the rest stands. Any other
-    damage (a line cut short before others were written after it) is a ReportError."""
+def _json_objects(path: Path, cut_short_last_only: bool) -> Iterator[tuple[str, dict]]:
+    """(where, object) per line of a JSON-lines file. A line a crash or a full disk cut short
+    is skipped with a warning: the rest stands. With `cut_short_last_only` (metrics.jsonl,
+    which a resume cleans of such lines) only the last line may be; one before others is
+    damage. Any other damage is a ReportError."""
     lines = _read(path).splitlines()
     for n, line in enumerate(lines, 1):
         where = f"{path} line {n}"
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            if n < len(lines):
+            if cut_short_last_only and n < len(lines):
                 raise ReportError(f"{where}: {_why(e)}, and lines follow it: the file is damaged") from None
-            print(f"warning: {where} is not valid JSON (the last line: cut short by a crash?); skipped", file=sys.stderr)
+            print(f"warning: {where} is not valid JSON (cut short by a crash?); skipped", file=sys.stderr)
             continue
         except (ValueError, RecursionError) as e:  # a number too long to convert, deep nesting
             raise ReportError(f"{where}: {_why(e)}") from None
@@ -185,9 +186,9 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict], list[dict], dict]:
         if not (run_dir / name).is_file():
             raise ReportError(f"{run_dir / name} not found: is {run_dir} a run directory of rl.train?")
     config = _load_config(run_dir / "config.yaml")
-    rows = [_metrics_row(row, where) for where, row in _json_objects(run_dir / "metrics.jsonl")]
+    rows = [_metrics_row(row, where) for where, row in _json_objects(run_dir / "metrics.jsonl", True)]
     alerts_path = run_dir / ALERTS_FILE
-    alerts = [_alert(a, where) for where, a in _json_objects(alerts_path)] if alerts_path.is_file() else []
+    alerts = [_alert(a, where) for where, a in _json_objects(alerts_path, False)] if alerts_path.is_file() else []
     return config, rows, alerts, _load_summary(run_dir / "summary.json")
 
 
@@ -290,7 +291,9 @@ def iterations_recorded(rows: list[dict], summary: dict) -> Check:
     last = made if type(made) is int else max(recorded, default=0)
     missing = [i for i in range(1, last + 1) if i not in recorded]
     repeated = sorted(i for i, n in recorded.items() if n > 1)
-    problems = [f"{what}: {_iterations(numbers)}" for what, numbers in (("missing", missing), ("repeated", repeated)) if numbers]
+    beyond = sorted(i for i in recorded if i > last)  # rows of a resumed leg that never ended
+    problems = [f"{what}: {_iterations(numbers)}" for what, numbers in
+                (("missing", missing), ("repeated", repeated), (f"past the run's {last}", beyond)) if numbers]
     if not recorded:
         problems = ["no iteration recorded"]
     detail = "; ".join(problems) or f"iterations 1-{last}, one row each"

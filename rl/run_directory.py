@@ -93,14 +93,8 @@ def completed(run_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
 
 
-def final_is_newest(run_dir: Path) -> bool:
-    """True when checkpoints/final holds the run's newest state: the run completed and no
-    periodic checkpoint was written after it (a completed run resumed with more steps writes
-    some, and a crash then leaves `final` older than them)."""
-    summary = completed(run_dir)
-    newest = checkpoints.periodic(run_dir / "checkpoints")
-    return (summary is not None and (run_dir / "checkpoints" / "final").is_dir()
-            and all(int(p.name.removeprefix("iter_")) <= summary.get("iterations", 0) for p in newest))
+class AlreadyCompleted(ConfigError):
+    """A run asked to resume that already made the steps asked for."""
 
 
 def check_resumable(run_dir: Path, exp: ExperimentConfig, flag: str = "--resume") -> None:
@@ -111,18 +105,19 @@ def check_resumable(run_dir: Path, exp: ExperimentConfig, flag: str = "--resume"
         raise ConfigError(f"{flag} {run_dir}: not a run directory (no {CONFIG_FILE})")
     summary = completed(run_dir)
     if summary is not None and exp.experiment.stop_env_steps <= summary.get("env_steps", 0):
-        raise ConfigError(
+        raise AlreadyCompleted(
             f"{flag} {run_dir}: the run already completed {summary.get('env_steps', 0):,.0f} env steps, and "
             f"experiment.stop_env_steps is {exp.experiment.stop_env_steps:,}: nothing to resume. To train "
             f"it further: python -m rl.train --resume {run_dir} --set experiment.stop_env_steps=<more>"
         )
-    if not checkpoints.periodic(run_dir / "checkpoints") and not final_is_newest(run_dir):
+    if not checkpoints.resumable(run_dir / "checkpoints"):
         raise ConfigError(f"{flag} {run_dir}: the run has no checkpoint to resume from yet")
 
 
 def settle(run_dir: Path, exp: ExperimentConfig) -> bool:
     """`--run-dir DIR` with the experiment `exp`: True to resume the run in DIR, False to start
-    one there. Refuses a DIR that holds another experiment's run or files that are not a run's;
+    one there. Refuses a DIR that holds another experiment's run or files that are not a run's
+    (and raises AlreadyCompleted for one that made its steps: a retried job has nothing to do);
     an attempt that died before its first checkpoint is set aside (attempt-<time>/), not mixed
     with the new one."""
     if not run_dir.exists() or not [p for p in run_dir.iterdir() if p.name != LOCK_FILE]:
@@ -137,7 +132,7 @@ def settle(run_dir: Path, exp: ExperimentConfig) -> bool:
             f"{'; ...' if len(differences) > 5 else ''}). Resume it with --resume {run_dir} "
             "(and --set to change keys), or give another --run-dir"
         )
-    if checkpoints.periodic(run_dir / "checkpoints") or final_is_newest(run_dir):
+    if checkpoints.resumable(run_dir / "checkpoints"):
         check_resumable(run_dir, exp, "--run-dir")
         return True
     aside = run_dir / f"attempt-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -7,8 +7,8 @@ stops training.
 A storage that cannot be reached can hold a copy for many minutes inside pyarrow's retries,
 where no signal reaches Python (Ctrl-C did nothing for 11 minutes with gs:// and no network).
 So each copy runs in a thread of its own, waited for at most `experiment.storage_timeout_s` and
-only until the run is asked to stop; one still running is left to finish in the background,
-and no second copy starts beside it.
+only until the run is asked to stop; one still running goes on in the background while the
+process lives (it ends with it), and the next copy waits for it first, within its own timeout.
 """
 
 from __future__ import annotations
@@ -47,10 +47,19 @@ def sync_run_dir(run_dir: Path, uri: str, timeout_s: float = 600.0,
     def warn(what: str) -> None:
         print(f"warning: copying {run_dir} to {uri} {what}; the run directory itself is complete", file=sys.stderr)
 
-    previous = _running.get(uri)
-    if previous is not None and previous.is_alive():
-        warn("did not start: the previous copy is still running (is the storage reachable?)")
-        return False
+    deadline = time.monotonic() + timeout_s
+
+    def wait_for(thread: threading.Thread) -> None:
+        while thread.is_alive() and time.monotonic() < deadline and not stop_requested():
+            thread.join(timeout=0.2)
+
+    previous = _running.pop(uri, None)
+    if previous is not None:  # one copy at a time: the one that outlived its wait goes first
+        wait_for(previous)
+        if previous.is_alive():
+            _running[uri] = previous
+            warn("did not start: the previous copy is still running (is the storage reachable?)")
+            return False
     errors: list[Exception] = []
 
     def copy() -> None:
@@ -61,13 +70,12 @@ def sync_run_dir(run_dir: Path, uri: str, timeout_s: float = 600.0,
 
     thread = threading.Thread(target=copy, daemon=True, name=f"mirror {uri}")
     thread.start()
-    deadline = time.monotonic() + timeout_s
-    while thread.is_alive() and time.monotonic() < deadline and not stop_requested():
-        thread.join(timeout=0.2)
+    wait_for(thread)
     if thread.is_alive():
         _running[uri] = thread
         waited = "stop was asked for" if stop_requested() else f"did not finish within {timeout_s:g} s"
-        warn(f"{waited} (experiment.storage_timeout_s); left running while the process lives, retried at the next checkpoint")
+        warn(f"{waited} (experiment.storage_timeout_s); it goes on while this process lives, and the next "
+             "copy waits for it first")
         return False
     if errors:
         warn(f"failed ({type(errors[0]).__name__}: {errors[0]}); retrying later")

@@ -96,10 +96,10 @@ class Resumed:
 def restore(algo, run_dir: Path, refill_replay: bool = False, trust_checkpoints: bool = False) -> Resumed:
     """Loads the run's newest complete checkpoint into `algo` (rl/checkpoints.py) and sets aside
     the metrics rows written after it (into metrics.after_<iteration>.jsonl: kept, not mixed with
-    the rows the resumed run writes) and any line a crash cut short."""
+    the rows the resumed run writes), any line a crash cut short, and the summary of how the run
+    ended before (summary.before_<iteration>.json: until this one ends, the run has not)."""
     checkpoint, skipped = checkpoints.restore_newest(
-        algo, run_dir / "checkpoints", replay=not refill_replay, trust=trust_checkpoints,
-        final_is_newest=run_directory.final_is_newest(run_dir),
+        algo, run_dir / "checkpoints", replay=not refill_replay, trust=trust_checkpoints
     )
     iteration = algo.training_iteration
     if refill_replay:
@@ -127,6 +127,8 @@ def restore(algo, run_dir: Path, refill_replay: bool = False, trust_checkpoints:
             f.write("".join(r + "\n" for r in torn))
     if after or torn:
         metrics.write_text("".join(r + "\n" for r in kept))
+    if (run_dir / "summary.json").is_file():
+        (run_dir / "summary.json").replace(run_dir / f"summary.before_{iteration:06d}.json")
     return Resumed([json.loads(r) for r in kept], checkpoint, skipped)
 
 
@@ -402,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
                 if run_dir:  # held from the look at what is there until training ends
                     run_directory.check_can_write(run_dir, "--run-dir")
                     held.enter_context(run_directory.locked(run_dir))
-                    resume = run_directory.settle(run_dir, exp)
+                    try:
+                        resume = run_directory.settle(run_dir, exp)
+                    except run_directory.AlreadyCompleted as done:  # a retried job: nothing left to do
+                        print(done, file=sys.stderr)
+                        return 0
             if args.refill_replay and not resume:
                 raise ConfigError("--refill-replay: only for a run that resumes (--resume, or --run-dir of a started run)")
             summary = train(exp, run_dir=run_dir, show_progress=not args.no_progress, resume=resume,

@@ -92,8 +92,9 @@ def test_a_last_line_cut_short_by_a_full_disk_is_skipped_with_a_warning(tmp_path
     ([1, 2, 4, 5], {"iterations": 5}, "missing: 3"),
     ([1, 2, 1, 2, 3], {"iterations": 3}, "repeated: 1, 2"),
     ([1, 2, 3], {"iterations": 5}, "missing: 4, 5"),
+    ([1, 2, 3, 4], {"iterations": 2}, "past the run's 2: 3, 4"),
     ([1, 2, 3], {}, "iterations 1-3, one row each"),
-], ids=["empty", "a gap", "repeated", "rows end early", "whole, no count in the summary"])
+], ids=["empty", "a gap", "repeated", "rows end early", "rows past the count", "whole, no count in the summary"])
 def test_a_run_whose_metrics_miss_or_repeat_iterations_fails_the_report(tmp_path, metrics, summary, detail):
     """The seed's losses were never logged and nobody saw it: an iteration without its row was
     never checked, so the report cannot pass it (nor count one twice)."""

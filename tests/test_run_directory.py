@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl import run_directory
+from rl import checkpoints, run_directory
 from rl.config import ConfigError, load_config
 from rl.train import main
 
@@ -128,9 +128,11 @@ def test_a_completed_run_is_not_redone_and_resumes_from_its_final_checkpoint_whe
     assert not list((run_dir / "checkpoints").glob("iter_*")) and (run_dir / "checkpoints" / "final").is_dir()
     capsys.readouterr()
     before = listing(run_dir)
-    for again in (["--resume", str(run_dir)], ["--resume", str(run_dir), "--set", "experiment.stop_env_steps=64"],
-                  ["--config", PENDULUM, "--run-dir", str(run_dir), *SHORT]):
-        assert main(again) == 2
+    # --resume asks for a run to go on: exit 2; the same --run-dir again (a retried job): done, exit 0
+    for again, code in ((["--resume", str(run_dir)], 2),
+                        (["--resume", str(run_dir), "--set", "experiment.stop_env_steps=64"], 2),
+                        (["--config", PENDULUM, "--run-dir", str(run_dir), *SHORT], 0)):
+        assert main(again) == code
         assert "the run already completed 128 env steps" in capsys.readouterr().err
         assert listing(run_dir) == before
 
@@ -139,3 +141,21 @@ def test_a_completed_run_is_not_redone_and_resumes_from_its_final_checkpoint_whe
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and not list(run_dir.glob("metrics.after_*"))
     assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 256
+    assert json.loads((run_dir / "summary.before_000002.json").read_text())["env_steps"] == 128
+
+
+def test_a_completed_runs_final_checkpoint_is_resumed_only_where_it_is_the_newest(tmp_path):
+    """`final` holds the iteration it was written at: a completed run resumed for more steps
+    that wrote iter_6 and then died goes on from iter_6, not from the older `final` (4), whatever
+    summary.json says; a `final` without its iteration (an older version's) is not guessed at."""
+    store = tmp_path / "checkpoints"
+    for name, iteration in (("iter_000002", None), ("final", 4), ("iter_000004", None)):
+        (store / name).mkdir(parents=True)
+        if iteration:
+            (store / name / "iteration").write_text(f"{iteration}\n")
+    assert [p.name for p in checkpoints.resumable(store)] == ["iter_000002", "iter_000004", "final"]
+    (store / "iter_000006").mkdir()
+    assert [p.name for p in checkpoints.resumable(store)][-2:] == ["final", "iter_000006"]
+    (store / "final" / "iteration").unlink()
+    (store / "iter_000004.bak").mkdir()  # a user's copy: no iteration in its name
+    assert [p.name for p in checkpoints.resumable(store)] == ["iter_000002", "iter_000004", "iter_000006"]

@@ -58,6 +58,8 @@ def test_a_misspelled_searched_key_fails_at_load_not_in_a_trial(tmp_path):
 def test_a_misspelled_metric_fails_at_load_not_after_the_search(tmp_path):
     with pytest.raises(ConfigError, match="metric: no run reports a metric 'episode/retrn_mean'; metrics are episode/return_mean"):
         load_search(search_file(tmp_path, metric="episode/retrn_mean"))
+    with pytest.raises(ConfigError, match="metric: no run reports a metric 'eval/retrn_mean'; metrics are eval/return_mean"):
+        load_search(search_file(tmp_path, metric="eval/retrn_mean"))
     assert load_search(search_file(tmp_path, metric="eval/driving_score")).metric == "eval/driving_score"
 
 
@@ -235,7 +237,9 @@ def test_an_interrupted_search_exits_130_and_takes_its_best_config_only_from_fin
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not any("400000" in p.parent.parent.name for p in (tmp_path / "tune").glob("*/*/run/metrics.jsonl")):
+        # until trial 2 has reported the metric: without the fix, it would be a candidate for the best
+        while not any("400000" in p.parent.parent.name and "episode/return_mean" in p.read_text()
+                      for p in (tmp_path / "tune").glob("*/*/run/metrics.jsonl")):
             assert run.poll() is None and time.monotonic() < deadline, run.communicate()
             time.sleep(0.5)
         os.killpg(run.pid, signal.SIGINT)
