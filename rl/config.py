@@ -317,6 +317,10 @@ class ExperimentConfig(Section):
         return self.model_dump(mode="json")
 
 
+# Sections keyed by gradient group (DEFAULT_GRAD_CLIP's names, which hold dots).
+GROUP_KEYED_SECTIONS = {("algo", "grad_clip"), ("health", "grad_reference")}
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. algo.gamma=0.95")
@@ -328,14 +332,14 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         value = load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML ({yaml_problem(e)})") from None
-    node = data
-    while len(parts) > 1:
-        # Keys may hold dots themselves (gradient groups: algo.grad_clip.critic.head).
-        if ".".join(parts) in node or ".".join(parts) in DEFAULT_GRAD_CLIP:
-            break
-        node = node.setdefault(parts.pop(0), {})
+    node, section = data, ()
+    # The keys of some sections hold dots themselves (gradient groups: algo.grad_clip.critic.head):
+    # there, the rest is one key, known or not (a misspelled group is then named as unknown).
+    while len(parts) > 1 and section not in GROUP_KEYED_SECTIONS and ".".join(parts) not in node:
+        section += (parts.pop(0),)
+        node = node.setdefault(section[-1], {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {dotted.rsplit('.', len(parts))[0]!r} is not a section")
+            raise ConfigError(f"--set {dotted}: {'.'.join(section)!r} is not a section")
     node[".".join(parts)] = value
 
 

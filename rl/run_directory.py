@@ -45,6 +45,8 @@ def check_can_write(directory: Path, key: str) -> None:
     """The run directory can be made where it is asked for (checked before Ray starts)."""
     existing = directory
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a link to nothing: a mount that is not there
+            raise ConfigError(f"{key}={directory}: {existing} is a link to {os.readlink(existing)}, which does not exist")
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{key}={directory}: {existing} is a file, not a directory")

@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="also show Ray's and RLlib's own log messages")
     args = parser.parse_args(argv)
+    if args.resume and args.run_dir:
+        parser.error("--run-dir goes with --config; --resume RUN_DIR goes on in RUN_DIR itself")
     with ExitStack() as held:
         try:
             if args.resume:

@@ -169,9 +169,11 @@ def load_search(path: str | Path, **options: Any) -> SearchConfig:
     except ConfigError as e:
         raise ConfigError(f"{path}: set: {e}") from None
     from rl.metrics import check_metric_name
+    from rl.run_directory import check_can_write
 
     try:
         check_metric_name(search.metric, "metric")
+        check_can_write(Path(search.output_dir), "output_dir")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     for key, spec in search.search.items():

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rl import run_directory
 from rl.config import ConfigError, load_config, parse_config
 from rl.experiment import build_td3_config
+from rl.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"experiment": {"name": "t", "stop_env_steps": 100}, "env": {"id": "Pendulum-v1"}}
@@ -132,6 +134,28 @@ def test_cli_refuses_an_output_dir_that_is_a_file_before_starting_ray(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"experiment.output_dir={tmp_path / 'runs'}: {tmp_path / 'runs'} is a file, not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
+
+
+def test_a_misspelled_gradient_group_in_set_is_named_as_in_the_file():
+    with pytest.raises(ConfigError, match=r"unknown gradient group\(s\) \['critic.haed'\]"):
+        load_config(ROOT / "configs" / "pendulum_td3.yaml", ["algo.grad_clip.critic.haed=5"])
+    with pytest.raises(ConfigError, match=r"unknown gradient group\(s\) \['critic.haed'\]"):
+        load_config(ROOT / "configs" / "pendulum_td3.yaml", ["health.grad_reference.critic.haed=5"])
+    assert load_config(ROOT / "configs" / "pendulum_td3.yaml", ["algo.grad_clip.critic.head=5"]).algo.grad_clip["critic.head"] == 5
+
+
+def test_an_output_dir_through_a_link_to_nothing_is_refused_naming_the_link(tmp_path):
+    """A volume that is not mounted: the link is there, its target is not."""
+    (tmp_path / "mnt").symlink_to("/nonexistent/volume")
+    with pytest.raises(ConfigError, match=r"experiment.output_dir=.*/mnt/runs: .*/mnt is a link to /nonexistent/volume, which does not exist"):
+        run_directory.check_can_write(tmp_path / "mnt" / "runs", "experiment.output_dir")
+
+
+def test_resume_with_run_dir_is_refused_not_ignored(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--resume", str(tmp_path), "--run-dir", str(tmp_path / "elsewhere")])
+    assert exit_.value.code == 2 and "--run-dir goes with --config" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize("config", ["pendulum_td3.yaml", "driving_embedded_td3.yaml"])

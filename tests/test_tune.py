@@ -55,6 +55,12 @@ def test_a_misspelled_searched_key_fails_at_load_not_in_a_trial(tmp_path):
         load_search(search_file(tmp_path, search={"algo.tau": {"normal": [0, 1]}}))
 
 
+def test_an_output_dir_that_cannot_be_made_fails_at_load(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"output_dir=.*afile/out: .*afile is a file, not a directory"):
+        load_search(search_file(tmp_path, output_dir=str(tmp_path / "afile" / "out")))
+
+
 def test_a_misspelled_metric_fails_at_load_not_after_the_search(tmp_path):
     with pytest.raises(ConfigError, match="metric: no run reports a metric 'episode/retrn_mean'; metrics are episode/return_mean"):
         load_search(search_file(tmp_path, metric="episode/retrn_mean"))
