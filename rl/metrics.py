@@ -103,15 +103,19 @@ EVALUATED_ENV_METRICS = ("driving_score", "route_completion", "infractions/", "e
 METRIC_FAMILIES = ("grad/", "env/", "health/", "obs/", *(f"eval/{name}" for name in EVALUATED_ENV_METRICS))
 
 
+# Every metric with a fixed name, as defined here (not as a run's lookup table may be changed).
+METRIC_NAMES = (*RESULT_PATHS, *RUN_METRICS)
+
+
 def check_metric_name(name: str, key: str) -> None:
     """Raises ConfigError naming `key` when no run reports a metric called `name`."""
     from common.config import ConfigError
 
-    if name in RESULT_PATHS or name in RUN_METRICS or name.startswith(METRIC_FAMILIES):
+    if name in METRIC_NAMES or name.startswith(METRIC_FAMILIES):
         return
-    close = [known for known in (*RESULT_PATHS, *RUN_METRICS) if known.split("/")[0] == name.split("/")[0]]
+    close = [known for known in METRIC_NAMES if known.split("/")[0] == name.split("/")[0]]
     raise ConfigError(
-        f"{key}: no run reports a metric {name!r}; metrics are {', '.join(close) if close else ', '.join(RESULT_PATHS)}"
+        f"{key}: no run reports a metric {name!r}; metrics are {', '.join(close or METRIC_NAMES)}"
         f"{'' if close else ', '} or of the families {', '.join(f + '...' for f in METRIC_FAMILIES)} (rl/metrics.py)"
     )
 
