@@ -116,24 +116,22 @@ def check_placement(exp: ExperimentConfig, nodes: list[dict[str, float]], driver
             )
 
 
-def check_replay_fits(exp: ExperimentConfig) -> None:
-    """Fails fast, before Ray starts, when `algo.buffer_size` transitions of this env cannot fit
-    in memory (the replay buffer lives in this driver)."""
+def check_replay_fits(exp: ExperimentConfig, observation_space, action_space) -> None:
+    """Fails fast, before Ray starts, when `algo.buffer_size` transitions of this env (its
+    `env_spaces`) cannot fit in memory (the replay buffer lives in this driver)."""
     from rl.td3.replay_buffer import TransitionReplayBuffer
 
-    observation_space, action_space = env_spaces(exp)
     try:
         TransitionReplayBuffer.check_fits(exp.algo.buffer_size, observation_space, action_space)
     except ValueError as e:
         raise ConfigError(f"the replay buffer does not fit: {e}") from None
 
 
-def check_model_fits_observations(exp: ExperimentConfig) -> None:
+def check_model_fits_observations(exp: ExperimentConfig, observation_space) -> None:
     """Fails fast, before Ray starts, when `model` cannot read this env's observations (e.g. a
     camera too small for the CNN's layers): one encoder, built on the CPU and dropped."""
     from models.encoders import build_encoder
 
-    observation_space, _ = env_spaces(exp)
     try:
         build_encoder(observation_space, exp.model.model_dump())
     except ValueError as e:

@@ -151,11 +151,13 @@ def train(
 
     from rl.experiment import (
         check_metric_names, check_model_fits_observations, check_placement, check_replay_fits, check_resources,
+        env_spaces,
     )
 
     run_directory.check_can_write(run_dir or Path(exp.experiment.output_dir), "--run-dir" if run_dir else "experiment.output_dir")
-    check_replay_fits(exp)
-    check_model_fits_observations(exp)
+    observation_space, action_space = env_spaces(exp)  # one env made (and closed) for both checks
+    check_replay_fits(exp, observation_space, action_space)
+    check_model_fits_observations(exp, observation_space)
     check_metric_names(exp)
     if resume:
         run_directory.check_resumable(run_dir, exp)
